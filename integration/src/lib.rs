@@ -1,0 +1,1 @@
+//! Harness for Fabric's multi-process tests.
