@@ -1,0 +1,232 @@
+//! The volume store of one node: which volumes exist, creating and
+//! deleting them, and opening them for I/O.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::error::{Error, Result};
+use crate::meta::{MetaStore, VolumeRecord};
+use crate::volume::{data_file_error, Volume, BLOCK_SIZE};
+
+/// Largest volume: 1 PiB.
+pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
+/// Longest volume name.
+pub const VOLUME_NAME_BYTES_MAX: usize = 63;
+
+/// The volumes of a node, under one data directory.
+#[derive(Debug)]
+pub struct Store {
+    volumes_dir: PathBuf,
+    meta: Arc<MetaStore>,
+    direct_io: bool,
+    open: Mutex<HashMap<String, Arc<Volume>>>,
+}
+
+/// Checks that a volume name can be used: 1 to 63 characters from
+/// `[A-Za-z0-9._-]`, starting with a letter or digit.
+pub fn validate_name(name: &str) -> Result<()> {
+    let reason = if name.is_empty() {
+        Some("it is empty")
+    } else if name.len() > VOLUME_NAME_BYTES_MAX {
+        Some("it is longer than 63 characters")
+    } else if !name
+        .chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+    {
+        Some("it must start with a letter or digit")
+    } else if !name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
+    {
+        Some("only letters, digits, '.', '_' and '-' are allowed")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidName {
+            name: name.to_owned(),
+            reason,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Checks that a volume size can be used.
+pub fn validate_size(size: u64) -> Result<()> {
+    let reason = if size == 0 {
+        Some("a volume needs at least one 4 KiB block")
+    } else if size % BLOCK_SIZE != 0 {
+        Some("it must be a multiple of 4 KiB (4096 bytes)")
+    } else if size > VOLUME_BYTES_MAX {
+        Some("the largest volume is 1 PiB")
+    } else {
+        None
+    };
+    match reason {
+        Some(reason) => Err(Error::InvalidSize { size, reason }),
+        None => Ok(()),
+    }
+}
+
+fn new_volume_id() -> String {
+    let mut bytes = [0u8; 8];
+    // SAFETY: getrandom writes at most bytes.len() bytes into the buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
+    if filled != bytes.len() as isize {
+        // The kernel always fills 8 bytes once its pool is initialised; fall
+        // back to the clock rather than fail volume creation.
+        let nanos = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = (nanos as u64 ^ u64::from(std::process::id())).to_le_bytes();
+    }
+    format!("{:016x}", u64::from_le_bytes(bytes))
+}
+
+impl Store {
+    /// Opens the store in `data_dir` (metadata in `meta/`, data files in
+    /// `volumes/`), creating what is missing.
+    pub fn open(data_dir: &Path, direct_io: bool) -> Result<Store> {
+        let volumes_dir = data_dir.join("volumes");
+        std::fs::create_dir_all(&volumes_dir)
+            .map_err(|source| data_file_error("create the directory of", &volumes_dir, source))?;
+        let meta = Arc::new(MetaStore::open(&data_dir.join("meta"))?);
+        Ok(Store {
+            volumes_dir,
+            meta,
+            direct_io,
+            open: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// All volumes, by name.
+    pub fn list(&self) -> Result<Vec<VolumeRecord>> {
+        self.meta.volumes()
+    }
+
+    /// The record of one volume.
+    pub fn get(&self, name: &str) -> Result<VolumeRecord> {
+        self.meta
+            .volume(name)?
+            .ok_or_else(|| Error::NoSuchVolume(name.to_owned()))
+    }
+
+    /// Creates an empty, thin volume.
+    pub fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord> {
+        validate_name(name)?;
+        validate_size(size_bytes)?;
+        let _open = self.open.lock().expect("store lock poisoned");
+        if self.meta.volume(name)?.is_some() {
+            return Err(Error::VolumeExists(name.to_owned()));
+        }
+        let record = VolumeRecord {
+            id: new_volume_id(),
+            name: name.to_owned(),
+            size_bytes,
+            created_unix: SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs()),
+            attached_socket: None,
+        };
+        self.meta.put_volume(&record)?;
+        Ok(record)
+    }
+
+    /// Opens a volume for I/O; all callers share one [`Volume`].
+    pub fn volume(&self, name: &str) -> Result<Arc<Volume>> {
+        let mut open = self.open.lock().expect("store lock poisoned");
+        if let Some(volume) = open.get(name) {
+            return Ok(volume.clone());
+        }
+        let record = self.get(name)?;
+        let volume = Arc::new(Volume::open(
+            record,
+            &self.volumes_dir,
+            self.meta.clone(),
+            self.direct_io,
+        )?);
+        open.insert(name.to_owned(), volume.clone());
+        Ok(volume)
+    }
+
+    /// Records where a volume is served (or that it no longer is).
+    pub fn set_attachment(&self, name: &str, socket: Option<PathBuf>) -> Result<VolumeRecord> {
+        let _open = self.open.lock().expect("store lock poisoned");
+        let mut record = self.get(name)?;
+        record.attached_socket = socket;
+        self.meta.put_volume(&record)?;
+        Ok(record)
+    }
+
+    /// Deletes a volume and its data. The caller must have detached it.
+    pub fn delete(&self, name: &str) -> Result<()> {
+        let mut open = self.open.lock().expect("store lock poisoned");
+        let record = self.get(name)?;
+        open.remove(name);
+        self.meta.delete_volume(&record)?;
+        let path = self.volumes_dir.join(format!("{}.data", record.id));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(source) => Err(data_file_error("remove", &path, source)),
+        }
+    }
+
+    /// Commits every open volume (periodic commits and shutdown).
+    pub fn sync_all(&self) -> Result<()> {
+        let volumes: Vec<Arc<Volume>> = self
+            .open
+            .lock()
+            .expect("store lock poisoned")
+            .values()
+            .cloned()
+            .collect();
+        let mut first_error = None;
+        for volume in volumes {
+            if let Err(error) = volume.sync_and_commit() {
+                tracing::error!(volume = %volume.name(), %error, "commit failed");
+                first_error.get_or_insert(error);
+            }
+        }
+        first_error.map_or(Ok(()), Err)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_and_sizes() {
+        for good in ["a", "vm-01.disk_0", "0abc"] {
+            assert!(validate_name(good).is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "a/b", "a b", &"x".repeat(64)] {
+            assert!(validate_name(bad).is_err(), "{bad}");
+        }
+        assert!(validate_size(4096).is_ok());
+        assert!(validate_size(0).is_err());
+        assert!(validate_size(4097).is_err());
+        assert!(validate_size(VOLUME_BYTES_MAX + 4096).is_err());
+    }
+
+    #[test]
+    fn create_list_delete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), true).expect("open");
+        let record = store.create("disk", 1 << 20).expect("create");
+        assert_eq!(record.id.len(), 16);
+        assert!(matches!(
+            store.create("disk", 1 << 20),
+            Err(Error::VolumeExists(_))
+        ));
+        let volume = store.volume("disk").expect("open volume");
+        assert_eq!(volume.capacity(), 1 << 20);
+        assert_eq!(store.list().expect("list").len(), 1);
+        store.delete("disk").expect("delete");
+        assert!(matches!(store.get("disk"), Err(Error::NoSuchVolume(_))));
+    }
+}

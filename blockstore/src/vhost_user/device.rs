@@ -1,0 +1,607 @@
+//! The vhost-user-blk backend: turns descriptor chains into requests on a
+//! [`VolumeQueue`], one queue (and one worker thread) per virtqueue.
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{DescriptorChain, QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::config::BlkConfig;
+use super::request::{
+    check_segment, classify, device_id, DiscardSegment, Limits, Operation, RequestError,
+    RequestHeader, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
+};
+use crate::queue::{Completion, VolumeQueue, REQUEST_BYTES_MAX};
+use crate::volume::{Volume, BLOCK_SIZE};
+
+type Memory = GuestMemoryMmap<()>;
+type Chain = DescriptorChain<GuestMemoryLoadGuard<Memory>>;
+type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
+
+/// Largest virtqueue the device accepts.
+pub const QUEUE_SIZE_MAX: usize = 1024;
+/// Bytes of data a queue may have in flight before it stops taking new
+/// requests from the guest until some complete.
+pub const QUEUE_BYTES_IN_FLIGHT_MAX: u64 = 64 << 20;
+/// Segments per request the guest may use (SEG_MAX).
+pub const SEG_MAX: u32 = 126;
+/// Most segments of one DISCARD or WRITE_ZEROES request.
+pub const DISCARD_SEGMENTS_MAX: u32 = 16;
+/// Largest discard segment: 1 GiB in sectors.
+pub const DISCARD_SECTORS_MAX: u32 = 1 << 21;
+
+/// Options of a block device.
+#[derive(Clone, Copy, Debug)]
+pub struct BlkOptions {
+    /// Most virtqueues the frontend may use.
+    pub queues_max: u16,
+}
+
+impl Default for BlkOptions {
+    fn default() -> Self {
+        BlkOptions { queues_max: 4 }
+    }
+}
+
+/// Counters of one device, for `fabctl volume show`.
+#[derive(Debug, Default)]
+pub struct BlkCounters {
+    pub reads: AtomicU64,
+    pub writes: AtomicU64,
+    pub flushes: AtomicU64,
+    pub unmaps: AtomicU64,
+    pub bytes_read: AtomicU64,
+    pub bytes_written: AtomicU64,
+    /// Requests refused for being malformed or out of range.
+    pub invalid_requests: AtomicU64,
+    /// Requests that failed with an I/O or checksum error.
+    pub io_errors: AtomicU64,
+}
+
+/// A request waiting for its I/O.
+#[derive(Debug)]
+struct Pending {
+    chain: Chain,
+    /// Bytes of data to return to the guest (reads).
+    read_len: u64,
+    bytes: u64,
+}
+
+struct Worker {
+    queue: VolumeQueue,
+    /// Requests in flight, by descriptor head index.
+    pending: Vec<Option<Pending>>,
+    completions: Vec<Completion>,
+    bytes_in_flight: u64,
+    /// The vring this worker serves on the current connection.
+    vring: Option<Vring>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("in_flight", &self.queue.in_flight())
+            .field("bytes_in_flight", &self.bytes_in_flight)
+            .field("connected", &self.vring.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+#[derive(Debug)]
+struct Inner {
+    volume: Arc<Volume>,
+    config: BlkConfig,
+    limits: Limits,
+    serial: String,
+    workers: Vec<Mutex<Worker>>,
+    memory: RwLock<Option<GuestMemoryAtomic<Memory>>>,
+    event_idx: AtomicBool,
+    counters: BlkCounters,
+}
+
+/// The vhost-user-blk backend of one volume. Clones share state.
+#[derive(Debug, Clone)]
+pub struct BlkBackend {
+    inner: Arc<Inner>,
+}
+
+/// Epoll token of the io_uring completion eventfd of each worker: the
+/// tokens `0..=num_queues` are reserved by vhost-user-backend.
+fn completion_token(queues: usize) -> u16 {
+    queues as u16 + 1
+}
+
+impl BlkBackend {
+    /// Creates the backend and the per-queue I/O engines of a volume.
+    pub fn new(volume: Arc<Volume>, options: BlkOptions) -> crate::Result<BlkBackend> {
+        let queues = usize::from(options.queues_max.clamp(1, 64));
+        let config = BlkConfig {
+            capacity_bytes: volume.capacity(),
+            block_size: BLOCK_SIZE as u32,
+            size_max: 1 << 20,
+            seg_max: SEG_MAX,
+            num_queues: queues as u16,
+            discard_sectors_max: DISCARD_SECTORS_MAX,
+            discard_segments_max: DISCARD_SEGMENTS_MAX,
+        };
+        let limits = Limits {
+            capacity: volume.capacity(),
+            block_size: BLOCK_SIZE,
+            request_bytes_max: REQUEST_BYTES_MAX,
+            discard_segments_max: DISCARD_SEGMENTS_MAX,
+            discard_sectors_max: DISCARD_SECTORS_MAX,
+        };
+        let workers = (0..queues)
+            .map(|_| {
+                Ok(Mutex::new(Worker {
+                    queue: VolumeQueue::new(volume.clone(), QUEUE_SIZE_MAX)?,
+                    pending: (0..QUEUE_SIZE_MAX).map(|_| None).collect(),
+                    completions: Vec::with_capacity(QUEUE_SIZE_MAX),
+                    bytes_in_flight: 0,
+                    vring: None,
+                }))
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
+        let serial = volume.record().id.clone();
+        Ok(BlkBackend {
+            inner: Arc::new(Inner {
+                volume,
+                config,
+                limits,
+                serial,
+                workers,
+                memory: RwLock::new(None),
+                event_idx: AtomicBool::new(false),
+                counters: BlkCounters::default(),
+            }),
+        })
+    }
+
+    /// The volume served.
+    pub fn volume(&self) -> &Arc<Volume> {
+        &self.inner.volume
+    }
+
+    /// Request counters.
+    pub fn counters(&self) -> &BlkCounters {
+        &self.inner.counters
+    }
+
+    /// The io_uring eventfd of each worker, with the epoll token to
+    /// register it under.
+    pub(crate) fn completion_fds(&self) -> Vec<(std::os::fd::RawFd, u16)> {
+        let token = completion_token(self.inner.workers.len());
+        self.inner
+            .workers
+            .iter()
+            .map(|worker| (self.inner.lock(worker).queue.eventfd(), token))
+            .collect()
+    }
+
+    /// Called when the frontend has gone away: waits for the I/O of every
+    /// request still in flight, then forgets those requests. Their writes
+    /// may or may not have reached the volume, exactly as for writes that a
+    /// guest never saw completed; none of them was acknowledged.
+    pub(crate) fn reset_after_disconnect(&self) {
+        for worker in &self.inner.workers {
+            let mut worker = self.inner.lock(worker);
+            let worker = &mut *worker;
+            if let Err(error) = worker.queue.drain(&mut worker.completions) {
+                tracing::error!(%error, "draining a queue after disconnect failed");
+            }
+            for completion in worker.completions.drain(..) {
+                worker.queue.release(completion.slot);
+            }
+            worker.pending.iter_mut().for_each(|p| *p = None);
+            worker.bytes_in_flight = 0;
+            worker.vring = None;
+        }
+        *self.inner.memory.write().expect("memory lock poisoned") = None;
+    }
+}
+
+impl Inner {
+    fn lock<'a>(&self, worker: &'a Mutex<Worker>) -> MutexGuard<'a, Worker> {
+        worker.lock().expect("worker lock poisoned")
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<Memory>> {
+        self.memory
+            .read()
+            .expect("memory lock poisoned")
+            .as_ref()
+            .map(GuestMemoryAtomic::memory)
+    }
+
+    /// Takes requests off the virtqueue until it is empty or the queue has
+    /// too much data in flight.
+    fn process_queue(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<()> {
+        let Some(memory) = self.memory() else {
+            return Ok(());
+        };
+        let event_idx = self.event_idx.load(Ordering::Acquire);
+        let mut used_any = false;
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(std::io::Error::other)?;
+            }
+            loop {
+                if worker.bytes_in_flight >= QUEUE_BYTES_IN_FLIGHT_MAX {
+                    break;
+                }
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(memory.clone());
+                let Some(chain) = chain else { break };
+                if let Some((head, used_len)) = self.start_request(worker, chain, &memory) {
+                    vring
+                        .add_used(head, used_len)
+                        .map_err(std::io::Error::other)?;
+                    used_any = true;
+                }
+            }
+            if !event_idx || worker.bytes_in_flight >= QUEUE_BYTES_IN_FLIGHT_MAX {
+                break;
+            }
+            if !vring.enable_notification().map_err(std::io::Error::other)? {
+                break;
+            }
+        }
+        worker
+            .queue
+            .submit()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if used_any {
+            self.signal(vring)?;
+        }
+        Ok(())
+    }
+
+    fn signal(&self, vring: &Vring) -> std::io::Result<()> {
+        if self.event_idx.load(Ordering::Acquire) {
+            if vring.needs_notification().map_err(std::io::Error::other)? {
+                vring.signal_used_queue()?;
+            }
+        } else {
+            vring.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// Validates one chain and starts its request. Returns `(head, used
+    /// length)` when the request finished at once.
+    fn start_request(
+        &self,
+        worker: &mut Worker,
+        chain: Chain,
+        memory: &Memory,
+    ) -> Option<(u16, u32)> {
+        let head = chain.head_index();
+        let counters = &self.counters;
+        // The writable part must end with the one-byte status. Without it
+        // the guest cannot be told anything; the chain is returned unused.
+        let mut writer = match Writer::<()>::new(memory, chain.clone()) {
+            Ok(writer) if writer.available_bytes() >= 1 => writer,
+            Ok(_) | Err(_) => {
+                counters.invalid_requests.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(volume = %self.volume.name(), head, "request without a valid status byte dropped");
+                return Some((head, 0));
+            }
+        };
+        let data_writable = writer.available_bytes() - 1;
+        let mut status = match writer.split_at(data_writable) {
+            Ok(status) => status,
+            Err(_) => return Some((head, 0)),
+        };
+        let fail = |status: &mut Writer<'_, ()>, code: u8, error: &dyn std::fmt::Display| {
+            counters.invalid_requests.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(volume = %self.volume.name(), head, %error, "request refused");
+            let _ = status.write_all(&[code]);
+            Some((head, 1))
+        };
+        let mut reader = match Reader::<()>::new(memory, chain.clone()) {
+            Ok(reader) => reader,
+            Err(error) => return fail(&mut status, VIRTIO_BLK_S_IOERR, &error),
+        };
+        let header: RequestHeader = match reader.read_obj() {
+            Ok(header) => header,
+            Err(error) => return fail(&mut status, VIRTIO_BLK_S_IOERR, &error),
+        };
+        let readable = reader.available_bytes() as u64;
+        let operation = match classify(&header, readable, data_writable as u64, &self.limits) {
+            Ok(operation) => operation,
+            Err(error) => return fail(&mut status, error.status(), &error),
+        };
+        let tag = u64::from(head);
+        match operation {
+            Operation::Read { offset, len } => match worker.queue.submit_read(tag, offset, len) {
+                Ok(_) => {
+                    worker.pending[usize::from(head)] = Some(Pending {
+                        chain,
+                        read_len: len,
+                        bytes: len,
+                    });
+                    worker.bytes_in_flight += len;
+                    None
+                }
+                Err(error) => fail(&mut status, VIRTIO_BLK_S_IOERR, &error),
+            },
+            Operation::Write { offset, len } => {
+                let (slot, buf) = match worker.queue.begin_write(tag, offset, len) {
+                    Ok(begun) => begun,
+                    Err(error) => return fail(&mut status, VIRTIO_BLK_S_IOERR, &error),
+                };
+                if let Err(error) = reader.read_exact(buf) {
+                    worker.queue.cancel(slot);
+                    return fail(&mut status, VIRTIO_BLK_S_IOERR, &error);
+                }
+                if let Err(error) = worker.queue.submit_write(slot) {
+                    return fail(&mut status, VIRTIO_BLK_S_IOERR, &error);
+                }
+                worker.pending[usize::from(head)] = Some(Pending {
+                    chain,
+                    read_len: 0,
+                    bytes: len,
+                });
+                worker.bytes_in_flight += len;
+                None
+            }
+            Operation::Flush => match worker.queue.submit_flush(tag) {
+                Ok(_) => {
+                    worker.pending[usize::from(head)] = Some(Pending {
+                        chain,
+                        read_len: 0,
+                        bytes: 0,
+                    });
+                    None
+                }
+                Err(error) => fail(&mut status, VIRTIO_BLK_S_IOERR, &error),
+            },
+            Operation::GetId => {
+                let id = device_id(&self.serial);
+                let len = id.len().min(data_writable);
+                if let Err(error) = writer.write_all(&id[..len]) {
+                    return fail(&mut status, VIRTIO_BLK_S_IOERR, &error);
+                }
+                let _ = status.write_all(&[VIRTIO_BLK_S_OK]);
+                Some((head, len as u32 + 1))
+            }
+            Operation::Unmap {
+                segments,
+                write_zeroes,
+            } => {
+                let mut code = VIRTIO_BLK_S_OK;
+                for _ in 0..segments {
+                    let result = reader
+                        .read_obj::<DiscardSegment>()
+                        .map_err(|e| e.to_string())
+                        .and_then(|segment| {
+                            check_segment(&segment, write_zeroes, &self.limits).map_err(
+                                |e: RequestError| {
+                                    code = e.status();
+                                    e.to_string()
+                                },
+                            )
+                        })
+                        .and_then(|(offset, len)| {
+                            worker.queue.unmap(offset, len).map_err(|e| e.to_string())
+                        });
+                    if let Err(error) = result {
+                        if code == VIRTIO_BLK_S_OK {
+                            code = VIRTIO_BLK_S_IOERR;
+                        }
+                        return fail(&mut status, code, &error);
+                    }
+                }
+                counters.unmaps.fetch_add(1, Ordering::Relaxed);
+                let _ = status.write_all(&[VIRTIO_BLK_S_OK]);
+                Some((head, 1))
+            }
+        }
+    }
+
+    /// Finishes requests whose I/O completed, and returns them to the guest.
+    fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
+        worker.queue.reap(&mut worker.completions);
+        if worker.completions.is_empty() {
+            return Ok(false);
+        }
+        let memory = self.memory();
+        let mut completions = std::mem::take(&mut worker.completions);
+        for completion in completions.drain(..) {
+            let head = completion.tag as u16;
+            let pending = worker.pending[usize::from(head)].take();
+            let data = worker.queue.data(completion.slot);
+            let used = match (pending, memory.as_ref()) {
+                (Some(pending), Some(memory)) => {
+                    worker.bytes_in_flight -= pending.bytes;
+                    self.count(&pending, &completion);
+                    Some((head, self.finish(memory, pending, &completion, data)))
+                }
+                _ => None,
+            };
+            worker.queue.release(completion.slot);
+            if let Some((head, len)) = used {
+                vring.add_used(head, len).map_err(std::io::Error::other)?;
+            }
+        }
+        worker.completions = completions;
+        Ok(true)
+    }
+
+    fn count(&self, pending: &Pending, completion: &Completion) {
+        let counters = &self.counters;
+        if completion.result.is_err() {
+            counters.io_errors.fetch_add(1, Ordering::Relaxed);
+        } else if pending.read_len > 0 {
+            counters.reads.fetch_add(1, Ordering::Relaxed);
+            counters
+                .bytes_read
+                .fetch_add(pending.read_len, Ordering::Relaxed);
+        } else if pending.bytes > 0 {
+            counters.writes.fetch_add(1, Ordering::Relaxed);
+            counters
+                .bytes_written
+                .fetch_add(pending.bytes, Ordering::Relaxed);
+        } else {
+            counters.flushes.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Copies read data to the guest and writes the status byte. Returns the
+    /// number of bytes written into the chain.
+    fn finish(
+        &self,
+        memory: &Memory,
+        pending: Pending,
+        completion: &Completion,
+        data: &[u8],
+    ) -> u32 {
+        let Ok(mut writer) = Writer::<()>::new(memory, pending.chain) else {
+            return 0;
+        };
+        let data_len = writer.available_bytes().saturating_sub(1);
+        let Ok(mut status) = writer.split_at(data_len) else {
+            return 0;
+        };
+        let mut code = VIRTIO_BLK_S_OK;
+        let mut written = 0;
+        if let Err(error) = &completion.result {
+            tracing::error!(volume = %self.volume.name(), %error, "request failed");
+            code = VIRTIO_BLK_S_IOERR;
+        } else if pending.read_len > 0 {
+            if writer.write_all(data).is_ok() {
+                written = data.len() as u32;
+            } else {
+                code = VIRTIO_BLK_S_IOERR;
+            }
+        }
+        let _ = status.write_all(&[code]);
+        written + 1
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        self.inner.workers.len()
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE_MAX
+    }
+
+    fn features(&self) -> u64 {
+        BlkConfig::features() | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let space = self.inner.config.to_bytes();
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        if end > space.len() {
+            tracing::warn!(offset, size, "frontend read past the config space");
+            return Vec::new();
+        }
+        space[start..end].to_vec()
+    }
+
+    fn update_memory(&self, memory: GuestMemoryAtomic<Memory>) -> std::io::Result<()> {
+        *self.inner.memory.write().expect("memory lock poisoned") = Some(memory);
+        Ok(())
+    }
+
+    /// One worker thread per virtqueue: requests of different queues never
+    /// wait for each other.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.inner.workers.len())
+            .map(|queue| 1u64 << queue)
+            .collect()
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    /// Completes every request of the queue before the frontend stops it
+    /// (GET_VRING_BASE), so none is lost between two runs of the ring.
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        let Some(worker) = self.inner.workers.get(queue_index as usize) else {
+            return Ok(());
+        };
+        let mut worker = self.inner.lock(worker);
+        let worker = &mut *worker;
+        let Some(vring) = worker.vring.clone() else {
+            return Ok(());
+        };
+        let mut completions = std::mem::take(&mut worker.completions);
+        worker
+            .queue
+            .drain(&mut completions)
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        worker.completions = completions;
+        self.inner.complete(worker, &vring)?;
+        self.inner.signal(&vring)
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected epoll event set {evset:?}"
+            )));
+        }
+        let inner = &self.inner;
+        let (Some(worker), Some(vring)) = (inner.workers.get(thread_id), vrings.first()) else {
+            return Ok(());
+        };
+        let mut worker = inner.lock(worker);
+        let worker = &mut *worker;
+        if worker.vring.is_none() {
+            worker.vring = Some(vring.clone());
+        }
+        if device_event == completion_token(inner.workers.len()) {
+            if inner.complete(worker, vring)? {
+                inner.signal(vring)?;
+            }
+            // Completions may have made room for requests left on the ring.
+            inner.process_queue(worker, vring)?;
+        } else if device_event == 0 {
+            inner.process_queue(worker, vring)?;
+            // Requests that needed no I/O (reads of unwritten blocks) are
+            // ready now.
+            if inner.complete(worker, vring)? {
+                inner.signal(vring)?;
+            }
+        }
+        Ok(())
+    }
+}
