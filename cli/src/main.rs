@@ -1,1 +1,363 @@
-fn main() {}
+//! `fabctl`: the command-line client of Fabric.
+//!
+//! It talks to `fabricd`'s HTTP/JSON API (docs/api.md) and prints tables
+//! for people or JSON (`-o json`) for scripts.
+
+mod http;
+mod size;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::{json, Value};
+
+use http::{request, Endpoint};
+use size::{format_size, parse_size};
+
+/// Manage a Fabric node: volumes served to VMs over vhost-user-blk.
+#[derive(Debug, Parser)]
+#[command(version, propagate_version = true)]
+struct Args {
+    /// The API: a unix socket path, or host:port for TCP.
+    #[arg(
+        long,
+        global = true,
+        env = "FABRIC_API",
+        default_value = "/run/fabric/api.sock"
+    )]
+    api: String,
+    /// Output format.
+    #[arg(long, short, global = true, value_enum, default_value = "table")]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Volumes: thin, checksummed block devices.
+    #[command(subcommand)]
+    Volume(VolumeCommand),
+    /// Check that fabricd answers.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum VolumeCommand {
+    /// Create a thin volume.
+    Create {
+        name: String,
+        /// Capacity: bytes, or a number with K, M, G, T (powers of 1024).
+        /// Must be a multiple of 4 KiB.
+        #[arg(long, value_parser = parse_size)]
+        size: u64,
+    },
+    /// List volumes.
+    List,
+    /// Show one volume: usage, attachment, counters.
+    Show { name: String },
+    /// Delete a detached volume and its data.
+    Delete { name: String },
+    /// Serve a volume on a vhost-user-blk socket and print the QEMU
+    /// arguments that attach it.
+    Attach { name: String },
+    /// Stop serving a volume.
+    Detach {
+        name: String,
+        /// Detach even if a VM is connected (its I/O then fails).
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+/// What went wrong, for the exit message.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Http(#[from] http::HttpError),
+    #[error("{message}")]
+    Api { message: String },
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("fabctl: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Percent-encodes a path segment (volume names are plain, but the CLI must
+/// not build a wrong URL from whatever it is given).
+fn segment(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
+fn call(
+    endpoint: &Endpoint,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Result<Value, CliError> {
+    let response = request(endpoint, method, path, body.as_ref())?;
+    let value: Value = if response.body.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&response.body)
+            .map_err(|e| http::HttpError::Malformed(format!("response is not JSON: {e}")))?
+    };
+    if response.status >= 400 {
+        let message = value["error"]["message"].as_str().map_or_else(
+            || format!("fabricd answered HTTP {}", response.status),
+            str::to_owned,
+        );
+        return Err(CliError::Api { message });
+    }
+    Ok(value)
+}
+
+fn run(args: &Args) -> Result<(), CliError> {
+    let endpoint = Endpoint::parse(&args.api);
+    let json = args.output == Output::Json;
+    let print_json = |value: &Value| {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(value).unwrap_or_default()
+        )
+    };
+    match &args.command {
+        Command::Status => {
+            let value = call(&endpoint, "GET", "/v1/health", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                println!(
+                    "fabricd {} at {endpoint}: {}",
+                    value["version"].as_str().unwrap_or("?"),
+                    value["status"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Command::Volume(command) => match command {
+            VolumeCommand::Create { name, size } => {
+                let body = json!({ "name": name, "size_bytes": size });
+                let value = call(&endpoint, "POST", "/v1/volumes", Some(body))?;
+                if json {
+                    print_json(&value);
+                } else {
+                    println!(
+                        "created volume {name} ({}, id {})",
+                        format_size(*size),
+                        value["id"].as_str().unwrap_or("?")
+                    );
+                }
+            }
+            VolumeCommand::List => {
+                let value = call(&endpoint, "GET", "/v1/volumes", None)?;
+                if json {
+                    print_json(&value);
+                } else {
+                    print_volume_table(&value);
+                }
+            }
+            VolumeCommand::Show { name } => {
+                let value = call(
+                    &endpoint,
+                    "GET",
+                    &format!("/v1/volumes/{}", segment(name)),
+                    None,
+                )?;
+                if json {
+                    print_json(&value);
+                } else {
+                    print_volume(&value);
+                }
+            }
+            VolumeCommand::Delete { name } => {
+                call(
+                    &endpoint,
+                    "DELETE",
+                    &format!("/v1/volumes/{}", segment(name)),
+                    None,
+                )?;
+                if json {
+                    print_json(&json!({ "deleted": name }));
+                } else {
+                    println!("deleted volume {name}");
+                }
+            }
+            VolumeCommand::Attach { name } => {
+                let value = call(
+                    &endpoint,
+                    "POST",
+                    &format!("/v1/volumes/{}/attach", segment(name)),
+                    None,
+                )?;
+                if json {
+                    print_json(&json!({
+                        "name": value["name"],
+                        "socket": value["attachment"]["socket"],
+                        "qemu_args": value["attachment"]["qemu_args"],
+                        "qemu_memory_args": value["attachment"]["qemu_memory_args"],
+                    }));
+                } else {
+                    print_attachment(&value);
+                }
+            }
+            VolumeCommand::Detach { name, force } => {
+                let body = json!({ "force": force });
+                call(
+                    &endpoint,
+                    "POST",
+                    &format!("/v1/volumes/{}/detach", segment(name)),
+                    Some(body),
+                )?;
+                if json {
+                    print_json(&json!({ "detached": name }));
+                } else {
+                    println!("detached volume {name}");
+                }
+            }
+        },
+    }
+    Ok(())
+}
+
+fn bytes(value: &Value) -> String {
+    value.as_u64().map_or_else(|| "-".into(), format_size)
+}
+
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let text: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", text.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn print_volume_table(value: &Value) {
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = value
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|v| {
+            let state = match (&v["attachment"], v["attachment"]["connected"].as_bool()) {
+                (Value::Null, _) => "detached",
+                (_, Some(true)) => "in use",
+                _ => "attached",
+            };
+            vec![
+                v["name"].as_str().unwrap_or("?").to_owned(),
+                v["id"].as_str().unwrap_or("?").to_owned(),
+                bytes(&v["size_bytes"]),
+                bytes(&v["usage"]["allocated_bytes"]),
+                state.to_owned(),
+            ]
+        })
+        .collect();
+    if rows.is_empty() {
+        println!("no volumes; create one with `fabctl volume create NAME --size 10G`");
+        return;
+    }
+    print_table(&["NAME", "ID", "SIZE", "ALLOCATED", "STATE"], &rows);
+}
+
+fn print_volume(v: &Value) {
+    println!("name:        {}", v["name"].as_str().unwrap_or("?"));
+    println!(
+        "id:          {} (the guest's disk serial)",
+        v["id"].as_str().unwrap_or("?")
+    );
+    println!("size:        {}", bytes(&v["size_bytes"]));
+    println!("block size:  {}", bytes(&v["block_size"]));
+    println!("allocated:   {}", bytes(&v["usage"]["allocated_bytes"]));
+    println!("unflushed:   {}", bytes(&v["usage"]["unflushed_bytes"]));
+    let a = &v["attachment"];
+    if a.is_null() {
+        println!(
+            "attachment:  none (`fabctl volume attach {}` serves it)",
+            v["name"].as_str().unwrap_or("NAME")
+        );
+        return;
+    }
+    println!("socket:      {}", a["socket"].as_str().unwrap_or("?"));
+    println!(
+        "frontend:    {}",
+        if a["connected"].as_bool() == Some(true) {
+            "connected"
+        } else {
+            "not connected"
+        }
+    );
+    println!("queues:      {}", a["queues"]);
+    let c = &a["counters"];
+    println!(
+        "requests:    {} reads ({}), {} writes ({}), {} flushes, {} discards",
+        c["reads"],
+        bytes(&c["bytes_read"]),
+        c["writes"],
+        bytes(&c["bytes_written"]),
+        c["flushes"],
+        c["discards"]
+    );
+    println!(
+        "errors:      {} invalid requests, {} I/O errors",
+        c["invalid_requests"], c["io_errors"]
+    );
+}
+
+fn args_line(value: &Value) -> String {
+    value
+        .as_array()
+        .map(|args| {
+            args.iter()
+                .filter_map(Value::as_str)
+                .collect::<Vec<_>>()
+                .join(" ")
+        })
+        .unwrap_or_default()
+}
+
+fn print_attachment(v: &Value) {
+    let a = &v["attachment"];
+    println!(
+        "volume {} is served on {}",
+        v["name"].as_str().unwrap_or("?"),
+        a["socket"].as_str().unwrap_or("?")
+    );
+    println!();
+    println!("QEMU arguments for the disk:");
+    println!("  {}", args_line(&a["qemu_args"]));
+    println!("vhost-user needs the guest's memory shared with fabricd (size must equal -m):");
+    println!("  {}", args_line(&a["qemu_memory_args"]));
+}

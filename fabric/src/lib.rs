@@ -1,1 +1,16 @@
-//! fabricd
+//! `fabricd`, the Fabric node daemon.
+//!
+//! This crate owns the process: configuration ([`config`]), the node's
+//! resources ([`node`]: the volume store and the vhost-user servers of
+//! attached volumes), the HTTP/JSON API ([`api`]) and the daemon's life
+//! cycle ([`daemon`]: data-directory lock, signals, periodic commits,
+//! clean shutdown). The cluster layer (Raft metadata, QUIC transport) will
+//! live here too.
+//!
+//! It must not reach into volume data or guest memory itself: that is
+//! `blockstore`'s job, behind `Store` and `BlkServer`.
+
+pub mod api;
+pub mod config;
+pub mod daemon;
+pub mod node;

@@ -1,0 +1,154 @@
+//! `fabricd`'s configuration file.
+//!
+//! Every field has a working default, so an empty file (or none) runs a
+//! node. Unknown keys are refused, so a typo is an error rather than a
+//! silently ignored setting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// Longest path a unix socket can have (sun_path, without the NUL).
+pub const UNIX_SOCKET_PATH_BYTES_MAX: usize = 107;
+
+/// Errors in the configuration.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config file {path} is invalid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid setting {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Where volumes and metadata live.
+    pub data_dir: PathBuf,
+    /// The API's unix socket (what `fabctl` talks to).
+    pub api_socket: PathBuf,
+    /// Optional TCP address for the API as well, e.g. "127.0.0.1:7450".
+    pub api_tcp: Option<SocketAddr>,
+    /// Where vhost-user sockets of attached volumes are created.
+    pub socket_dir: PathBuf,
+    /// Open volume data with O_DIRECT where the filesystem allows.
+    pub direct_io: bool,
+    /// Most virtqueues a frontend may use per volume (one worker thread each).
+    pub queues_max: u16,
+    /// Commit completed writes at least this often even if the guest never
+    /// flushes, in milliseconds (0 disables periodic commits).
+    pub commit_interval_ms: u64,
+    /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
+    pub log: String,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            data_dir: PathBuf::from("/var/lib/fabric"),
+            api_socket: PathBuf::from("/run/fabric/api.sock"),
+            api_tcp: None,
+            socket_dir: PathBuf::from("/run/fabric/vhost"),
+            direct_io: true,
+            queues_max: 4,
+            commit_interval_ms: 5000,
+            log: "info".into(),
+        }
+    }
+}
+
+impl Config {
+    /// Reads a config file.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_owned(),
+            message,
+        })
+    }
+
+    /// Parses config text.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|e| e.to_string())
+    }
+
+    /// Checks values that parse but cannot work.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=64).contains(&self.queues_max) {
+            return Err(ConfigError::Invalid {
+                key: "queues_max",
+                reason: format!("{} is outside 1..=64", self.queues_max),
+            });
+        }
+        if self.api_socket.as_os_str().len() > UNIX_SOCKET_PATH_BYTES_MAX {
+            return Err(ConfigError::Invalid {
+                key: "api_socket",
+                reason: format!(
+                    "{} is longer than the {UNIX_SOCKET_PATH_BYTES_MAX} bytes a unix socket path may have",
+                    self.api_socket.display()
+                ),
+            });
+        }
+        // A volume socket is socket_dir/<name>.sock with names up to 63 bytes.
+        let longest = self.socket_dir.as_os_str().len() + 1 + 63 + 5;
+        if longest > UNIX_SOCKET_PATH_BYTES_MAX {
+            return Err(ConfigError::Invalid {
+                key: "socket_dir",
+                reason: format!(
+                    "{} is too long: volume sockets in it could exceed the {UNIX_SOCKET_PATH_BYTES_MAX}-byte limit of unix socket paths; use a directory of at most 38 bytes",
+                    self.socket_dir.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+        assert!(Config::default().validate().is_ok());
+    }
+
+    #[test]
+    fn settings_and_errors() {
+        let config =
+            Config::parse("data_dir = \"/srv/f\"\napi_tcp = \"127.0.0.1:7450\"\nqueues_max = 2\n")
+                .unwrap();
+        assert_eq!(config.data_dir, PathBuf::from("/srv/f"));
+        assert_eq!(config.queues_max, 2);
+        let typo = Config::parse("data_dri = \"/x\"").unwrap_err();
+        assert!(typo.contains("unknown field"), "{typo}");
+        let wrong_type = Config::parse("queues_max = \"many\"").unwrap_err();
+        assert!(wrong_type.contains("queues_max"), "{wrong_type}");
+        let zero = Config {
+            queues_max: 0,
+            ..Config::default()
+        };
+        assert!(zero.validate().is_err());
+        let long = Config {
+            socket_dir: PathBuf::from("/".repeat(60)),
+            ..Config::default()
+        };
+        assert!(long
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("socket_dir"));
+    }
+}
