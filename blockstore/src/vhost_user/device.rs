@@ -80,6 +80,8 @@ struct Worker {
     /// Requests in flight, by descriptor head index.
     pending: Vec<Option<Pending>>,
     completions: Vec<Completion>,
+    /// Finished requests to return to the guest: (head, used length).
+    used: Vec<(u16, u32)>,
     bytes_in_flight: u64,
     /// The vring this worker serves on the current connection.
     vring: Option<Vring>,
@@ -145,6 +147,7 @@ impl BlkBackend {
                     queue: VolumeQueue::new(volume.clone(), QUEUE_SIZE_MAX)?,
                     pending: (0..QUEUE_SIZE_MAX).map(|_| None).collect(),
                     completions: Vec::with_capacity(QUEUE_SIZE_MAX),
+                    used: Vec::with_capacity(QUEUE_SIZE_MAX),
                     bytes_in_flight: 0,
                     vring: None,
                 }))
@@ -411,11 +414,12 @@ impl Inner {
         }
     }
 
-    /// Finishes requests whose I/O completed, and returns them to the guest.
-    fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
+    /// Finishes requests whose I/O completed: copies read data and status
+    /// into guest memory and appends `(head, used length)` to `used`.
+    fn reap(&self, worker: &mut Worker, used: &mut Vec<(u16, u32)>) {
         worker.queue.reap(&mut worker.completions);
         if worker.completions.is_empty() {
-            return Ok(false);
+            return;
         }
         let memory = self.memory();
         let mut completions = std::mem::take(&mut worker.completions);
@@ -423,21 +427,27 @@ impl Inner {
             let head = completion.tag as u16;
             let pending = worker.pending[usize::from(head)].take();
             let data = worker.queue.data(completion.slot);
-            let used = match (pending, memory.as_ref()) {
-                (Some(pending), Some(memory)) => {
-                    worker.bytes_in_flight -= pending.bytes;
-                    self.count(&pending, &completion);
-                    Some((head, self.finish(memory, pending, &completion, data)))
-                }
-                _ => None,
-            };
-            worker.queue.release(completion.slot);
-            if let Some((head, len)) = used {
-                vring.add_used(head, len).map_err(std::io::Error::other)?;
+            if let (Some(pending), Some(memory)) = (pending, memory.as_ref()) {
+                worker.bytes_in_flight -= pending.bytes;
+                self.count(&pending, &completion);
+                used.push((head, self.finish(memory, pending, &completion, data)));
             }
+            worker.queue.release(completion.slot);
         }
         worker.completions = completions;
-        Ok(true)
+    }
+
+    /// Finishes requests whose I/O completed and returns them to the guest.
+    /// Returns whether any was returned.
+    fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
+        let mut used = std::mem::take(&mut worker.used);
+        self.reap(worker, &mut used);
+        let any = !used.is_empty();
+        let result = used
+            .drain(..)
+            .try_for_each(|(head, len)| vring.add_used(head, len).map_err(std::io::Error::other));
+        worker.used = used;
+        result.map(|()| any)
     }
 
     fn count(&self, pending: &Pending, completion: &Completion) {
@@ -603,5 +613,383 @@ impl VhostUserBackend for BlkBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Hostile descriptor chains against the real request path: whatever a
+    //! guest puts in its queue, the device answers with a status (or returns
+    //! the chain unused), writes nothing outside the chain's device-writable
+    //! buffers, and keeps serving.
+
+    use super::*;
+    use crate::meta::VolumeRecord;
+    use crate::store::Store;
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, TestRunner};
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    const MEMORY_BYTES: u64 = 2 << 20;
+    /// Guest memory below this holds the virtqueue; buffers live above.
+    const BUFFERS_START: u64 = 0x10_0000;
+    const VRING_DESC_F_NEXT: u16 = 1;
+    const VRING_DESC_F_WRITE: u16 = 2;
+
+    struct Rig {
+        _dir: tempfile::TempDir,
+        backend: BlkBackend,
+        memory: GuestMemoryAtomic<Memory>,
+        _record: VolumeRecord,
+    }
+
+    fn rig() -> Rig {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(dir.path(), false).expect("store");
+        let record = store.create("fuzz", 1 << 20).expect("create");
+        let volume = store.volume("fuzz").expect("volume");
+        let backend = BlkBackend::new(volume, BlkOptions { queues_max: 1 }).expect("backend");
+        let mmap = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_BYTES as usize)])
+            .expect("memory");
+        let memory = GuestMemoryAtomic::new(mmap);
+        backend
+            .update_memory(memory.clone())
+            .expect("update_memory");
+        Rig {
+            _dir: dir,
+            backend,
+            memory,
+            _record: record,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    struct Desc {
+        addr: u64,
+        len: u32,
+        writable: bool,
+    }
+
+    /// Runs one chain through the device. Returns the used length reported
+    /// for it (None if it never completed) and the guest buffer area before
+    /// and after.
+    fn run_chain(
+        rig: &Rig,
+        descs: &[Desc],
+        header: Option<RequestHeader>,
+    ) -> (Option<u32>, Vec<u8>, Vec<u8>) {
+        let guard = rig.memory.memory();
+        let mem: &Memory = &guard;
+        let area = (MEMORY_BYTES - BUFFERS_START) as usize;
+        mem.write_slice(&vec![0xaa; area], GuestAddress(BUFFERS_START))
+            .expect("fill");
+        if let (Some(header), Some(first)) = (header, descs.first()) {
+            let _ = mem.write_obj(header, GuestAddress(first.addr));
+        }
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| {
+                let mut flags = if d.writable { VRING_DESC_F_WRITE } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= VRING_DESC_F_NEXT;
+                }
+                RawDescriptor::from(SplitDescriptor::new(d.addr, d.len, flags, i as u16 + 1))
+            })
+            .collect();
+        let mock = MockSplitQueue::create(mem, GuestAddress(0), 16);
+        mock.add_desc_chains(&raw, 0).expect("queue set-up");
+        let mut queue: Queue = mock.create_queue().expect("queue");
+        let mut before = vec![0u8; area];
+        mem.read_slice(&mut before, GuestAddress(BUFFERS_START))
+            .expect("snapshot");
+        let chain = queue
+            .pop_descriptor_chain(rig.memory.memory())
+            .expect("one chain");
+        let inner = &rig.backend.inner;
+        let mut worker = inner.lock(&inner.workers[0]);
+        let worker = &mut *worker;
+        let mut used_len = inner.start_request(worker, chain, mem).map(|(_, len)| len);
+        if used_len.is_none() {
+            worker.queue.submit().expect("submit");
+            let mut completions = std::mem::take(&mut worker.completions);
+            worker.queue.drain(&mut completions).expect("drain");
+            worker.completions = completions;
+            let mut used = Vec::new();
+            inner.reap(worker, &mut used);
+            used_len = used.first().map(|&(_, len)| len);
+        }
+        assert_eq!(worker.queue.in_flight(), 0, "a request slot leaked");
+        let mut after = vec![0u8; area];
+        mem.read_slice(&mut after, GuestAddress(BUFFERS_START))
+            .expect("snapshot");
+        (used_len, before, after)
+    }
+
+    fn status_of(rig: &Rig, descs: &[Desc]) -> u8 {
+        let last = descs.last().expect("a chain");
+        let mut status = [0u8];
+        rig.memory
+            .memory()
+            .read_slice(
+                &mut status,
+                GuestAddress(last.addr + u64::from(last.len) - 1),
+            )
+            .expect("status");
+        status[0]
+    }
+
+    fn header(request_type: u32, sector: u64) -> RequestHeader {
+        RequestHeader {
+            request_type,
+            ioprio: 0,
+            sector,
+        }
+    }
+
+    fn read_chain(sector_buf: u64, len: u32) -> Vec<Desc> {
+        vec![
+            Desc {
+                addr: BUFFERS_START,
+                len: 16,
+                writable: false,
+            },
+            Desc {
+                addr: sector_buf,
+                len,
+                writable: true,
+            },
+            Desc {
+                addr: sector_buf + u64::from(len),
+                len: 1,
+                writable: true,
+            },
+        ]
+    }
+
+    #[test]
+    fn well_formed_write_then_read() {
+        let rig = rig();
+        let write = vec![
+            Desc {
+                addr: BUFFERS_START,
+                len: 16,
+                writable: false,
+            },
+            Desc {
+                addr: BUFFERS_START + 0x1000,
+                len: 8192,
+                writable: false,
+            },
+            Desc {
+                addr: BUFFERS_START + 0x4000,
+                len: 1,
+                writable: true,
+            },
+        ];
+        let (used, _, _) = run_chain(&rig, &write, Some(header(VIRTIO_BLK_T_OUT_FOR_TESTS, 8)));
+        assert_eq!(used, Some(1));
+        assert_eq!(status_of(&rig, &write), VIRTIO_BLK_S_OK);
+        let read = read_chain(BUFFERS_START + 0x8000, 8192);
+        let (used, _, after) = run_chain(&rig, &read, Some(header(0, 8)));
+        assert_eq!(used, Some(8193));
+        assert_eq!(status_of(&rig, &read), VIRTIO_BLK_S_OK);
+        // The write sent 0xaa (the fill); the read returns it.
+        assert!(after[0x8000..0x8000 + 8192].iter().all(|&b| b == 0xaa));
+    }
+
+    const VIRTIO_BLK_T_OUT_FOR_TESTS: u32 = super::super::request::VIRTIO_BLK_T_OUT;
+
+    #[test]
+    fn named_malformed_chains() {
+        let rig = rig();
+        let cases: Vec<(&str, Vec<Desc>, RequestHeader, Option<u8>)> = vec![
+            (
+                "no status byte",
+                vec![Desc {
+                    addr: BUFFERS_START,
+                    len: 16,
+                    writable: false,
+                }],
+                header(0, 0),
+                None,
+            ),
+            (
+                "header too short",
+                vec![
+                    Desc {
+                        addr: BUFFERS_START,
+                        len: 8,
+                        writable: false,
+                    },
+                    Desc {
+                        addr: BUFFERS_START + 0x100,
+                        len: 1,
+                        writable: true,
+                    },
+                ],
+                header(0, 0),
+                Some(VIRTIO_BLK_S_IOERR),
+            ),
+            (
+                "unknown type",
+                read_chain(BUFFERS_START + 0x1000, 4096),
+                header(77, 0),
+                Some(super::super::request::VIRTIO_BLK_S_UNSUPP),
+            ),
+            (
+                "past the end",
+                read_chain(BUFFERS_START + 0x1000, 4096),
+                header(0, 2048),
+                Some(VIRTIO_BLK_S_IOERR),
+            ),
+            (
+                "unaligned length",
+                read_chain(BUFFERS_START + 0x1000, 512),
+                header(0, 0),
+                Some(VIRTIO_BLK_S_IOERR),
+            ),
+            (
+                "data outside guest memory",
+                vec![
+                    Desc {
+                        addr: BUFFERS_START,
+                        len: 16,
+                        writable: false,
+                    },
+                    Desc {
+                        addr: MEMORY_BYTES - 0x800,
+                        len: 4096,
+                        writable: true,
+                    },
+                    Desc {
+                        addr: BUFFERS_START + 0x100,
+                        len: 1,
+                        writable: true,
+                    },
+                ],
+                header(0, 0),
+                None,
+            ),
+            (
+                "read with device-readable data",
+                vec![
+                    Desc {
+                        addr: BUFFERS_START,
+                        len: 16,
+                        writable: false,
+                    },
+                    Desc {
+                        addr: BUFFERS_START + 0x1000,
+                        len: 4096,
+                        writable: false,
+                    },
+                    Desc {
+                        addr: BUFFERS_START + 0x100,
+                        len: 1,
+                        writable: true,
+                    },
+                ],
+                header(0, 0),
+                Some(VIRTIO_BLK_S_IOERR),
+            ),
+        ];
+        for (name, descs, header, expected) in cases {
+            let (used, before, after) = run_chain(&rig, &descs, Some(header));
+            match expected {
+                Some(status) => {
+                    assert_eq!(used, Some(1), "{name}");
+                    assert_eq!(status_of(&rig, &descs), status, "{name}");
+                }
+                None => assert_eq!(used, Some(0), "{name}: returned unused"),
+            }
+            let changed = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+            assert!(changed <= 1, "{name}: {changed} bytes changed");
+        }
+        let counted = rig
+            .backend
+            .counters()
+            .invalid_requests
+            .load(Ordering::Relaxed);
+        assert_eq!(counted, 7);
+        // The device still serves.
+        let read = read_chain(BUFFERS_START + 0x1000, 4096);
+        let (used, _, _) = run_chain(&rig, &read, Some(header(0, 0)));
+        assert_eq!(used, Some(4097));
+    }
+
+    fn arb_desc() -> impl Strategy<Value = Desc> {
+        let addr = prop_oneof![
+            4 => BUFFERS_START..MEMORY_BYTES,
+            1 => any::<u64>(),
+            1 => (MEMORY_BYTES - 0x2000)..(MEMORY_BYTES + 0x2000),
+        ];
+        let len = prop_oneof![
+            4 => 0u32..=16_384,
+            1 => prop_oneof![Just(16u32), Just(1), Just(4096), Just(8192)],
+            1 => any::<u32>(),
+        ];
+        (addr, len, any::<bool>()).prop_map(|(addr, len, writable)| Desc {
+            addr,
+            len,
+            writable,
+        })
+    }
+
+    fn arb_header() -> impl Strategy<Value = RequestHeader> {
+        let request_type = prop_oneof![
+            Just(0u32),
+            Just(1),
+            Just(4),
+            Just(8),
+            Just(11),
+            Just(13),
+            any::<u32>()
+        ];
+        let sector = prop_oneof![(0u64..300).prop_map(|s| s * 8), 0u64..4096, any::<u64>()];
+        (request_type, sector).prop_map(|(t, s)| header(t, s))
+    }
+
+    #[test]
+    fn hostile_chains_never_escape_their_buffers() {
+        let rig = rig();
+        let mut runner = TestRunner::new(Config {
+            cases: 300,
+            ..Config::default()
+        });
+        let strategy = (proptest::collection::vec(arb_desc(), 1..6), arb_header());
+        runner
+            .run(&strategy, |(descs, header)| {
+                let (used, before, after) = run_chain(&rig, &descs, Some(header));
+                let writable: Vec<(u64, u64)> = descs
+                    .iter()
+                    .filter(|d| d.writable)
+                    .map(|d| (d.addr, d.addr.saturating_add(u64::from(d.len))))
+                    .collect();
+                for (offset, (a, b)) in before.iter().zip(&after).enumerate() {
+                    if a != b {
+                        let address = BUFFERS_START + offset as u64;
+                        prop_assert!(
+                            writable
+                                .iter()
+                                .any(|&(start, end)| (start..end).contains(&address)),
+                            "byte at {address:#x} changed outside the writable buffers"
+                        );
+                    }
+                }
+                let writable_total: u64 = writable.iter().map(|(s, e)| e - s).sum();
+                prop_assert!(used.is_some(), "every chain completes");
+                prop_assert!(u64::from(used.unwrap_or(0)) <= writable_total);
+                Ok(())
+            })
+            .expect("hostile chains");
+        // After all that, a well-formed request still works.
+        let read = read_chain(BUFFERS_START + 0x1000, 4096);
+        let (used, _, _) = run_chain(&rig, &read, Some(header(0, 0)));
+        assert_eq!(used, Some(4097));
+        assert_eq!(status_of(&rig, &read), VIRTIO_BLK_S_OK);
     }
 }
