@@ -1,5 +1,8 @@
-//! Harness for Fabric's multi-process tests: real `fabricd` processes,
-//! QEMU guests and reference peers.
+//! Harness for Fabric's multi-process tests.
 
 pub mod fabricd;
 pub mod guest;
+pub mod vhost_blk;
+pub mod blk_workload;
+pub mod latency;
+pub mod storage_daemon;
