@@ -3,15 +3,19 @@
 //! The allocator is a pure structure: it never touches the file. Free space
 //! is kept as extents (`start -> length`), merged on release, so a volume
 //! that was written sequentially and then discarded costs a handful of
-//! entries, not one per block.
+//! entries, not one per block. A second index by length finds the smallest
+//! extent that holds a whole request, so a multi-block write lands in one
+//! contiguous run (one I/O) whenever such a run exists.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// Hands out physical block numbers. Everything below `high_water` that is
 /// not in `free` is in use.
 #[derive(Debug, Default)]
 pub struct Allocator {
     free: BTreeMap<u64, u64>,
+    /// The same extents as `free`, ordered by (length, start).
+    by_len: BTreeSet<(u64, u64)>,
     free_total: u64,
     high_water: u64,
 }
@@ -25,8 +29,7 @@ impl Allocator {
         let mut next = 0u64;
         for block in used {
             if block > next {
-                allocator.free.insert(next, block - next);
-                allocator.free_total += block - next;
+                allocator.insert_extent(next, block - next);
             }
             next = block + 1;
         }
@@ -44,37 +47,57 @@ impl Allocator {
         self.free_total
     }
 
-    /// Allocates `count` blocks and appends them to `out`, in ascending
-    /// order where possible so that a multi-block write stays contiguous.
+    /// Allocates `count` blocks and appends them to `out`.
     ///
-    /// Free extents are reused first when they can hold the whole request;
-    /// otherwise the file grows, which keeps large sequential writes in one
-    /// run instead of scattering them over small holes.
+    /// Policy, in order: the smallest free extent that holds the whole
+    /// request (one contiguous run); else, while free space is less than a
+    /// quarter of the file, grow the file (also one run); else gather the
+    /// request from several free extents, lowest first, so that space is
+    /// reused and the file stops growing.
     pub fn allocate(&mut self, count: u64, out: &mut Vec<u64>) {
         if count == 0 {
             return;
         }
-        if self.free_total >= count {
-            let mut remaining = count;
-            while remaining > 0 {
-                let (&start, &len) = self
-                    .free
-                    .iter()
-                    .next()
-                    .expect("free_total counts blocks that exist in `free`");
-                let take = len.min(remaining);
-                self.free.remove(&start);
-                if take < len {
-                    self.free.insert(start + take, len - take);
-                }
-                out.extend(start..start + take);
-                self.free_total -= take;
-                remaining -= take;
+        if let Some(&(len, start)) = self.by_len.range((count, 0)..).next() {
+            self.remove_extent(start, len);
+            if len > count {
+                self.insert_extent(start + count, len - count);
             }
-        } else {
+            out.extend(start..start + count);
+            return;
+        }
+        if self.free_total < count || self.free_total * 4 < self.high_water {
             out.extend(self.high_water..self.high_water + count);
             self.high_water += count;
+            return;
         }
+        let mut remaining = count;
+        while remaining > 0 {
+            let (&start, &len) = self
+                .free
+                .iter()
+                .next()
+                .expect("free_total counts blocks that exist in `free`");
+            let take = len.min(remaining);
+            self.remove_extent(start, len);
+            if take < len {
+                self.insert_extent(start + take, len - take);
+            }
+            out.extend(start..start + take);
+            remaining -= take;
+        }
+    }
+
+    fn insert_extent(&mut self, start: u64, len: u64) {
+        self.free.insert(start, len);
+        self.by_len.insert((len, start));
+        self.free_total += len;
+    }
+
+    fn remove_extent(&mut self, start: u64, len: u64) {
+        self.free.remove(&start);
+        self.by_len.remove(&(len, start));
+        self.free_total -= len;
     }
 
     /// Returns a block to the free pool.
@@ -97,24 +120,21 @@ impl Allocator {
         // Merge with the extent that ends right before this block.
         if let Some((&prev_start, &prev_len)) = self.free.range(..block).next_back() {
             if prev_start + prev_len == block {
-                self.free.remove(&prev_start);
+                self.remove_extent(prev_start, prev_len);
                 start = prev_start;
                 len += prev_len;
             }
         }
         // Merge with the extent that starts right after it.
         if let Some(&next_len) = self.free.get(&(block + 1)) {
-            assert!(block + 1 < self.high_water);
-            self.free.remove(&(block + 1));
+            self.remove_extent(block + 1, next_len);
             len += next_len;
         }
-        self.free_total += 1;
         if start + len == self.high_water {
             // The tail of the file is free: shrink instead of keeping a free extent.
             self.high_water = start;
-            self.free_total -= len;
         } else {
-            self.free.insert(start, len);
+            self.insert_extent(start, len);
         }
     }
 }
@@ -139,6 +159,43 @@ mod tests {
         out.clear();
         allocator.allocate(3, &mut out);
         assert_eq!(out, vec![4, 5, 6]);
+    }
+
+    #[test]
+    fn multi_block_requests_stay_contiguous() {
+        let mut allocator = Allocator::default();
+        let mut out = Vec::new();
+        allocator.allocate(100, &mut out);
+        // Free every fourth block, plus one run of 8.
+        for block in (0..60).step_by(4) {
+            allocator.release(block);
+        }
+        for block in 80..88 {
+            allocator.release(block);
+        }
+        out.clear();
+        allocator.allocate(8, &mut out);
+        assert_eq!(
+            out,
+            (80..88).collect::<Vec<_>>(),
+            "the run that fits is used"
+        );
+        out.clear();
+        allocator.allocate(4, &mut out);
+        assert_eq!(
+            out,
+            vec![100, 101, 102, 103],
+            "no run fits and space is scarce: grow"
+        );
+        // Once free space is plentiful, fragments are reused.
+        for block in (1..60).step_by(4) {
+            allocator.release(block);
+        }
+        let high_water = allocator.high_water();
+        out.clear();
+        allocator.allocate(3, &mut out);
+        assert_eq!(out, vec![0, 1, 4]);
+        assert_eq!(allocator.high_water(), high_water);
     }
 
     #[test]

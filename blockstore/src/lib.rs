@@ -27,5 +27,5 @@ pub mod volume;
 pub use error::{Error, Result};
 pub use meta::VolumeRecord;
 pub use queue::{Completion, SlotId, VolumeQueue};
-pub use store::Store;
+pub use store::{Store, StoreOptions};
 pub use volume::{Volume, VolumeUsage, BLOCK_SIZE};

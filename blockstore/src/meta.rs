@@ -14,7 +14,7 @@
 
 use std::path::Path;
 
-use rocksdb::{Direction, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{Direction, Env, IteratorMode, Options, WriteBatch, WriteOptions, DB};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -112,8 +112,18 @@ impl MetaStore {
     pub fn open(path: &Path) -> Result<MetaStore> {
         let mut options = Options::default();
         options.create_if_missing(true);
-        // The map is written in small sync batches; keep the WAL as the
-        // durability point and let memtables flush in the background.
+        // Map commits are synced WAL batches; memtable flushes and
+        // compactions run in the background at lower CPU priority, so that
+        // on a small machine they yield to the I/O threads.
+        let mut env = Env::new().map_err(|source| Error::OpenMeta {
+            path: path.to_owned(),
+            source,
+        })?;
+        env.set_background_threads(1);
+        env.set_high_priority_background_threads(1);
+        env.lower_thread_pool_cpu_priority();
+        env.lower_high_priority_thread_pool_cpu_priority();
+        options.set_env(&env);
         options.set_max_background_jobs(2);
         options.set_keep_log_file_num(4);
         let db = DB::open(&options, path).map_err(|source| Error::OpenMeta {

@@ -314,10 +314,8 @@ impl VolumeQueue {
     /// Like a write, the change is durable after the next flush.
     pub fn unmap(&mut self, offset: u64, len: u64) -> Result<()> {
         let (lba, count) = self.volume.check_range(offset, len)?;
-        if self.volume.unmap(lba, count) {
-            self.volume.sync_and_commit()?;
-        }
-        Ok(())
+        let need = self.volume.unmap(lba, count);
+        self.volume.handle_commit_need(need)
     }
 
     fn push(&mut self, sqe: io_uring::squeue::Entry) -> Result<()> {
@@ -429,8 +427,9 @@ impl VolumeQueue {
             Kind::Write => {
                 if slot.error.is_some() {
                     volume.abort_write(&slot.blocks);
-                } else if volume.finish_write(slot.lba, &slot.blocks, &slot.crcs) {
-                    if let Err(error) = volume.sync_and_commit() {
+                } else {
+                    let need = volume.finish_write(slot.lba, &slot.blocks, &slot.crcs);
+                    if let Err(error) = volume.handle_commit_need(need) {
                         tracing::error!(volume = %volume.name(), %error, "forced commit failed");
                     }
                 }
@@ -508,7 +507,8 @@ mod tests {
             created_unix: 0,
             attached_socket: None,
         };
-        let volume = Arc::new(Volume::open(record, dir, meta, true).expect("volume"));
+        let volume =
+            Arc::new(Volume::open(record, dir, meta, true, Arc::default()).expect("volume"));
         VolumeQueue::new(volume, 16).expect("queue")
     }
 

@@ -3,25 +3,57 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::thread::JoinHandle;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use crate::error::{Error, Result};
 use crate::meta::{MetaStore, VolumeRecord};
-use crate::volume::{data_file_error, Volume, BLOCK_SIZE};
+use crate::volume::{data_file_error, CommitSignal, Volume, BLOCK_SIZE};
 
 /// Largest volume: 1 PiB.
 pub const VOLUME_BYTES_MAX: u64 = 1 << 50;
 /// Longest volume name.
 pub const VOLUME_NAME_BYTES_MAX: usize = 63;
 
+/// How a store runs.
+#[derive(Debug, Clone, Copy)]
+pub struct StoreOptions {
+    /// Open data files with O_DIRECT where the filesystem allows.
+    pub direct_io: bool,
+    /// Commit completed writes at least this often, whether or not guests
+    /// flush; `None` commits only on FLUSH, when many changes are pending,
+    /// and at close.
+    pub commit_interval: Option<Duration>,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            direct_io: true,
+            commit_interval: Some(Duration::from_secs(5)),
+        }
+    }
+}
+
+type OpenVolumes = Arc<Mutex<HashMap<String, Arc<Volume>>>>;
+
 /// The volumes of a node, under one data directory.
+///
+/// A background *committer* thread commits volumes whose pending changes
+/// pass [`crate::volume::DIRTY_BLOCKS_COMMIT`], and all volumes every
+/// `commit_interval`, so that neither the data path nor memory waits on
+/// guests that rarely flush.
 #[derive(Debug)]
 pub struct Store {
     volumes_dir: PathBuf,
     meta: Arc<MetaStore>,
     direct_io: bool,
-    open: Mutex<HashMap<String, Arc<Volume>>>,
+    open: OpenVolumes,
+    commit_signal: Arc<CommitSignal>,
+    stop: Arc<AtomicBool>,
+    committer: Option<JoinHandle<()>>,
 }
 
 /// Checks that a volume name can be used: 1 to 63 characters from
@@ -88,17 +120,40 @@ fn new_volume_id() -> String {
 
 impl Store {
     /// Opens the store in `data_dir` (metadata in `meta/`, data files in
-    /// `volumes/`), creating what is missing.
-    pub fn open(data_dir: &Path, direct_io: bool) -> Result<Store> {
+    /// `volumes/`), creating what is missing, and starts its committer.
+    pub fn open(data_dir: &Path, options: StoreOptions) -> Result<Store> {
         let volumes_dir = data_dir.join("volumes");
         std::fs::create_dir_all(&volumes_dir)
             .map_err(|source| data_file_error("create the directory of", &volumes_dir, source))?;
         let meta = Arc::new(MetaStore::open(&data_dir.join("meta"))?);
+        let open: OpenVolumes = Arc::default();
+        let commit_signal: Arc<CommitSignal> = Arc::default();
+        let stop = Arc::new(AtomicBool::new(false));
+        let committer = {
+            let open = open.clone();
+            let signal = commit_signal.clone();
+            let stop = stop.clone();
+            // Without a periodic commit the committer still serves requests
+            // from the data path; it then only wakes when asked.
+            let interval = options.commit_interval.unwrap_or(Duration::from_secs(3600));
+            std::thread::Builder::new()
+                .name("committer".into())
+                .spawn(move || {
+                    while !stop.load(Ordering::Acquire) {
+                        signal.wait(interval);
+                        commit_all(&open);
+                    }
+                })
+                .map_err(|source| data_file_error("start the committer for", data_dir, source))?
+        };
         Ok(Store {
             volumes_dir,
             meta,
-            direct_io,
-            open: Mutex::new(HashMap::new()),
+            direct_io: options.direct_io,
+            open,
+            commit_signal,
+            stop,
+            committer: Some(committer),
         })
     }
 
@@ -147,6 +202,7 @@ impl Store {
             &self.volumes_dir,
             self.meta.clone(),
             self.direct_io,
+            self.commit_signal.clone(),
         )?);
         open.insert(name.to_owned(), volume.clone());
         Ok(volume)
@@ -175,24 +231,39 @@ impl Store {
         }
     }
 
-    /// Commits every open volume (periodic commits and shutdown).
+    /// Commits every open volume.
     pub fn sync_all(&self) -> Result<()> {
-        let volumes: Vec<Arc<Volume>> = self
-            .open
-            .lock()
-            .expect("store lock poisoned")
-            .values()
-            .cloned()
-            .collect();
-        let mut first_error = None;
-        for volume in volumes {
-            if let Err(error) = volume.sync_and_commit() {
-                tracing::error!(volume = %volume.name(), %error, "commit failed");
-                first_error.get_or_insert(error);
-            }
-        }
-        first_error.map_or(Ok(()), Err)
+        commit_all(&self.open).map_or(Ok(()), Err)
     }
+}
+
+impl Drop for Store {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        self.commit_signal.request();
+        if let Some(committer) = self.committer.take() {
+            let _ = committer.join();
+        }
+        commit_all(&self.open);
+    }
+}
+
+/// Commits every open volume; returns the first error (all are logged).
+fn commit_all(open: &OpenVolumes) -> Option<Error> {
+    let volumes: Vec<Arc<Volume>> = open
+        .lock()
+        .expect("store lock poisoned")
+        .values()
+        .cloned()
+        .collect();
+    let mut first_error = None;
+    for volume in volumes {
+        if let Err(error) = volume.sync_and_commit() {
+            tracing::error!(volume = %volume.name(), %error, "commit failed");
+            first_error.get_or_insert(error);
+        }
+    }
+    first_error
 }
 
 #[cfg(test)]
@@ -216,7 +287,7 @@ mod tests {
     #[test]
     fn create_list_delete() {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), true).expect("open");
+        let store = Store::open(dir.path(), StoreOptions::default()).expect("open");
         let record = store.create("disk", 1 << 20).expect("create");
         assert_eq!(record.id.len(), 16);
         assert!(matches!(

@@ -31,9 +31,63 @@ use crate::meta::{Extent, MapUpdate, MetaStore, VolumeRecord};
 /// Logical and physical block size: the unit of allocation and checksums.
 pub const BLOCK_SIZE: u64 = 4096;
 
-/// Map changes held in memory before a commit is forced, whether or not
-/// the guest flushes. 65 536 blocks is 256 MiB of writes.
-pub const DIRTY_BLOCKS_MAX: usize = 65_536;
+/// Map changes pending after which the background committer is woken,
+/// whether or not the guest flushes: 16 384 blocks is 64 MiB of writes.
+pub const DIRTY_BLOCKS_COMMIT: usize = 16_384;
+/// Map changes pending after which the data path commits itself before it
+/// completes more writes: the committer has fallen behind, and memory for
+/// pending changes stays bounded. 262 144 blocks is 1 GiB of writes.
+pub const DIRTY_BLOCKS_MAX: usize = 262_144;
+
+/// Whether pending map changes call for a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CommitNeed {
+    /// Nothing to do.
+    None,
+    /// Wake the background committer.
+    Soon,
+    /// Commit before completing the request.
+    Now,
+}
+
+impl CommitNeed {
+    fn of(dirty: usize) -> CommitNeed {
+        if dirty >= DIRTY_BLOCKS_MAX {
+            CommitNeed::Now
+        } else if dirty >= DIRTY_BLOCKS_COMMIT {
+            CommitNeed::Soon
+        } else {
+            CommitNeed::None
+        }
+    }
+}
+
+/// Wakes the store's background committer. Volumes opened outside a
+/// [`crate::Store`] get one that nobody waits on.
+#[derive(Debug, Default)]
+pub struct CommitSignal {
+    requested: Mutex<bool>,
+    wake: std::sync::Condvar,
+}
+
+impl CommitSignal {
+    /// Asks for a commit soon.
+    pub fn request(&self) {
+        *self.requested.lock().expect("commit signal poisoned") = true;
+        self.wake.notify_one();
+    }
+
+    /// Waits until a commit is requested or `timeout` passes; clears the
+    /// request.
+    pub fn wait(&self, timeout: std::time::Duration) {
+        let requested = self.requested.lock().expect("commit signal poisoned");
+        let (mut requested, _) = self
+            .wake
+            .wait_timeout_while(requested, timeout, |requested| !*requested)
+            .expect("commit signal poisoned");
+        *requested = false;
+    }
+}
 
 #[derive(Debug, Clone, Copy)]
 struct Change {
@@ -86,6 +140,7 @@ pub struct Volume {
     path: PathBuf,
     direct_io: bool,
     meta: Arc<MetaStore>,
+    commit_signal: Arc<CommitSignal>,
     state: Mutex<State>,
     /// Serialises commits so that map changes reach RocksDB in order.
     commit_lock: Mutex<()>,
@@ -103,6 +158,7 @@ impl Volume {
         dir: &Path,
         meta: Arc<MetaStore>,
         direct_io: bool,
+        commit_signal: Arc<CommitSignal>,
     ) -> Result<Volume> {
         let id = record.numeric_id()?;
         let path = dir.join(format!("{}.data", record.id));
@@ -151,6 +207,7 @@ impl Volume {
             path,
             direct_io,
             meta,
+            commit_signal,
             state: Mutex::new(state),
             commit_lock: Mutex::new(()),
         })
@@ -252,8 +309,8 @@ impl Volume {
 
     /// Makes a completed write visible: logical blocks from `lba` now map to
     /// `blocks`, whose data have checksums `crcs`. Returns whether enough
-    /// changes are pending that a commit should be made now.
-    pub fn finish_write(&self, lba: u64, blocks: &[u64], crcs: &[u32]) -> bool {
+    /// changes are pending to call for a commit.
+    pub fn finish_write(&self, lba: u64, blocks: &[u64], crcs: &[u32]) -> CommitNeed {
         assert_eq!(blocks.len(), crcs.len());
         let mut state = self.state();
         for (i, (&physical, &crc)) in blocks.iter().zip(crcs).enumerate() {
@@ -265,13 +322,13 @@ impl Volume {
                 freed: old.map(|old| (old.physical, false)),
             });
         }
-        state.dirty.len() >= DIRTY_BLOCKS_MAX
+        CommitNeed::of(state.dirty.len())
     }
 
     /// Unmaps `count` blocks from `lba` (DISCARD and WRITE_ZEROES): they read
     /// as zeros from now on and their space goes back to the filesystem once
     /// the change is committed.
-    pub fn unmap(&self, lba: u64, count: u64) -> bool {
+    pub fn unmap(&self, lba: u64, count: u64) -> CommitNeed {
         let mut state = self.state();
         for block in lba..lba + count {
             if let Some(old) = state.map.remove(&block) {
@@ -282,7 +339,19 @@ impl Volume {
                 });
             }
         }
-        state.dirty.len() >= DIRTY_BLOCKS_MAX
+        CommitNeed::of(state.dirty.len())
+    }
+
+    /// Acts on a [`CommitNeed`]: wakes the committer, or commits now.
+    pub fn handle_commit_need(&self, need: CommitNeed) -> Result<()> {
+        match need {
+            CommitNeed::None => Ok(()),
+            CommitNeed::Soon => {
+                self.commit_signal.request();
+                Ok(())
+            }
+            CommitNeed::Now => self.sync_and_commit(),
+        }
     }
 
     /// A mark covering every change made so far; pass it to
@@ -426,7 +495,7 @@ mod tests {
             created_unix: 0,
             attached_socket: None,
         };
-        Volume::open(record, dir, meta.clone(), false).expect("open volume")
+        Volume::open(record, dir, meta.clone(), false, Arc::default()).expect("open volume")
     }
 
     #[test]

@@ -125,23 +125,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
                 .await
         });
     }
-    if config.commit_interval_ms > 0 {
-        let node = node.clone();
-        let interval = Duration::from_millis(config.commit_interval_ms);
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {
-                        let node = node.clone();
-                        let _ = tokio::task::spawn_blocking(move || node.sync_all()).await;
-                    }
-                    _ = stop.changed() => break,
-                }
-            }
-        });
-    }
     tracing::info!(
         data_dir = %config.data_dir.display(),
         api_socket = %config.api_socket.display(),

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
 use blockstore::vhost_user::{BlkBackend, BlkOptions, BlkServer};
-use blockstore::{Store, VolumeRecord, BLOCK_SIZE};
+use blockstore::{Store, StoreOptions, VolumeRecord, BLOCK_SIZE};
 use serde::Serialize;
 
 use crate::config::Config;
@@ -111,7 +111,14 @@ impl Node {
     /// Opens the store and serves every volume that was attached when the
     /// node last stopped.
     pub fn start(config: &Config) -> Result<Node, NodeError> {
-        let store = Store::open(&config.data_dir, config.direct_io)?;
+        let store = Store::open(
+            &config.data_dir,
+            StoreOptions {
+                direct_io: config.direct_io,
+                commit_interval: (config.commit_interval_ms > 0)
+                    .then(|| std::time::Duration::from_millis(config.commit_interval_ms)),
+            },
+        )?;
         let node = Node {
             store,
             socket_dir: config.socket_dir.clone(),

@@ -298,8 +298,7 @@ impl Inner {
             Ok(writer) if writer.available_bytes() >= 1 => writer,
             Ok(_) | Err(_) => {
                 counters.invalid_requests.fetch_add(1, Ordering::Relaxed);
-                tracing::warn!(volume = %self.volume.name(), head, "request without a valid status byte dropped");
-                return Some((head, 0));
+                return Some((head, fallback_status(&chain, memory)));
             }
         };
         let data_writable = writer.available_bytes() - 1;
@@ -502,6 +501,52 @@ impl Inner {
     }
 }
 
+/// For a chain whose writable buffers are not all in guest memory: writes
+/// IOERR into its last descriptor if that one is device-writable and valid,
+/// so the guest learns the request failed. Returns the used length (1 with
+/// a status, 0 when the chain has nowhere to put one).
+fn fallback_status(chain: &Chain, memory: &Memory) -> u32 {
+    use vm_memory::{Bytes, GuestAddress};
+    let Some(last) = chain.clone().last() else {
+        tracing::warn!(
+            head = chain.head_index(),
+            "empty descriptor chain returned unused"
+        );
+        return 0;
+    };
+    let status_at = last
+        .addr()
+        .0
+        .checked_add(u64::from(last.len()))
+        .and_then(|end| end.checked_sub(1));
+    match status_at {
+        Some(address) if last.is_write_only() && last.len() >= 1 => {
+            if memory
+                .write_obj(VIRTIO_BLK_S_IOERR, GuestAddress(address))
+                .is_ok()
+            {
+                tracing::warn!(
+                    head = chain.head_index(),
+                    "request with buffers outside guest memory failed"
+                );
+                return 1;
+            }
+            tracing::warn!(
+                head = chain.head_index(),
+                "request without a usable status byte returned unused"
+            );
+            0
+        }
+        _ => {
+            tracing::warn!(
+                head = chain.head_index(),
+                "request without a status byte returned unused"
+            );
+            0
+        }
+    }
+}
+
 impl VhostUserBackend for BlkBackend {
     type Bitmap = ();
     type Vring = Vring;
@@ -648,7 +693,14 @@ mod tests {
 
     fn rig() -> Rig {
         let dir = tempfile::tempdir().expect("tempdir");
-        let store = Store::open(dir.path(), false).expect("store");
+        let store = Store::open(
+            dir.path(),
+            crate::store::StoreOptions {
+                direct_io: false,
+                commit_interval: None,
+            },
+        )
+        .expect("store");
         let record = store.create("fuzz", 1 << 20).expect("create");
         let volume = store.volume("fuzz").expect("volume");
         let backend = BlkBackend::new(volume, BlkOptions { queues_max: 1 }).expect("backend");
@@ -872,7 +924,7 @@ mod tests {
                     },
                 ],
                 header(0, 0),
-                None,
+                Some(VIRTIO_BLK_S_IOERR),
             ),
             (
                 "read with device-readable data",
