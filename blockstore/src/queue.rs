@@ -213,15 +213,22 @@ impl VolumeQueue {
         let volume = self.volume.clone();
         let slot = &mut self.slots[index];
         assert!(slot.in_use && slot.kind == Kind::Write);
-        let buf = slot.buf.as_ref().expect("a begun write has a buffer");
-        let data = buf.as_slice();
+        let data = slot
+            .buf
+            .as_ref()
+            .expect("a begun write has a buffer")
+            .as_slice();
         slot.crcs.clear();
         slot.crcs
             .extend(data.chunks_exact(BLOCK_SIZE as usize).map(crc32fast::hash));
-        slot.blocks.clear();
-        volume.allocate(slot.crcs.len() as u64, &mut slot.blocks);
-        let fd = types::Fd(volume.file().as_raw_fd());
         let base = data.as_ptr();
+        slot.blocks.clear();
+        if let Err(error) = volume.allocate(slot.crcs.len() as u64, &mut slot.blocks) {
+            self.release(SlotId(index));
+            return Err(error);
+        }
+        let slot = &mut self.slots[index];
+        let fd = types::Fd(volume.file().as_raw_fd());
         // One write per run of consecutive physical blocks.
         let mut start = 0;
         let mut sqes = std::mem::take(&mut self.sqes);

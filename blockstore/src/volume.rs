@@ -118,7 +118,13 @@ struct State {
     /// Reads in flight, by the epoch they started in.
     reads: BTreeMap<u64, u32>,
     quarantine: VecDeque<Quarantined>,
+    /// Size of the data file in blocks (sparse beyond what is written).
+    file_blocks: u64,
 }
+
+/// How far the data file is extended at a time once allocation passes its
+/// end: 64 MiB.
+const FILE_GROWTH_BLOCKS: u64 = 16_384;
 
 /// Usage figures of a volume.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -293,10 +299,24 @@ impl Volume {
     }
 
     /// Allocates `count` physical blocks for new data.
-    pub fn allocate(&self, count: u64, out: &mut Vec<u64>) {
+    pub fn allocate(&self, count: u64, out: &mut Vec<u64>) -> Result<()> {
         let mut state = self.state();
         self.release_quarantined(&mut state);
         state.allocator.allocate(count, out);
+        let high_water = state.allocator.high_water();
+        if high_water > state.file_blocks {
+            // Old block versions awaiting reuse push allocation past the
+            // capacity; grow the (sparse) file ahead in large steps.
+            let blocks = high_water + FILE_GROWTH_BLOCKS;
+            if let Err(source) = self.file.set_len(blocks * BLOCK_SIZE) {
+                for &block in out.iter() {
+                    state.allocator.release(block);
+                }
+                return Err(data_file_error("extend", &self.path, source));
+            }
+            state.file_blocks = blocks;
+        }
+        Ok(())
     }
 
     /// Gives back blocks of a write that failed: nothing refers to them.
@@ -504,7 +524,7 @@ mod tests {
         let meta = Arc::new(MetaStore::open(&dir.path().join("meta")).expect("meta"));
         let volume = open_volume(dir.path(), &meta);
         let mut blocks = Vec::new();
-        volume.allocate(1, &mut blocks);
+        volume.allocate(1, &mut blocks).expect("allocate");
         volume.finish_write(3, &blocks, &[1]);
         volume.sync_and_commit().expect("commit");
 
@@ -513,18 +533,18 @@ mod tests {
         let epoch = volume.begin_read(3, 1, &mut extents);
         assert_eq!(extents[0].map(|e| e.physical), Some(blocks[0]));
         let mut second = Vec::new();
-        volume.allocate(1, &mut second);
+        volume.allocate(1, &mut second).expect("allocate");
         assert_ne!(second, blocks);
         volume.finish_write(3, &second, &[2]);
         volume.sync_and_commit().expect("commit");
 
         // The old block must not be handed out while the read is in flight.
         let mut third = Vec::new();
-        volume.allocate(1, &mut third);
+        volume.allocate(1, &mut third).expect("allocate");
         assert_ne!(third, blocks);
         volume.end_read(epoch);
         let mut fourth = Vec::new();
-        volume.allocate(1, &mut fourth);
+        volume.allocate(1, &mut fourth).expect("allocate");
         assert_eq!(fourth, blocks);
     }
 
@@ -535,7 +555,7 @@ mod tests {
         {
             let volume = open_volume(dir.path(), &meta);
             let mut blocks = Vec::new();
-            volume.allocate(2, &mut blocks);
+            volume.allocate(2, &mut blocks).expect("allocate");
             volume.finish_write(0, &blocks[..1], &[10]);
             volume.sync_and_commit().expect("commit");
             volume.finish_write(1, &blocks[1..], &[11]);
