@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
@@ -14,6 +14,9 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 
 use super::device::BlkBackend;
+
+/// How long the worker threads of a closed connection may take to stop.
+const WORKER_EXIT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Errors of a block server.
 #[derive(Debug, thiserror::Error)]
@@ -159,9 +162,28 @@ fn serve(name: String, backend: BlkBackend, mut listener: Listener, shared: &Sha
         }
         shared.connected.store(false, Ordering::Release);
         *shared.connection.lock().expect("lock") = None;
-        for handler in daemon.get_epoll_handlers() {
+        // Stop this connection's worker threads and wait until they are
+        // gone: the completion eventfds are shared with the next
+        // connection's workers, and a late event on an old thread would
+        // complete requests into the old connection's rings.
+        let handlers = daemon.get_epoll_handlers();
+        for (handler, (fd, token)) in handlers.iter().zip(backend.completion_fds()) {
+            let _ = handler.unregister_listener(fd, EventSet::IN, u64::from(token));
             handler.send_exit_event();
         }
+        drop(daemon);
+        let deadline = Instant::now() + WORKER_EXIT_TIMEOUT;
+        while handlers
+            .iter()
+            .any(|handler| Arc::strong_count(handler) > 1)
+        {
+            if Instant::now() > deadline {
+                tracing::error!(%name, "vhost-user worker threads did not stop; not accepting a new frontend");
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        drop(handlers);
         backend.reset_after_disconnect();
     }
 }
