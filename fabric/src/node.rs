@@ -149,22 +149,15 @@ impl Node {
     fn view(&self, record: VolumeRecord) -> VolumeView {
         let servers = self.servers();
         let server = servers.get(&record.name);
-        let usage = server.map(|server| {
-            let usage = server.backend().volume().usage();
+        // The store hands out one shared Volume per name, the same one an
+        // attached volume's server uses.
+        let usage = self.store.volume(&record.name).ok().map(|volume| {
+            let usage = volume.usage();
             UsageView {
                 allocated_bytes: usage.mapped_blocks * BLOCK_SIZE,
                 file_bytes: usage.file_blocks * BLOCK_SIZE,
                 unflushed_bytes: usage.dirty_blocks * BLOCK_SIZE,
             }
-        });
-        let usage = usage.or_else(|| {
-            let volume = self.store.volume(&record.name).ok()?;
-            let usage = volume.usage();
-            Some(UsageView {
-                allocated_bytes: usage.mapped_blocks * BLOCK_SIZE,
-                file_bytes: usage.file_blocks * BLOCK_SIZE,
-                unflushed_bytes: usage.dirty_blocks * BLOCK_SIZE,
-            })
         });
         let attachment = server.map(|server| {
             let c = server.backend().counters();
