@@ -25,4 +25,11 @@ echo "== build"
 cargo build --workspace --bins
 echo "== tests"
 # Two cores: tests that boot QEMU take one each, so run two at a time.
-cargo test --workspace -- --test-threads=2
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+status=0
+cargo test --workspace --all-targets -- --test-threads=2 2>&1 | tee "$log" || status=$?
+# One closing line for the whole run, summed over every test binary.
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+	END { printf "tests: %d passed, %d failed\n", p, f }' "$log"
+exit "$status"
