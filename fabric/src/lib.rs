@@ -11,6 +11,7 @@
 //! `blockstore`'s job, behind `Store` and `BlkServer`.
 
 pub mod api;
+pub mod cluster;
 pub mod config;
 pub mod daemon;
 pub mod node;
