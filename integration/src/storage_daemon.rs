@@ -131,6 +131,11 @@ impl QemuStorageDaemon {
         &self.log
     }
 
+    /// The daemon's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
     /// Stops the daemon with SIGTERM (SIGKILL after [`SHUTDOWN_WAIT_MAX`]).
     pub fn stop(mut self) -> Result<ExitStatus> {
         let mut child = self

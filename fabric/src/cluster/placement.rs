@@ -81,7 +81,15 @@ mod tests {
     fn placement_table() {
         use NodeState::{Down, Suspect, Up};
         let three = [node(1, Up, 100), node(2, Up, 300), node(3, Up, 200)];
-        let cases: Vec<(&str, Vec<Candidate>, usize, u64, Result<Vec<NodeId>, &str>)> = vec![
+        /// (name, nodes, replicas, size, expected placement or error text)
+        type Case = (
+            &'static str,
+            Vec<Candidate>,
+            usize,
+            u64,
+            Result<Vec<NodeId>, &'static str>,
+        );
+        let cases: Vec<Case> = vec![
             (
                 "most free first",
                 three.to_vec(),

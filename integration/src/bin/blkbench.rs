@@ -417,6 +417,13 @@ struct CompareRun {
     target: Target,
     run: usize,
     report: WorkloadReport,
+    /// CPU time (user + system, all threads) the server process used during the run, in clock
+    /// ticks (see `clock_ticks_per_second`); a few ticks make a coarse figure.
+    server_cpu_ticks: u64,
+    /// `server_cpu_ticks` in seconds.
+    server_cpu_seconds: f64,
+    /// `server_cpu_seconds` per completed request, in microseconds; absent if none completed.
+    server_cpu_us_per_op: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -451,6 +458,8 @@ struct TargetSummary {
     iops: Spread,
     latency_us_p50: Spread,
     latency_us_p99: Spread,
+    /// Server CPU time per completed request; absent if no run completed a request.
+    server_cpu_us_per_op: Option<Spread>,
 }
 
 #[derive(Debug, Serialize)]
@@ -468,6 +477,8 @@ struct CompareOutput {
     span_bytes: u64,
     completion: CompletionMode,
     queue_size: u16,
+    /// Resolution of the server CPU times: `/proc/PID/stat` counts in these ticks.
+    clock_ticks_per_second: u64,
     verify: Vec<(Target, VerifyReport)>,
     prefill: Vec<(Target, WorkloadReport)>,
     summary: Vec<WorkloadSummary>,
@@ -533,15 +544,19 @@ fn compare(args: &CompareArgs) -> Result<()> {
     )
     .context("cannot start qemu-storage-daemon")?;
 
-    let mut targets: Vec<(Target, BlkClient)> = Vec::new();
-    if let Some((_, socket)) = &fabric {
-        targets.push((Target::Fabric, connect(socket, common)?));
+    let clock_ticks_per_second = clock_ticks_per_second()?;
+    // Each target with the process id of its server, whose CPU time every timed run samples.
+    let mut targets: Vec<(Target, u32, BlkClient)> = Vec::new();
+    if let Some((node, socket)) = &fabric {
+        let pid = node.pid().context("fabricd has no process id")?;
+        targets.push((Target::Fabric, pid, connect(socket, common)?));
     }
-    targets.push((Target::Qsd, connect(qsd.socket(), common)?));
+    let qsd_pid = qsd.pid().context("qemu-storage-daemon has no process id")?;
+    targets.push((Target::Qsd, qsd_pid, connect(qsd.socket(), common)?));
 
     let span_bytes = targets
         .iter()
-        .map(|(_, client)| blk_workload::effective_span(client, common.span))
+        .map(|(_, _, client)| blk_workload::effective_span(client, common.span))
         .min()
         .unwrap_or(0);
     let options = RunOptions {
@@ -557,13 +572,14 @@ fn compare(args: &CompareArgs) -> Result<()> {
         span_bytes,
         completion: options.completion,
         queue_size: common.queue_size,
+        clock_ticks_per_second,
         verify: Vec::new(),
         prefill: Vec::new(),
         summary: Vec::new(),
         runs: Vec::new(),
     };
 
-    for (target, client) in &mut targets {
+    for (target, _, client) in &mut targets {
         if !args.no_verify {
             eprintln!("blkbench: verifying {}", target.name());
             let report = blk_workload::verify(
@@ -601,7 +617,7 @@ fn compare(args: &CompareArgs) -> Result<()> {
                 (0..targets.len()).rev().collect()
             };
             for index in order {
-                let (target, client) = &mut targets[index];
+                let (target, pid, client) = &mut targets[index];
                 eprintln!(
                     "blkbench: {} run {}/{} on {}",
                     workload,
@@ -609,29 +625,45 @@ fn compare(args: &CompareArgs) -> Result<()> {
                     args.runs,
                     target.name()
                 );
+                let cpu_before = process_cpu_ticks(*pid)
+                    .with_context(|| format!("cannot sample the CPU time of {}", target.name()))?;
                 let report = blk_workload::run(client, *workload, &options)
                     .with_context(|| format!("{workload} on {} failed", target.name()))?;
+                let cpu_after = process_cpu_ticks(*pid)
+                    .with_context(|| format!("cannot sample the CPU time of {}", target.name()))?;
+                // Tick counts only grow; saturate anyway rather than trust that blindly.
+                let server_cpu_ticks = cpu_after.saturating_sub(cpu_before);
+                let server_cpu_seconds = server_cpu_ticks as f64 / clock_ticks_per_second as f64;
+                let server_cpu_us_per_op =
+                    (report.ops > 0).then(|| server_cpu_seconds * 1e6 / report.ops as f64);
                 output.runs.push(CompareRun {
                     target: *target,
                     run,
                     report,
+                    server_cpu_ticks,
+                    server_cpu_seconds,
+                    server_cpu_us_per_op,
                 });
             }
         }
         let summarize = |target: Target| {
-            let reports: Vec<&WorkloadReport> = output
+            let runs: Vec<&CompareRun> = output
                 .runs
                 .iter()
                 .filter(|run| run.target == target && run.report.workload == workload.name())
-                .map(|run| &run.report)
                 .collect();
             let spread = |field: fn(&WorkloadReport) -> f64| {
-                Spread::of(reports.iter().map(|report| field(report)).collect())
+                Spread::of(runs.iter().map(|run| field(&run.report)).collect())
             };
             Some(TargetSummary {
                 iops: spread(|report| report.iops)?,
                 latency_us_p50: spread(|report| report.latency_us_p50)?,
                 latency_us_p99: spread(|report| report.latency_us_p99)?,
+                server_cpu_us_per_op: Spread::of(
+                    runs.iter()
+                        .filter_map(|run| run.server_cpu_us_per_op)
+                        .collect(),
+                ),
             })
         };
         let summary = WorkloadSummary {
@@ -660,6 +692,36 @@ fn compare(args: &CompareArgs) -> Result<()> {
     }
     drop(run_dir);
     Ok(())
+}
+
+/// Clock ticks per second, the unit of the CPU times in `/proc/PID/stat`.
+fn clock_ticks_per_second() -> Result<u64> {
+    // SAFETY: sysconf(3) only reads a configuration value; it has no memory-safety
+    // preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    u64::try_from(ticks)
+        .ok()
+        .filter(|&ticks| ticks > 0)
+        .context("sysconf(_SC_CLK_TCK) gave no clock tick rate")
+}
+
+/// CPU time of process `pid`, user plus system, summed over all its threads (including threads
+/// that have exited), in clock ticks.
+fn process_cpu_ticks(pid: u32) -> Result<u64> {
+    let path = format!("/proc/{pid}/stat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
+    parse_cpu_ticks(&text).with_context(|| format!("{path} has no utime and stime fields"))
+}
+
+/// Sums utime and stime (fields 14 and 15) of a `/proc/PID/stat` line.
+fn parse_cpu_ticks(stat: &str) -> Option<u64> {
+    // Field 2 is the command name in parentheses and may itself hold spaces and parentheses;
+    // the fields after its closing parenthesis start with field 3.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace().skip(14 - 3);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    utime.checked_add(stime)
 }
 
 fn create_run_dir(parent: &Path, keep: bool) -> Result<RunDir> {
@@ -717,7 +779,23 @@ fn host_facts(dir: &Path, qsd: &str, fabricd: Option<PathBuf>) -> HostFacts {
         filesystem,
         qemu_storage_daemon,
         fabricd,
-        command: std::env::args().collect::<Vec<_>>().join(" "),
+        command: std::env::args()
+            .map(|arg| shell_quote(&arg))
+            .collect::<Vec<_>>()
+            .join(" "),
+    }
+}
+
+/// Quotes `arg` for a POSIX shell, so the recorded command line can be pasted back as is.
+fn shell_quote(arg: &str) -> String {
+    let plain = !arg.is_empty()
+        && arg
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "_@%+=:,./-".contains(c));
+    if plain {
+        arg.to_string()
+    } else {
+        format!("'{}'", arg.replace('\'', r"'\''"))
     }
 }
 
@@ -767,33 +845,40 @@ fn markdown(output: &CompareOutput, peer_only: bool) -> String {
     }
     let _ = writeln!(text, "\nCells are median (min–max) over the runs.\n");
     if peer_only {
-        let _ = writeln!(text, "| workload | qsd IOPS | qsd p50 µs | qsd p99 µs |");
-        let _ = writeln!(text, "|---|---|---|---|");
+        let _ = writeln!(
+            text,
+            "| workload | qsd IOPS | qsd p50 µs | qsd p99 µs | qsd CPU µs/op |"
+        );
+        let _ = writeln!(text, "|---|---|---|---|---|");
         for row in &output.summary {
             if let Some(qsd) = &row.qsd {
                 let _ = writeln!(
                     text,
-                    "| {} | {} | {} | {} |",
+                    "| {} | {} | {} | {} | {} |",
                     row.workload,
                     cell(&qsd.iops, 0),
                     cell(&qsd.latency_us_p50, 1),
-                    cell(&qsd.latency_us_p99, 1)
+                    cell(&qsd.latency_us_p99, 1),
+                    optional_cell(qsd.server_cpu_us_per_op.as_ref(), 1)
                 );
             }
         }
     } else {
         let _ = writeln!(
             text,
-            "| workload | fabric IOPS | qsd IOPS | IOPS fabric/qsd | fabric p50 µs | qsd p50 µs | p50 fabric/qsd | fabric p99 µs | qsd p99 µs | p99 fabric/qsd |"
+            "| workload | fabric IOPS | qsd IOPS | IOPS fabric/qsd | fabric p50 µs | qsd p50 µs | p50 fabric/qsd | fabric p99 µs | qsd p99 µs | p99 fabric/qsd | fabric CPU µs/op | qsd CPU µs/op | CPU/op fabric/qsd |"
         );
-        let _ = writeln!(text, "|---|---|---|---|---|---|---|---|---|---|");
+        let _ = writeln!(
+            text,
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
+        );
         for row in &output.summary {
             let (Some(fabric), Some(qsd)) = (&row.fabric, &row.qsd) else {
                 continue;
             };
             let _ = writeln!(
                 text,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 row.workload,
                 cell(&fabric.iops, 0),
                 cell(&qsd.iops, 0),
@@ -803,10 +888,21 @@ fn markdown(output: &CompareOutput, peer_only: bool) -> String {
                 ratio(&fabric.latency_us_p50, &qsd.latency_us_p50),
                 cell(&fabric.latency_us_p99, 1),
                 cell(&qsd.latency_us_p99, 1),
-                ratio(&fabric.latency_us_p99, &qsd.latency_us_p99)
+                ratio(&fabric.latency_us_p99, &qsd.latency_us_p99),
+                optional_cell(fabric.server_cpu_us_per_op.as_ref(), 1),
+                optional_cell(qsd.server_cpu_us_per_op.as_ref(), 1),
+                match (&fabric.server_cpu_us_per_op, &qsd.server_cpu_us_per_op) {
+                    (Some(fabric), Some(qsd)) => ratio(fabric, qsd),
+                    _ => "n/a".to_string(),
+                }
             );
         }
     }
+    let _ = writeln!(
+        text,
+        "\nCPU µs/op: CPU time (user + system, all threads) of the server process during the run, divided by the requests it completed ({} ticks/s from /proc/PID/stat); lower is better.",
+        output.clock_ticks_per_second
+    );
     text
 }
 
@@ -822,6 +918,10 @@ fn cell(spread: &Spread, decimals: usize) -> String {
         "{:.*} ({:.*}–{:.*})",
         decimals, spread.median, decimals, spread.min, decimals, spread.max
     )
+}
+
+fn optional_cell(spread: Option<&Spread>, decimals: usize) -> String {
+    spread.map_or_else(|| "n/a".to_string(), |spread| cell(spread, decimals))
 }
 
 fn ratio(fabric: &Spread, qsd: &Spread) -> String {
@@ -866,6 +966,24 @@ mod tests {
         let even = Spread::of(vec![4.0, 1.0, 2.0, 3.0]).expect("non-empty");
         assert_eq!(even.median, 2.5);
         assert!(Spread::of(Vec::new()).is_none());
+    }
+
+    #[test]
+    fn cpu_ticks_parse_past_odd_command_names() {
+        let stat = "4242 (qemu-storage) d) S 1 4242 4242 0 -1 4194560 1385 0 0 0 \
+                    170 35 0 0 20 0 3 0 12345 1000000 500 18446744073709551615";
+        assert_eq!(parse_cpu_ticks(stat), Some(205));
+        assert_eq!(parse_cpu_ticks("4242 (x) S 1 2"), None);
+        let own = process_cpu_ticks(std::process::id()).expect("own stat is readable");
+        assert!(own < u64::MAX);
+    }
+
+    #[test]
+    fn command_lines_are_quoted_for_the_shell() {
+        assert_eq!(shell_quote("--dir=/var/tmp"), "--dir=/var/tmp");
+        assert_eq!(shell_quote("a b"), "'a b'");
+        assert_eq!(shell_quote("it's"), r"'it'\''s'");
+        assert_eq!(shell_quote(""), "''");
     }
 
     #[test]
