@@ -1,12 +1,18 @@
 //! Volume and extent metadata, kept in RocksDB.
 //!
-//! Key space (one column family):
+//! Key space:
 //!
-//! | key                                   | value                               |
-//! |---------------------------------------|-------------------------------------|
-//! | `schema`                              | the schema version, ASCII           |
-//! | `vol:` name                           | [`VolumeRecord`] as JSON            |
-//! | `map:` id (8 bytes BE) lba (8 bytes BE)| [`Extent`]: physical block u64 LE, crc32 u32 LE |
+//! | column family | key                                    | value                               |
+//! |---------------|----------------------------------------|-------------------------------------|
+//! | default       | `schema`                               | the schema version, ASCII           |
+//! | default       | `vol:` name                            | [`VolumeRecord`] as JSON            |
+//! | `map`         | `map:` id (8 bytes BE) lba (8 bytes BE)| [`Extent`]: physical block u64 LE, crc32 u32 LE |
+//!
+//! The block maps are written far more than anything else (one entry per
+//! 4 KiB block written) and read only when a volume is opened, so their
+//! column family uses a vector memtable (appends, sorted once at flush)
+//! and no compression; volume records stay in an ordinary skip-list
+//! memtable because the API reads them.
 //!
 //! Big-endian ids and block numbers make a volume's map one contiguous,
 //! ordered key range, so a volume is loaded with one scan and deleted with
@@ -14,7 +20,10 @@
 
 use std::path::Path;
 
-use rocksdb::{Direction, Env, IteratorMode, Options, WriteBatch, WriteOptions, DB};
+use rocksdb::{
+    ColumnFamily, ColumnFamilyDescriptor, DBCompressionType, Direction, Env, IteratorMode,
+    MemtableFactory, Options, WriteBatch, WriteOptions, DB,
+};
 use serde::{Deserialize, Serialize};
 
 use crate::error::{Error, Result};
@@ -23,6 +32,7 @@ const SCHEMA_KEY: &[u8] = b"schema";
 const SCHEMA_VERSION: &[u8] = b"1";
 const VOLUME_PREFIX: &[u8] = b"vol:";
 const MAP_PREFIX: &[u8] = b"map:";
+const MAP_FAMILY: &str = "map";
 
 /// Where a logical block lives in the data file, and the checksum of its
 /// 4 KiB of data. A logical block without an extent reads as zeros.
@@ -126,9 +136,25 @@ impl MetaStore {
         options.set_env(&env);
         options.set_max_background_jobs(2);
         options.set_keep_log_file_num(4);
-        let db = DB::open(&options, path).map_err(|source| Error::OpenMeta {
-            path: path.to_owned(),
-            source,
+        options.create_missing_column_families(true);
+        let mut map_options = Options::default();
+        map_options.set_memtable_factory(MemtableFactory::Vector);
+        map_options.set_allow_concurrent_memtable_write(false);
+        map_options.set_compression_type(DBCompressionType::None);
+        map_options.set_write_buffer_size(128 << 20);
+        map_options.set_max_write_buffer_number(3);
+        // Vector memtables cannot take concurrent writers; commits are
+        // serialised per volume, and this is the DB-wide switch.
+        options.set_allow_concurrent_memtable_write(false);
+        let families = vec![
+            ColumnFamilyDescriptor::new(rocksdb::DEFAULT_COLUMN_FAMILY_NAME, Options::default()),
+            ColumnFamilyDescriptor::new(MAP_FAMILY, map_options),
+        ];
+        let db = DB::open_cf_descriptors(&options, path, families).map_err(|source| {
+            Error::OpenMeta {
+                path: path.to_owned(),
+                source,
+            }
         })?;
         match db.get(SCHEMA_KEY).map_err(|source| Error::Meta {
             context: "reading the schema version",
@@ -153,6 +179,12 @@ impl MetaStore {
             }
         }
         Ok(MetaStore { db })
+    }
+
+    fn map_family(&self) -> &ColumnFamily {
+        self.db
+            .cf_handle(MAP_FAMILY)
+            .expect("the map column family is created at open")
     }
 
     /// All volume records, ordered by name.
@@ -200,7 +232,7 @@ impl MetaStore {
         let id = record.numeric_id()?;
         let mut batch = WriteBatch::default();
         batch.delete(volume_key(&record.name));
-        batch.delete_range(map_key(id, 0), map_key(id + 1, 0));
+        batch.delete_range_cf(self.map_family(), map_key(id, 0), map_key(id + 1, 0));
         self.db
             .write_opt(batch, &sync_options())
             .map_err(|source| Error::Meta {
@@ -213,9 +245,10 @@ impl MetaStore {
     pub fn load_map(&self, volume_id: u64) -> Result<Vec<(u64, Extent)>> {
         let start = map_key(volume_id, 0);
         let mut entries = Vec::new();
-        let iter = self
-            .db
-            .iterator(IteratorMode::From(&start, Direction::Forward));
+        let iter = self.db.iterator_cf(
+            self.map_family(),
+            IteratorMode::From(&start, Direction::Forward),
+        );
         for item in iter {
             let (key, value) = item.map_err(|source| Error::Meta {
                 context: "loading a block map",
@@ -237,12 +270,13 @@ impl MetaStore {
     /// Applies map updates in order, in one batch, and waits until the
     /// batch is on stable storage.
     pub fn commit_map(&self, volume_id: u64, updates: &[MapUpdate]) -> Result<()> {
+        let family = self.map_family();
         let mut batch = WriteBatch::default();
         for update in updates {
             let key = map_key(volume_id, update.lba);
             match update.extent {
-                Some(extent) => batch.put(key, extent.encode()),
-                None => batch.delete(key),
+                Some(extent) => batch.put_cf(family, key, extent.encode()),
+                None => batch.delete_cf(family, key),
             }
         }
         self.db
