@@ -3,6 +3,15 @@
 //! - [`metadata`]: the typed metadata and the one function that applies
 //!   committed commands to it. Pure: no I/O, no clock.
 //! - [`placement`]: which nodes hold a volume's replicas. Pure.
+//! - [`raft`]: the openraft group that agrees on the metadata, with its
+//!   log, vote and snapshots in RocksDB.
+//! - [`local_network`]: an in-process network between members with fault
+//!   injection (partitions, crashed nodes), for tests and simulation.
 
+pub mod local_network;
 pub mod metadata;
 pub mod placement;
+pub mod raft;
+
+#[cfg(test)]
+mod tests;
