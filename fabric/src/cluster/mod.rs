@@ -7,11 +7,15 @@
 //!   log, vote and snapshots in RocksDB.
 //! - [`local_network`]: an in-process network between members with fault
 //!   injection (partitions, crashed nodes), for tests and simulation.
+//! - [`tls`]: the cluster CA and node certificates (mutual TLS 1.3).
+//! - [`transport`]: Raft RPCs over QUIC, one stream per RPC.
 
 pub mod local_network;
 pub mod metadata;
 pub mod placement;
 pub mod raft;
+pub mod tls;
+pub mod transport;
 
 #[cfg(test)]
 mod tests;

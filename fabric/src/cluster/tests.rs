@@ -266,3 +266,131 @@ async fn three_members_replicate_and_survive_leader_loss_partition_and_restart()
     after.nodes.get_mut(&1).expect("node 1").resources = before.nodes[&1].resources.clone();
     assert_eq!(after, before);
 }
+
+/// The same group over real QUIC on loopback, with mutual TLS; a node
+/// with a certificate from another cluster's CA gets nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_over_quic_with_mutual_tls() {
+    use super::tls::ClusterCa;
+    use super::transport::{bind, serve, QuicNetwork};
+    use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+    use openraft::raft::VoteRequest;
+    use openraft::Vote;
+
+    let loopback: std::net::IpAddr = [127, 0, 0, 1].into();
+    let ca = ClusterCa::generate("test").expect("CA");
+    let config = Arc::new(
+        Config {
+            heartbeat_interval: 100,
+            election_timeout_min: 400,
+            election_timeout_max: 800,
+            ..Config::default()
+        }
+        .validate()
+        .expect("config"),
+    );
+    let mut endpoints = BTreeMap::new();
+    let mut members = BTreeMap::new();
+    for id in 1..=3u64 {
+        let identity = ca
+            .issue(&format!("n{id}"), &[loopback])
+            .expect("node certificate");
+        let endpoint = bind("127.0.0.1:0".parse().expect("address"), &identity).expect("bind");
+        let address = endpoint.local_addr().expect("local address");
+        members.insert(
+            id,
+            Member {
+                name: format!("n{id}"),
+                address: address.to_string(),
+            },
+        );
+        endpoints.insert(id, endpoint);
+    }
+    let mut dirs = Vec::new();
+    let mut nodes = BTreeMap::new();
+    for (&id, endpoint) in &endpoints {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let db = open_db(dir.path()).expect("db");
+        let machine = StateMachine::open(db.clone()).expect("state machine");
+        let raft = MetadataRaft::new(
+            id,
+            config.clone(),
+            QuicNetwork::new(endpoint.clone()),
+            LogStore::new(db),
+            machine.clone(),
+        )
+        .await
+        .expect("raft");
+        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        nodes.insert(id, (raft, machine));
+        dirs.push(dir);
+    }
+    nodes[&1]
+        .0
+        .initialize(members.clone())
+        .await
+        .expect("initialize");
+    let deadline = tokio::time::Instant::now() + WAIT;
+    let leader = loop {
+        if let Some(leader) = nodes[&1].0.current_leader().await {
+            break leader;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no leader over QUIC"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    for id in 1..=3 {
+        let written = nodes[&leader]
+            .0
+            .client_write(Command::AddNode {
+                node: node_record(id),
+            })
+            .await
+            .expect("write");
+        assert_eq!(written.data, Response::Applied);
+    }
+    let target = nodes[&leader].1.last_applied();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    while nodes
+        .values()
+        .any(|(_, machine)| machine.last_applied() < target)
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "followers did not catch up over QUIC"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let metadata = nodes[&leader].1.metadata();
+    assert_eq!(metadata.nodes.len(), 3);
+    for (raft, machine) in nodes.values() {
+        assert_eq!(machine.metadata(), metadata);
+        let _ = raft;
+    }
+
+    // Another cluster's node: its certificate is refused, nothing reaches Raft.
+    let foreign = ClusterCa::generate("other")
+        .expect("CA")
+        .issue("n1", &[loopback])
+        .expect("certificate");
+    let endpoint = bind("127.0.0.1:0".parse().expect("address"), &foreign).expect("bind");
+    let mut intruder = QuicNetwork::new(endpoint).new_client(1, &members[&1]).await;
+    let vote = VoteRequest {
+        vote: Vote::new(1_000, 99),
+        last_log_id: None,
+    };
+    let refused = intruder
+        .vote(vote, RPCOption::new(Duration::from_secs(2)))
+        .await;
+    assert!(
+        refused.is_err(),
+        "a foreign certificate must be refused: {refused:?}"
+    );
+    let term_after = nodes[&1].0.metrics().borrow().current_term;
+    assert!(term_after < 1_000, "the foreign vote reached Raft");
+    for (raft, _) in nodes.into_values() {
+        raft.shutdown().await.expect("shutdown");
+    }
+}

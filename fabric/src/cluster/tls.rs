@@ -1,0 +1,247 @@
+//! The cluster's certificate authority and node identities.
+//!
+//! Every node-to-node connection is QUIC with mutual TLS 1.3: both ends
+//! present a certificate signed by the cluster CA and check the other's.
+//! A node from another cluster, or a client without a certificate, fails
+//! the handshake and never reaches Raft.
+
+use std::net::IpAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// ALPN protocol of the cluster transport.
+pub const ALPN: &[u8] = b"fabric-cluster/1";
+
+/// Errors setting up TLS.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot create a certificate: {0}")]
+    Certificate(#[from] rcgen::Error),
+    #[error("invalid PEM in {what}: {reason}")]
+    Pem { what: &'static str, reason: String },
+    #[error("TLS configuration refused: {0}")]
+    Config(String),
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        action: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The cluster CA: signs node certificates. Its key stays on the node that
+/// created the cluster (and is what `cluster join` asks it to use).
+#[derive(Debug, Clone)]
+pub struct ClusterCa {
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+/// A node's TLS identity: the CA certificate it trusts, and its own
+/// certificate and key.
+#[derive(Debug, Clone)]
+pub struct NodeIdentity {
+    pub ca_pem: String,
+    pub cert_pem: String,
+    key_pem: String,
+}
+
+impl ClusterCa {
+    /// A new CA for a cluster.
+    pub fn generate(cluster_name: &str) -> Result<ClusterCa, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{cluster_name} cluster CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let cert = params.self_signed(&key)?;
+        Ok(ClusterCa {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Issues a certificate for node `name`, valid for that name and the
+    /// given addresses, usable as both client and server.
+    pub fn issue(&self, name: &str, addresses: &[IpAddr]) -> Result<NodeIdentity, TlsError> {
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, KeyPair::from_pem(&self.key_pem)?)?;
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params
+            .subject_alt_names
+            .extend(addresses.iter().map(|ip| SanType::IpAddress(*ip)));
+        params.distinguished_name.push(DnType::CommonName, name);
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        let cert = params.signed_by(&key, &issuer)?;
+        Ok(NodeIdentity {
+            ca_pem: self.cert_pem.clone(),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
+        write_file(&dir.join("ca.pem"), &self.cert_pem)?;
+        write_file(&dir.join("ca.key"), &self.key_pem)
+    }
+}
+
+fn write_file(path: &Path, text: &str) -> Result<(), TlsError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file_error = |action, source| TlsError::File {
+        action,
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(|e| file_error("create", e))?;
+    file.write_all(text.as_bytes())
+        .map_err(|e| file_error("write", e))?;
+    file.sync_all().map_err(|e| file_error("sync", e))
+}
+
+fn read_file(path: &Path) -> Result<String, TlsError> {
+    std::fs::read_to_string(path).map_err(|source| TlsError::File {
+        action: "read",
+        path: path.to_owned(),
+        source,
+    })
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl NodeIdentity {
+    /// Writes `ca.pem`, `node.pem` and `node.key` (mode 0600) into `dir`.
+    pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
+        write_file(&dir.join("ca.pem"), &self.ca_pem)?;
+        write_file(&dir.join("node.pem"), &self.cert_pem)?;
+        write_file(&dir.join("node.key"), &self.key_pem)
+    }
+
+    /// Reads an identity written by [`NodeIdentity::save`].
+    pub fn load(dir: &Path) -> Result<NodeIdentity, TlsError> {
+        Ok(NodeIdentity {
+            ca_pem: read_file(&dir.join("ca.pem"))?,
+            cert_pem: read_file(&dir.join("node.pem"))?,
+            key_pem: read_file(&dir.join("node.key"))?,
+        })
+    }
+
+    fn roots(&self) -> Result<rustls::RootCertStore, TlsError> {
+        let mut roots = rustls::RootCertStore::empty();
+        let ca =
+            CertificateDer::from_pem_slice(self.ca_pem.as_bytes()).map_err(|e| TlsError::Pem {
+                what: "the CA certificate",
+                reason: e.to_string(),
+            })?;
+        roots.add(ca).map_err(|e| TlsError::Config(e.to_string()))?;
+        Ok(roots)
+    }
+
+    fn chain_and_key(
+        &self,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>), TlsError> {
+        let cert = CertificateDer::from_pem_slice(self.cert_pem.as_bytes()).map_err(|e| {
+            TlsError::Pem {
+                what: "the node certificate",
+                reason: e.to_string(),
+            }
+        })?;
+        let key =
+            PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| TlsError::Pem {
+                what: "the node key",
+                reason: e.to_string(),
+            })?;
+        Ok((vec![cert], key))
+    }
+
+    /// Server side: requires a client certificate from the cluster CA.
+    pub fn server_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ServerConfig, TlsError> {
+        let config_error = |e: rustls::Error| TlsError::Config(e.to_string());
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+            Arc::new(self.roots()?),
+            provider(),
+        )
+        .build()
+        .map_err(|e| TlsError::Config(e.to_string()))?;
+        let (chain, key) = self.chain_and_key()?;
+        let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_client_cert_verifier(verifier)
+            .with_single_cert(chain, key)
+            .map_err(config_error)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto =
+            QuicServerConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
+
+    /// Client side: presents this node's certificate, trusts only the CA.
+    pub fn client_config(
+        &self,
+        transport: Arc<quinn::TransportConfig>,
+    ) -> Result<quinn::ClientConfig, TlsError> {
+        let config_error = |e: rustls::Error| TlsError::Config(e.to_string());
+        let (chain, key) = self.chain_and_key()?;
+        let mut tls = rustls::ClientConfig::builder_with_provider(provider())
+            .with_protocol_versions(&[&rustls::version::TLS13])
+            .map_err(config_error)?
+            .with_root_certificates(self.roots()?)
+            .with_client_auth_cert(chain, key)
+            .map_err(config_error)?;
+        tls.alpn_protocols = vec![ALPN.to_vec()];
+        let crypto =
+            QuicClientConfig::try_from(tls).map_err(|e| TlsError::Config(e.to_string()))?;
+        let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+        config.transport_config(transport);
+        Ok(config)
+    }
+}
+
+/// Transport settings shared by all cluster connections.
+pub fn transport_config() -> Arc<quinn::TransportConfig> {
+    let mut transport = quinn::TransportConfig::default();
+    transport.keep_alive_interval(Some(Duration::from_secs(1)));
+    transport.max_idle_timeout(Some(
+        Duration::from_secs(10)
+            .try_into()
+            .expect("10 s is a valid idle timeout"),
+    ));
+    transport.max_concurrent_bidi_streams(1024u32.into());
+    Arc::new(transport)
+}

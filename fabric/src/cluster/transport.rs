@@ -1,0 +1,297 @@
+//! Raft RPCs over QUIC with mutual TLS.
+//!
+//! Every RPC is one bidirectional QUIC stream: the caller writes a one-byte
+//! kind and a JSON body and finishes its side; the callee answers with the
+//! JSON of `Result<response, RaftError>`. Streams of one connection are
+//! independent, so a heartbeat never waits behind a snapshot on another
+//! stream. Connections are opened lazily and reused; a failed one is
+//! dropped and opened again by the next RPC.
+
+// openraft's error types are large by design and the traits fix them.
+#![allow(clippy::result_large_err)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use openraft::error::{
+    InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
+};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use super::metadata::NodeId;
+use super::raft::{Member, MetadataRaft, TypeConfig};
+use super::tls::{transport_config, NodeIdentity, TlsError};
+
+/// Largest RPC message accepted, either way: a snapshot chunk plus JSON.
+pub const MESSAGE_BYTES_MAX: usize = 64 << 20;
+/// UDP socket buffers of the cluster endpoint. The kernel default (about
+/// 208 KiB) drops packets under load.
+pub const UDP_BUFFER_BYTES: usize = 4 << 20;
+
+const KIND_APPEND_ENTRIES: u8 = 1;
+const KIND_VOTE: u8 = 2;
+const KIND_INSTALL_SNAPSHOT: u8 = 3;
+
+/// Errors setting up the endpoint.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot bind the cluster endpoint on {address}: {source}")]
+    Bind {
+        address: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Binds the node's QUIC endpoint: it accepts only peers with a certificate
+/// from the cluster CA and uses this node's certificate for outgoing calls.
+pub fn bind(
+    address: SocketAddr,
+    identity: &NodeIdentity,
+) -> Result<quinn::Endpoint, TransportError> {
+    let bind_error = |source| TransportError::Bind { address, source };
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(address),
+        socket2::Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )
+    .map_err(bind_error)?;
+    socket
+        .set_recv_buffer_size(UDP_BUFFER_BYTES)
+        .map_err(bind_error)?;
+    socket
+        .set_send_buffer_size(UDP_BUFFER_BYTES)
+        .map_err(bind_error)?;
+    socket.bind(&address.into()).map_err(bind_error)?;
+    let transport = transport_config();
+    let mut endpoint = quinn::Endpoint::new(
+        quinn::EndpointConfig::default(),
+        Some(identity.server_config(transport.clone())?),
+        socket.into(),
+        Arc::new(quinn::TokioRuntime),
+    )
+    .map_err(bind_error)?;
+    endpoint.set_default_client_config(identity.client_config(transport)?);
+    Ok(endpoint)
+}
+
+/// Answers Raft RPCs arriving on `endpoint` until it is closed.
+pub async fn serve(endpoint: quinn::Endpoint, raft: MetadataRaft) {
+    while let Some(incoming) = endpoint.accept().await {
+        let raft = raft.clone();
+        tokio::spawn(async move {
+            let remote = incoming.remote_address();
+            let connection = match incoming.await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    tracing::warn!(%remote, %error, "refused a cluster connection (no valid certificate from this cluster?)");
+                    return;
+                }
+            };
+            while let Ok((send, recv)) = connection.accept_bi().await {
+                tokio::spawn(answer(send, recv, raft.clone(), remote));
+            }
+        });
+    }
+}
+
+async fn answer(
+    mut send: quinn::SendStream,
+    mut recv: quinn::RecvStream,
+    raft: MetadataRaft,
+    remote: SocketAddr,
+) {
+    let request = match recv.read_to_end(MESSAGE_BYTES_MAX).await {
+        Ok(request) => request,
+        Err(error) => {
+            tracing::warn!(%remote, %error, "dropped a cluster request that could not be read");
+            return;
+        }
+    };
+    let Some((&kind, body)) = request.split_first() else {
+        tracing::warn!(%remote, "dropped an empty cluster request");
+        return;
+    };
+    let response = match kind {
+        KIND_APPEND_ENTRIES => dispatch(body, |r| raft.append_entries(r)).await,
+        KIND_VOTE => dispatch(body, |r| raft.vote(r)).await,
+        KIND_INSTALL_SNAPSHOT => dispatch(body, |r| raft.install_snapshot(r)).await,
+        other => Err(format!("unknown request kind {other}")),
+    };
+    match response {
+        Ok(bytes) => {
+            if send.write_all(&bytes).await.is_ok() {
+                let _ = send.finish();
+            }
+        }
+        Err(reason) => {
+            tracing::warn!(%remote, %reason, "refused a malformed cluster request");
+            let _ = send.reset(1u32.into());
+        }
+    }
+}
+
+async fn dispatch<Req, Resp, F, Fut>(body: &[u8], handler: F) -> Result<Vec<u8>, String>
+where
+    Req: DeserializeOwned,
+    Resp: Serialize,
+    F: FnOnce(Req) -> Fut,
+    Fut: std::future::Future<Output = Resp>,
+{
+    let request: Req =
+        serde_json::from_slice(body).map_err(|e| format!("undecodable request: {e}"))?;
+    let response = handler(request).await;
+    serde_json::to_vec(&response).map_err(|e| format!("cannot encode the response: {e}"))
+}
+
+/// Outgoing RPCs of one node.
+#[derive(Debug, Clone)]
+pub struct QuicNetwork {
+    endpoint: quinn::Endpoint,
+    connections: Arc<Mutex<HashMap<NodeId, quinn::Connection>>>,
+}
+
+impl QuicNetwork {
+    /// RPCs go out through `endpoint` (see [`bind`]).
+    pub fn new(endpoint: quinn::Endpoint) -> QuicNetwork {
+        QuicNetwork {
+            endpoint,
+            connections: Arc::default(),
+        }
+    }
+}
+
+/// This node's link to one member.
+#[derive(Debug, Clone)]
+pub struct QuicConnection {
+    network: QuicNetwork,
+    target: NodeId,
+    member: Member,
+}
+
+impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
+    type Network = QuicConnection;
+
+    async fn new_client(&mut self, target: NodeId, member: &Member) -> QuicConnection {
+        QuicConnection {
+            network: self.clone(),
+            target,
+            member: member.clone(),
+        }
+    }
+}
+
+type RpcError<E> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
+
+impl QuicConnection {
+    async fn connection<E: std::error::Error>(&self) -> Result<quinn::Connection, RpcError<E>> {
+        let cached = self
+            .network
+            .connections
+            .lock()
+            .expect("connection cache poisoned")
+            .get(&self.target)
+            .cloned();
+        if let Some(connection) = cached {
+            if connection.close_reason().is_none() {
+                return Ok(connection);
+            }
+        }
+        let unreachable = |e: &dyn std::fmt::Display| {
+            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+                "node {} at {}: {e}",
+                self.target, self.member.address
+            ))))
+        };
+        let address: SocketAddr = self.member.address.parse().map_err(|e| unreachable(&e))?;
+        let connecting = self
+            .network
+            .endpoint
+            .connect(address, &self.member.name)
+            .map_err(|e| unreachable(&e))?;
+        let connection = connecting.await.map_err(|e| unreachable(&e))?;
+        self.network
+            .connections
+            .lock()
+            .expect("connection cache poisoned")
+            .insert(self.target, connection.clone());
+        Ok(connection)
+    }
+
+    async fn call<Req, Resp, E>(&self, kind: u8, request: &Req) -> Result<Resp, RpcError<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let network_error = |e: &dyn std::fmt::Display| {
+            RPCError::Network(NetworkError::new(&std::io::Error::other(e.to_string())))
+        };
+        let connection = self.connection().await?;
+        let (mut send, mut recv) = match connection.open_bi().await {
+            Ok(streams) => streams,
+            Err(error) => {
+                self.network
+                    .connections
+                    .lock()
+                    .expect("connection cache poisoned")
+                    .remove(&self.target);
+                return Err(network_error(&error));
+            }
+        };
+        let mut message = vec![kind];
+        serde_json::to_writer(&mut message, request).map_err(|e| network_error(&e))?;
+        send.write_all(&message)
+            .await
+            .map_err(|e| network_error(&e))?;
+        send.finish().map_err(|e| network_error(&e))?;
+        let reply = recv
+            .read_to_end(MESSAGE_BYTES_MAX)
+            .await
+            .map_err(|e| network_error(&e))?;
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            serde_json::from_slice(&reply).map_err(|e| network_error(&e))?;
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(
+                self.target,
+                self.member.clone(),
+                e,
+            ))
+        })
+    }
+}
+
+impl RaftNetwork<TypeConfig> for QuicConnection {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RpcError<openraft::error::Infallible>> {
+        self.call(KIND_APPEND_ENTRIES, &rpc).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        _option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RpcError<InstallSnapshotError>> {
+        self.call(KIND_INSTALL_SNAPSHOT, &rpc).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        _option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RpcError<openraft::error::Infallible>> {
+        self.call(KIND_VOTE, &rpc).await
+    }
+}
