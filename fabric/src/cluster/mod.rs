@@ -9,11 +9,14 @@
 //!   injection (partitions, crashed nodes), for tests and simulation.
 //! - [`tls`]: the cluster CA and node certificates (mutual TLS 1.3).
 //! - [`transport`]: Raft RPCs over QUIC, one stream per RPC.
+//! - `simulation` (tests): seeded fault schedules against the group.
 
 pub mod local_network;
 pub mod metadata;
 pub mod placement;
 pub mod raft;
+#[cfg(test)]
+pub mod simulation;
 pub mod tls;
 pub mod transport;
 
