@@ -3,6 +3,8 @@
 //! - [`metadata`]: the typed metadata and the one function that applies
 //!   committed commands to it. Pure: no I/O, no clock.
 //! - [`placement`]: which nodes hold a volume's replicas. Pure.
+//! - [`health`]: up, suspect, down from heartbeat times. Pure.
+//! - [`resources`]: what this node offers the pool.
 //! - [`raft`]: the openraft group that agrees on the metadata, with its
 //!   log, vote and snapshots in RocksDB.
 //! - [`local_network`]: an in-process network between members with fault
@@ -11,10 +13,12 @@
 //! - [`transport`]: Raft RPCs over QUIC, one stream per RPC.
 //! - `simulation` (tests): seeded fault schedules against the group.
 
+pub mod health;
 pub mod local_network;
 pub mod metadata;
 pub mod placement;
 pub mod raft;
+pub mod resources;
 #[cfg(test)]
 pub mod simulation;
 pub mod tls;
