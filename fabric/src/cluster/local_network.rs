@@ -18,7 +18,22 @@ use openraft::raft::{
 };
 
 use super::metadata::NodeId;
-use super::raft::{Member, MetadataRaft, TypeConfig};
+use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine, TypeConfig};
+
+/// A member running on the in-process network.
+#[derive(Clone)]
+pub struct LocalMember {
+    pub raft: MetadataRaft,
+    pub machine: StateMachine,
+}
+
+impl std::fmt::Debug for LocalMember {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalMember")
+            .field("last_applied", &self.machine.last_applied())
+            .finish_non_exhaustive()
+    }
+}
 
 #[derive(Default)]
 struct RouterState {
@@ -63,6 +78,38 @@ impl Router {
     /// Takes a member off the network (it crashed or was stopped).
     pub fn remove(&self, id: NodeId) -> Option<MetadataRaft> {
         self.state().nodes.remove(&id)
+    }
+
+    /// Starts member `id` with its storage in `path` (reopening what is
+    /// there) and puts it on the network.
+    pub async fn start_member(
+        &self,
+        id: NodeId,
+        config: std::sync::Arc<openraft::Config>,
+        path: &std::path::Path,
+    ) -> Result<LocalMember, String> {
+        let db = open_db(path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        let machine = StateMachine::open(db.clone()).map_err(|e| e.to_string())?;
+        let raft = MetadataRaft::new(
+            id,
+            config,
+            LocalNetwork::new(self.clone(), id),
+            LogStore::new(db),
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.add(id, raft.clone());
+        Ok(LocalMember { raft, machine })
+    }
+
+    /// Takes member `id` off the network and stops it, as a crash would:
+    /// it says nothing to the others.
+    pub async fn stop_member(&self, id: NodeId, member: LocalMember) {
+        self.remove(id);
+        if let Err(error) = member.raft.shutdown().await {
+            tracing::warn!(id, %error, "member did not shut down cleanly");
+        }
     }
 
     /// Splits the network: nodes in `side` reach only each other.

@@ -22,9 +22,9 @@ use std::time::Duration;
 
 use openraft::{Config, ServerState};
 
-use super::local_network::{LocalNetwork, Router};
+use super::local_network::{LocalMember, Router};
 use super::metadata::{Command, NodeId, NodeRecord, Resources, Response, VolumeMeta};
-use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
+use super::raft::Member;
 
 /// A small, seedable generator (SplitMix64): the simulation's only source
 /// of randomness.
@@ -50,17 +50,12 @@ impl SimRng {
     }
 }
 
-struct SimNode {
-    raft: MetadataRaft,
-    machine: StateMachine,
-}
-
 struct Sim {
     rng: SimRng,
     router: Router,
     config: Arc<Config>,
     paths: BTreeMap<NodeId, PathBuf>,
-    running: BTreeMap<NodeId, SimNode>,
+    running: BTreeMap<NodeId, LocalMember>,
     size: u64,
     acknowledged: BTreeSet<String>,
     log: Vec<String>,
@@ -75,25 +70,17 @@ fn member(id: NodeId) -> Member {
 
 impl Sim {
     async fn boot(&mut self, id: NodeId) {
-        let db = open_db(&self.paths[&id]).expect("open cluster db");
-        let machine = StateMachine::open(db.clone()).expect("state machine");
-        let raft = MetadataRaft::new(
-            id,
-            self.config.clone(),
-            LocalNetwork::new(self.router.clone(), id),
-            LogStore::new(db),
-            machine.clone(),
-        )
-        .await
-        .expect("raft starts");
-        self.router.add(id, raft.clone());
-        self.running.insert(id, SimNode { raft, machine });
+        let member = self
+            .router
+            .start_member(id, self.config.clone(), &self.paths[&id])
+            .await
+            .expect("member starts");
+        self.running.insert(id, member);
     }
 
     async fn crash(&mut self, id: NodeId) {
-        self.router.remove(id);
-        if let Some(node) = self.running.remove(&id) {
-            node.raft.shutdown().await.expect("shutdown");
+        if let Some(member) = self.running.remove(&id) {
+            self.router.stop_member(id, member).await;
         }
     }
 
@@ -187,7 +174,7 @@ impl Sim {
             self.boot(id).await;
         }
         // A write by the current leader commits everything before it.
-        let mut done = false;
+        let mut committed = None;
         for _ in 0..200 {
             if let Some(leader) = self.leader() {
                 let node = NodeRecord {
@@ -202,25 +189,24 @@ impl Sim {
                     Duration::from_secs(3),
                     raft.client_write(Command::AddNode { node }),
                 );
-                if let Ok(Ok(_)) = write.await {
-                    done = true;
+                if let Ok(Ok(written)) = write.await {
+                    committed = Some((leader, written.log_id));
                     break;
                 }
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        assert!(
-            done,
-            "seed {seed}: no leader could commit after healing; steps: {:?}",
-            self.log
-        );
-        let leader = self.leader().expect("a leader");
-        let target = self.running[&leader].machine.last_applied();
+        let Some((leader, target)) = committed else {
+            panic!(
+                "seed {seed}: no leader could commit after healing; steps: {:?}",
+                self.log
+            );
+        };
         for _ in 0..600 {
             if self
                 .running
                 .values()
-                .all(|node| node.machine.last_applied() >= target)
+                .all(|node| node.machine.last_applied() >= Some(target))
             {
                 break;
             }
@@ -228,10 +214,15 @@ impl Sim {
         }
         let reference = self.running[&leader].machine.metadata();
         for (id, node) in &self.running {
+            assert!(
+                node.machine.last_applied() >= Some(target),
+                "seed {seed}: node {id} never applied the final write; steps: {:?}",
+                self.log
+            );
             let metadata = node.machine.metadata();
             assert_eq!(
                 metadata, reference,
-                "seed {seed}: node {id} disagrees with leader {leader}; steps: {:?}",
+                "seed {seed}: node {id} disagrees with node {leader}; steps: {:?}",
                 self.log
             );
             for name in &self.acknowledged {

@@ -7,22 +7,17 @@ use std::time::Duration;
 
 use openraft::{Config, ServerState};
 
-use super::local_network::{LocalNetwork, Router};
+use super::local_network::{LocalMember, Router};
 use super::metadata::{Command, NodeId, NodeRecord, Resources, Response};
 use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-struct Running {
-    raft: MetadataRaft,
-    machine: StateMachine,
-}
-
 struct Cluster {
     _dirs: BTreeMap<NodeId, tempfile::TempDir>,
     paths: BTreeMap<NodeId, std::path::PathBuf>,
     router: Router,
-    members: BTreeMap<NodeId, Running>,
+    members: BTreeMap<NodeId, LocalMember>,
     config: Arc<Config>,
 }
 
@@ -74,25 +69,17 @@ impl Cluster {
     }
 
     async fn boot(&mut self, id: NodeId) {
-        let db = open_db(&self.paths[&id]).expect("open cluster db");
-        let machine = StateMachine::open(db.clone()).expect("state machine");
-        let raft = MetadataRaft::new(
-            id,
-            self.config.clone(),
-            LocalNetwork::new(self.router.clone(), id),
-            LogStore::new(db),
-            machine.clone(),
-        )
-        .await
-        .expect("raft starts");
-        self.router.add(id, raft.clone());
-        self.members.insert(id, Running { raft, machine });
+        let member = self
+            .router
+            .start_member(id, self.config.clone(), &self.paths[&id])
+            .await
+            .expect("member starts");
+        self.members.insert(id, member);
     }
 
     async fn crash(&mut self, id: NodeId) {
-        self.router.remove(id);
         if let Some(member) = self.members.remove(&id) {
-            member.raft.shutdown().await.expect("shutdown");
+            self.router.stop_member(id, member).await;
         }
     }
 
