@@ -11,6 +11,8 @@
 //!   injection (partitions, crashed nodes), for tests and simulation.
 //! - [`tls`]: the cluster CA and node certificates (mutual TLS 1.3).
 //! - [`transport`]: Raft RPCs over QUIC, one stream per RPC.
+//! - [`runtime`]: this node's running membership: init, resume, writes
+//!   forwarded to the leader, heartbeats, node list.
 //! - `simulation` (tests): seeded fault schedules against the group.
 
 pub mod health;
@@ -19,6 +21,7 @@ pub mod metadata;
 pub mod placement;
 pub mod raft;
 pub mod resources;
+pub mod runtime;
 #[cfg(test)]
 pub mod simulation;
 pub mod tls;

@@ -308,7 +308,12 @@ async fn three_members_over_quic_with_mutual_tls() {
         )
         .await
         .expect("raft");
-        tokio::spawn(serve(endpoint.clone(), raft.clone()));
+        let handler = super::transport::Handler {
+            raft: raft.clone(),
+            health: Arc::default(),
+            origin: std::time::Instant::now(),
+        };
+        tokio::spawn(serve(endpoint.clone(), handler));
         nodes.insert(id, (raft, machine));
         dirs.push(dir);
     }

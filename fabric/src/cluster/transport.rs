@@ -23,9 +23,10 @@ use openraft::raft::{
     VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
-use super::metadata::NodeId;
+use super::health::Health;
+use super::metadata::{Command, NodeId};
 use super::raft::{Member, MetadataRaft, TypeConfig};
 use super::tls::{transport_config, NodeIdentity, TlsError};
 
@@ -38,6 +39,10 @@ pub const UDP_BUFFER_BYTES: usize = 4 << 20;
 const KIND_APPEND_ENTRIES: u8 = 1;
 const KIND_VOTE: u8 = 2;
 const KIND_INSTALL_SNAPSHOT: u8 = 3;
+/// A heartbeat; see [`Heartbeat`].
+pub const KIND_HEARTBEAT: u8 = 4;
+/// A metadata command for the leader to commit, from a follower.
+pub const KIND_CLIENT_WRITE: u8 = 5;
 
 /// Errors setting up the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -84,10 +89,32 @@ pub fn bind(
     Ok(endpoint)
 }
 
-/// Answers Raft RPCs arriving on `endpoint` until it is closed.
-pub async fn serve(endpoint: quinn::Endpoint, raft: MetadataRaft) {
+/// What answers incoming requests: the Raft group, and the node's view of
+/// its peers' health.
+#[derive(Clone)]
+pub struct Handler {
+    pub raft: MetadataRaft,
+    pub health: Arc<Mutex<Health>>,
+    /// Origin of the health clock.
+    pub origin: std::time::Instant,
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handler").finish_non_exhaustive()
+    }
+}
+
+/// A heartbeat: "I am alive".
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct Heartbeat {
+    pub from: NodeId,
+}
+
+/// Answers requests arriving on `endpoint` until it is closed.
+pub async fn serve(endpoint: quinn::Endpoint, handler: Handler) {
     while let Some(incoming) = endpoint.accept().await {
-        let raft = raft.clone();
+        let handler = handler.clone();
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -98,7 +125,7 @@ pub async fn serve(endpoint: quinn::Endpoint, raft: MetadataRaft) {
                 }
             };
             while let Ok((send, recv)) = connection.accept_bi().await {
-                tokio::spawn(answer(send, recv, raft.clone(), remote));
+                tokio::spawn(answer(send, recv, handler.clone(), remote));
             }
         });
     }
@@ -107,7 +134,7 @@ pub async fn serve(endpoint: quinn::Endpoint, raft: MetadataRaft) {
 async fn answer(
     mut send: quinn::SendStream,
     mut recv: quinn::RecvStream,
-    raft: MetadataRaft,
+    handler: Handler,
     remote: SocketAddr,
 ) {
     let request = match recv.read_to_end(MESSAGE_BYTES_MAX).await {
@@ -121,10 +148,31 @@ async fn answer(
         tracing::warn!(%remote, "dropped an empty cluster request");
         return;
     };
+    let raft = &handler.raft;
     let response = match kind {
         KIND_APPEND_ENTRIES => dispatch(body, |r| raft.append_entries(r)).await,
         KIND_VOTE => dispatch(body, |r| raft.vote(r)).await,
         KIND_INSTALL_SNAPSHOT => dispatch(body, |r| raft.install_snapshot(r)).await,
+        KIND_HEARTBEAT => {
+            let health = &handler.health;
+            let origin = handler.origin;
+            dispatch(body, |beat: Heartbeat| async move {
+                health
+                    .lock()
+                    .expect("health lock poisoned")
+                    .heard(beat.from, origin.elapsed());
+            })
+            .await
+        }
+        KIND_CLIENT_WRITE => {
+            dispatch(body, |command: Command| async move {
+                raft.client_write(command)
+                    .await
+                    .map(|written| written.data)
+                    .map_err(|e| e.to_string())
+            })
+            .await
+        }
         other => Err(format!("unknown request kind {other}")),
     };
     match response {
@@ -166,6 +214,18 @@ impl QuicNetwork {
         QuicNetwork {
             endpoint,
             connections: Arc::default(),
+        }
+    }
+}
+
+impl QuicConnection {
+    /// A link to `member` that is not (yet) part of Raft's own connections,
+    /// e.g. for heartbeats and forwarded writes.
+    pub fn to(network: &QuicNetwork, target: NodeId, member: Member) -> QuicConnection {
+        QuicConnection {
+            network: network.clone(),
+            target,
+            member,
         }
     }
 }
@@ -227,16 +287,17 @@ impl QuicConnection {
         Ok(connection)
     }
 
-    async fn call<Req, Resp, E>(&self, kind: u8, request: &Req) -> Result<Resp, RpcError<E>>
+    /// Sends one request of `kind` and decodes the reply.
+    pub async fn request<Req, Resp>(&self, kind: u8, request: &Req) -> Result<Resp, CallError>
     where
         Req: Serialize,
         Resp: DeserializeOwned,
-        E: std::error::Error + DeserializeOwned,
     {
-        let network_error = |e: &dyn std::fmt::Display| {
-            RPCError::Network(NetworkError::new(&std::io::Error::other(e.to_string())))
-        };
-        let connection = self.connection().await?;
+        let connection = self
+            .connection::<openraft::error::Infallible>()
+            .await
+            .map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let failed = |e: &dyn std::fmt::Display| CallError::Failed(e.to_string());
         let (mut send, mut recv) = match connection.open_bi().await {
             Ok(streams) => streams,
             Err(error) => {
@@ -245,21 +306,37 @@ impl QuicConnection {
                     .lock()
                     .expect("connection cache poisoned")
                     .remove(&self.target);
-                return Err(network_error(&error));
+                return Err(failed(&error));
             }
         };
         let mut message = vec![kind];
-        serde_json::to_writer(&mut message, request).map_err(|e| network_error(&e))?;
-        send.write_all(&message)
-            .await
-            .map_err(|e| network_error(&e))?;
-        send.finish().map_err(|e| network_error(&e))?;
+        serde_json::to_writer(&mut message, request).map_err(|e| failed(&e))?;
+        send.write_all(&message).await.map_err(|e| failed(&e))?;
+        send.finish().map_err(|e| failed(&e))?;
         let reply = recv
             .read_to_end(MESSAGE_BYTES_MAX)
             .await
-            .map_err(|e| network_error(&e))?;
-        let result: Result<Resp, RaftError<NodeId, E>> =
-            serde_json::from_slice(&reply).map_err(|e| network_error(&e))?;
+            .map_err(|e| failed(&e))?;
+        serde_json::from_slice(&reply).map_err(|e| failed(&e))
+    }
+
+    async fn call<Req, Resp, E>(&self, kind: u8, request: &Req) -> Result<Resp, RpcError<E>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result: Result<Resp, RaftError<NodeId, E>> = self
+            .request(kind, request)
+            .await
+            .map_err(|error| match error {
+                CallError::Unreachable(reason) => {
+                    RPCError::Unreachable(Unreachable::new(&std::io::Error::other(reason)))
+                }
+                CallError::Failed(reason) => {
+                    RPCError::Network(NetworkError::new(&std::io::Error::other(reason)))
+                }
+            })?;
         result.map_err(|e| {
             RPCError::RemoteError(RemoteError::new_with_node(
                 self.target,
@@ -268,6 +345,15 @@ impl QuicConnection {
             ))
         })
     }
+}
+
+/// Why a request to a peer failed.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum CallError {
+    #[error("peer unreachable: {0}")]
+    Unreachable(String),
+    #[error("request failed: {0}")]
+    Failed(String),
 }
 
 impl RaftNetwork<TypeConfig> for QuicConnection {

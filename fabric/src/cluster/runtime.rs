@@ -1,0 +1,491 @@
+//! A node's membership in the cluster, running: the Raft group over QUIC,
+//! heartbeats, resource reports, and writes forwarded to the leader.
+//!
+//! Files, under `DATA_DIR/cluster/`:
+//!
+//! | path        | what |
+//! |-------------|------|
+//! | `node.json` | this node's id, name and advertised address |
+//! | `tls/`      | `ca.pem`, `node.pem`, `node.key` (0600) |
+//! | `ca/`       | `ca.pem`, `ca.key`: only on the node that created the cluster |
+//! | `db/`       | RocksDB: Raft log, vote, snapshots |
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use openraft::error::{ClientWriteError, RaftError};
+use serde::{Deserialize, Serialize};
+
+use super::health::{Health, HealthTimings};
+use super::metadata::{Command, Metadata, NodeId, NodeRecord, NodeState, Response};
+use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
+use super::resources::local_resources;
+use super::tls::{ClusterCa, NodeIdentity, TlsError};
+use super::transport::{
+    bind, serve, Handler, Heartbeat, QuicConnection, QuicNetwork, KIND_CLIENT_WRITE, KIND_HEARTBEAT,
+};
+
+/// How this node takes part in a cluster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterSettings {
+    /// This node's name (unique in the cluster; in its certificate).
+    pub node_name: String,
+    /// Where the cluster endpoint listens (UDP).
+    pub listen: SocketAddr,
+    /// Where other nodes reach it; the listen address if unset.
+    pub advertise: Option<SocketAddr>,
+    /// Heartbeat and failure-detection timings.
+    pub timings: HealthTimings,
+    /// Raft heartbeat and election timeout bounds, in milliseconds.
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_min_ms: u64,
+    pub raft_election_max_ms: u64,
+}
+
+/// Errors of cluster operations.
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error("this node already belongs to a cluster (see {0}); it cannot be initialized or joined again")]
+    AlreadyMember(PathBuf),
+    #[error("the cluster address {0} is unspecified (0.0.0.0 or ::); set `advertise` to an address other nodes can reach")]
+    NoAdvertiseAddress(SocketAddr),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error(transparent)]
+    Transport(#[from] super::transport::TransportError),
+    #[error("cluster storage: {0}")]
+    Storage(String),
+    #[error("cannot {action} {path}: {source}")]
+    File {
+        action: &'static str,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the metadata change was not committed: {0}")]
+    Write(String),
+    #[error("the metadata change was rejected: {0}")]
+    Rejected(String),
+    #[error("invalid cluster settings: {0}")]
+    Settings(String),
+}
+
+/// What `node.json` holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+struct NodeFile {
+    node_id: NodeId,
+    name: String,
+    address: SocketAddr,
+}
+
+/// A node's row in `fabctl node list`.
+#[derive(Debug, Clone, Serialize)]
+pub struct NodeView {
+    #[serde(flatten)]
+    pub record: NodeRecord,
+    pub state: NodeState,
+    pub voter: bool,
+    pub leader: bool,
+}
+
+/// The cluster as this node sees it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClusterStatus {
+    pub node_id: NodeId,
+    pub node_name: String,
+    pub leader: Option<NodeId>,
+    pub term: u64,
+    pub role: String,
+    pub last_applied: Option<u64>,
+    pub voters: Vec<NodeId>,
+    pub learners: Vec<NodeId>,
+}
+
+/// The running cluster membership of this node.
+pub struct ClusterRuntime {
+    id: NodeId,
+    name: String,
+    raft: MetadataRaft,
+    machine: StateMachine,
+    network: QuicNetwork,
+    endpoint: quinn::Endpoint,
+    health: Arc<Mutex<Health>>,
+    origin: Instant,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for ClusterRuntime {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterRuntime")
+            .field("id", &self.id)
+            .field("name", &self.name)
+            .finish_non_exhaustive()
+    }
+}
+
+fn cluster_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("cluster")
+}
+
+fn file_error(action: &'static str, path: &Path, source: std::io::Error) -> ClusterError {
+    ClusterError::File {
+        action,
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn advertised(settings: &ClusterSettings) -> Result<SocketAddr, ClusterError> {
+    let address = settings.advertise.unwrap_or(settings.listen);
+    if address.ip().is_unspecified() {
+        return Err(ClusterError::NoAdvertiseAddress(address));
+    }
+    Ok(address)
+}
+
+impl ClusterRuntime {
+    /// Resumes this node's membership if it has one (after a restart).
+    pub async fn resume(
+        data_dir: &Path,
+        settings: &ClusterSettings,
+    ) -> Result<Option<ClusterRuntime>, ClusterError> {
+        let path = cluster_dir(data_dir).join("node.json");
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(file_error("read", &path, e)),
+        };
+        let node: NodeFile = serde_json::from_str(&text)
+            .map_err(|e| ClusterError::Storage(format!("{} is not valid: {e}", path.display())))?;
+        let identity = NodeIdentity::load(&cluster_dir(data_dir).join("tls"))?;
+        Ok(Some(
+            ClusterRuntime::start(data_dir, settings, &node, &identity).await?,
+        ))
+    }
+
+    /// Creates a new cluster with this node as its only member (node 1).
+    pub async fn init(
+        data_dir: &Path,
+        settings: &ClusterSettings,
+    ) -> Result<ClusterRuntime, ClusterError> {
+        let dir = cluster_dir(data_dir);
+        let node_path = dir.join("node.json");
+        if node_path.exists() {
+            return Err(ClusterError::AlreadyMember(node_path));
+        }
+        settings
+            .timings
+            .validate()
+            .map_err(ClusterError::Settings)?;
+        let address = advertised(settings)?;
+        for sub in ["tls", "ca"] {
+            let path = dir.join(sub);
+            std::fs::create_dir_all(&path).map_err(|e| file_error("create", &path, e))?;
+        }
+        let ca = ClusterCa::generate(&settings.node_name)?;
+        ca.save(&dir.join("ca"))?;
+        let identity = ca.issue(&settings.node_name, &[address.ip()])?;
+        identity.save(&dir.join("tls"))?;
+        let node = NodeFile {
+            node_id: 1,
+            name: settings.node_name.clone(),
+            address,
+        };
+        let runtime = ClusterRuntime::start(data_dir, settings, &node, &identity).await?;
+        let members = BTreeMap::from([(
+            1,
+            Member {
+                name: node.name.clone(),
+                address: address.to_string(),
+            },
+        )]);
+        runtime
+            .raft
+            .initialize(members)
+            .await
+            .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        // node.json last: a crash before this point leaves no half-member.
+        let text = serde_json::to_string_pretty(&node).expect("node file serializes");
+        std::fs::write(&node_path, text).map_err(|e| file_error("write", &node_path, e))?;
+        let record = NodeRecord {
+            id: 1,
+            name: node.name.clone(),
+            cluster_address: address.to_string(),
+            resources: local_resources(data_dir),
+            joined_unix: now_unix(),
+        };
+        runtime
+            .write_with_retry(Command::AddNode { node: record })
+            .await?;
+        Ok(runtime)
+    }
+
+    async fn start(
+        data_dir: &Path,
+        settings: &ClusterSettings,
+        node: &NodeFile,
+        identity: &NodeIdentity,
+    ) -> Result<ClusterRuntime, ClusterError> {
+        let config = openraft::Config {
+            cluster_name: "fabric".into(),
+            heartbeat_interval: settings.raft_heartbeat_ms,
+            election_timeout_min: settings.raft_election_min_ms,
+            election_timeout_max: settings.raft_election_max_ms,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(1000),
+            ..openraft::Config::default()
+        };
+        let config = Arc::new(
+            config
+                .validate()
+                .map_err(|e| ClusterError::Settings(e.to_string()))?,
+        );
+        let endpoint = bind(settings.listen, identity)?;
+        let db_path = cluster_dir(data_dir).join("db");
+        let db = open_db(&db_path)
+            .map_err(|e| ClusterError::Storage(format!("{}: {e}", db_path.display())))?;
+        let machine =
+            StateMachine::open(db.clone()).map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let network = QuicNetwork::new(endpoint.clone());
+        let raft = MetadataRaft::new(
+            node.node_id,
+            config,
+            network.clone(),
+            LogStore::new(db),
+            machine.clone(),
+        )
+        .await
+        .map_err(|e| ClusterError::Storage(e.to_string()))?;
+        let health = Arc::new(Mutex::new(Health::new(settings.timings)));
+        let origin = Instant::now();
+        let handler = Handler {
+            raft: raft.clone(),
+            health: health.clone(),
+            origin,
+        };
+        let mut runtime = ClusterRuntime {
+            id: node.node_id,
+            name: node.name.clone(),
+            raft,
+            machine,
+            network,
+            endpoint: endpoint.clone(),
+            health,
+            origin,
+            tasks: Vec::new(),
+        };
+        runtime.tasks.push(tokio::spawn(serve(endpoint, handler)));
+        runtime.tasks.push(tokio::spawn(heartbeats(
+            node.node_id,
+            runtime.machine.clone(),
+            runtime.network.clone(),
+            settings.timings.heartbeat,
+        )));
+        tracing::info!(node = node.node_id, name = %node.name, address = %node.address, "cluster member started");
+        Ok(runtime)
+    }
+
+    /// This node's id.
+    pub fn id(&self) -> NodeId {
+        self.id
+    }
+
+    /// The metadata as applied here (a follower may lag the leader).
+    pub fn metadata(&self) -> Metadata {
+        self.machine.metadata()
+    }
+
+    /// Commits a metadata change, forwarding it to the leader if this
+    /// node is not the leader.
+    pub async fn write(&self, command: Command) -> Result<Response, ClusterError> {
+        match self.raft.client_write(command.clone()).await {
+            Ok(written) => Ok(written.data),
+            Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
+                let (Some(leader), Some(member)) = (forward.leader_id, forward.leader_node) else {
+                    return Err(ClusterError::Write(
+                        "no leader is elected right now; retry shortly".into(),
+                    ));
+                };
+                let link = QuicConnection::to(&self.network, leader, member);
+                let reply: Result<Response, String> = link
+                    .request(KIND_CLIENT_WRITE, &command)
+                    .await
+                    .map_err(|e| ClusterError::Write(e.to_string()))?;
+                reply.map_err(ClusterError::Write)
+            }
+            Err(error) => Err(ClusterError::Write(error.to_string())),
+        }
+    }
+
+    async fn write_with_retry(&self, command: Command) -> Result<(), ClusterError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.write(command.clone()).await {
+                Ok(Response::Applied) => return Ok(()),
+                Ok(Response::Rejected { reason }) => return Err(ClusterError::Rejected(reason)),
+                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    /// The nodes with their health as seen from here.
+    pub fn nodes(&self) -> Vec<NodeView> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        let voters: Vec<NodeId> = membership.voter_ids().collect();
+        let now = self.origin.elapsed();
+        let health = self.health.lock().expect("health lock poisoned");
+        self.machine
+            .metadata()
+            .nodes
+            .into_values()
+            .map(|record| {
+                let state = if record.id == self.id {
+                    NodeState::Up
+                } else {
+                    health.state(record.id, now)
+                };
+                NodeView {
+                    voter: voters.contains(&record.id),
+                    leader: metrics.current_leader == Some(record.id),
+                    state,
+                    record,
+                }
+            })
+            .collect()
+    }
+
+    /// Raft's view: leader, term, role, membership.
+    pub fn status(&self) -> ClusterStatus {
+        let metrics = self.raft.metrics().borrow().clone();
+        let membership = metrics.membership_config.membership().clone();
+        ClusterStatus {
+            node_id: self.id,
+            node_name: self.name.clone(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            role: format!("{:?}", metrics.state).to_lowercase(),
+            last_applied: metrics.last_applied.map(|log_id| log_id.index),
+            voters: membership.voter_ids().collect(),
+            learners: membership.learner_ids().collect(),
+        }
+    }
+
+    /// Stops Raft and the endpoint.
+    pub async fn shutdown(self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+        if let Err(error) = self.raft.shutdown().await {
+            tracing::warn!(%error, "raft did not stop cleanly");
+        }
+        self.endpoint.close(0u32.into(), b"shutdown");
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Sends a heartbeat to every other member, every `interval`.
+async fn heartbeats(id: NodeId, machine: StateMachine, network: QuicNetwork, interval: Duration) {
+    let mut ticker = tokio::time::interval(interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        for node in machine
+            .metadata()
+            .nodes
+            .into_values()
+            .filter(|node| node.id != id)
+        {
+            let link = QuicConnection::to(
+                &network,
+                node.id,
+                Member {
+                    name: node.name.clone(),
+                    address: node.cluster_address.clone(),
+                },
+            );
+            tokio::spawn(async move {
+                let sent: Result<(), _> =
+                    link.request(KIND_HEARTBEAT, &Heartbeat { from: id }).await;
+                if let Err(error) = sent {
+                    tracing::debug!(to = node.id, %error, "heartbeat not delivered");
+                }
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn settings(name: &str) -> ClusterSettings {
+        ClusterSettings {
+            node_name: name.into(),
+            listen: "127.0.0.1:0".parse().expect("address"),
+            advertise: None,
+            timings: HealthTimings::default(),
+            raft_heartbeat_ms: 100,
+            raft_election_min_ms: 500,
+            raft_election_max_ms: 1000,
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn init_then_resume_from_disk() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // Port 0 is fine for a single node: only other nodes use the port.
+        let runtime = ClusterRuntime::init(dir.path(), &settings("alpha"))
+            .await
+            .expect("init");
+        let nodes = runtime.nodes();
+        assert_eq!(nodes.len(), 1);
+        assert_eq!(nodes[0].record.name, "alpha");
+        assert_eq!(nodes[0].state, NodeState::Up);
+        assert!(nodes[0].record.resources.cpu_cores >= 1);
+        assert!(nodes[0].voter && nodes[0].leader);
+        let again = ClusterRuntime::init(dir.path(), &settings("alpha")).await;
+        assert!(
+            matches!(again, Err(ClusterError::AlreadyMember(_))),
+            "{again:?}"
+        );
+        runtime.shutdown().await;
+
+        let resumed = ClusterRuntime::resume(dir.path(), &settings("alpha"))
+            .await
+            .expect("resume")
+            .expect("member");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while resumed.status().leader != Some(1) {
+            assert!(
+                Instant::now() < deadline,
+                "the single node did not lead again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(resumed.metadata().nodes.len(), 1);
+        resumed.shutdown().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unspecified_address_is_refused() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let wildcard = ClusterSettings {
+            listen: "0.0.0.0:0".parse().expect("address"),
+            ..settings("b")
+        };
+        let error = ClusterRuntime::init(dir.path(), &wildcard)
+            .await
+            .expect_err("no advertise address");
+        assert!(error.to_string().contains("advertise"), "{error}");
+    }
+}
