@@ -44,8 +44,32 @@ enum Command {
     /// Volumes: thin, checksummed block devices.
     #[command(subcommand)]
     Volume(VolumeCommand),
+    /// The cluster this node belongs to.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// The cluster's nodes.
+    #[command(subcommand)]
+    Node(NodeCommand),
+    /// The pooled resources of the cluster, with a row per node.
+    Pool,
     /// Check that fabricd answers.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClusterCommand {
+    /// Create a cluster with this node as its first member.
+    Init,
+    /// Show leader, term and membership as this node sees them.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCommand {
+    /// List the nodes with their state (up, suspect, down).
+    List,
+    /// Show one node, by id or name.
+    Show { node: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -152,6 +176,72 @@ fn run(args: &Args) -> Result<(), CliError> {
                     value["version"].as_str().unwrap_or("?"),
                     value["status"].as_str().unwrap_or("?")
                 );
+            }
+        }
+        Command::Cluster(ClusterCommand::Init) => {
+            let value = call(&endpoint, "POST", "/v1/cluster/init", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                println!(
+                    "created a cluster; this node is node {} ({})",
+                    value["node_id"],
+                    value["node_name"].as_str().unwrap_or("?")
+                );
+            }
+        }
+        Command::Cluster(ClusterCommand::Status) => {
+            let value = call(&endpoint, "GET", "/v1/cluster", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                println!(
+                    "node:     {} ({})",
+                    value["node_id"],
+                    value["node_name"].as_str().unwrap_or("?")
+                );
+                println!("role:     {}", value["role"].as_str().unwrap_or("?"));
+                println!("leader:   {}", value["leader"]);
+                println!("term:     {}", value["term"]);
+                println!("applied:  {}", value["last_applied"]);
+                println!("voters:   {}", value["voters"]);
+                println!("learners: {}", value["learners"]);
+            }
+        }
+        Command::Node(NodeCommand::List) => {
+            let value = call(&endpoint, "GET", "/v1/nodes", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                print_node_table(&value);
+            }
+        }
+        Command::Node(NodeCommand::Show { node }) => {
+            let value = call(
+                &endpoint,
+                "GET",
+                &format!("/v1/nodes/{}", segment(node)),
+                None,
+            )?;
+            print_json(&value);
+        }
+        Command::Pool => {
+            let value = call(&endpoint, "GET", "/v1/pool", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                let t = &value["totals"];
+                println!(
+                    "pool: {} of {} nodes up, {} CPU cores, {} memory, {} disk ({} free)",
+                    t["nodes_up"],
+                    t["nodes"],
+                    t["cpu_cores"],
+                    bytes(&t["memory_bytes"]),
+                    bytes(&t["disk_bytes"]),
+                    bytes(&t["disk_free_bytes"])
+                );
+                println!();
+                print_node_table(&value["nodes"]);
             }
         }
         Command::Volume(command) => match command {
@@ -290,6 +380,50 @@ fn print_volume_table(value: &Value) {
         return;
     }
     print_table(&["NAME", "ID", "SIZE", "ALLOCATED", "STATE"], &rows);
+}
+
+fn print_node_table(value: &Value) {
+    let empty = Vec::new();
+    let rows: Vec<Vec<String>> = value
+        .as_array()
+        .unwrap_or(&empty)
+        .iter()
+        .map(|n| {
+            let role = match (n["leader"].as_bool(), n["voter"].as_bool()) {
+                (Some(true), _) => "leader",
+                (_, Some(true)) => "voter",
+                _ => "learner",
+            };
+            let r = &n["resources"];
+            vec![
+                n["id"].to_string(),
+                n["name"].as_str().unwrap_or("?").to_owned(),
+                n["cluster_address"].as_str().unwrap_or("?").to_owned(),
+                n["state"].as_str().unwrap_or("?").to_owned(),
+                role.to_owned(),
+                r["cpu_cores"].to_string(),
+                bytes(&r["memory_bytes"]),
+                format!(
+                    "{} / {}",
+                    bytes(&r["disk_free_bytes"]),
+                    bytes(&r["disk_bytes"])
+                ),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID",
+            "NAME",
+            "ADDRESS",
+            "STATE",
+            "ROLE",
+            "CPUS",
+            "MEMORY",
+            "DISK FREE / SIZE",
+        ],
+        &rows,
+    );
 }
 
 fn print_volume(v: &Value) {

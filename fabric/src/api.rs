@@ -28,6 +28,15 @@ pub struct ApiError {
 }
 
 impl ApiError {
+    /// An error with its status, stable code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: String) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message,
+        }
+    }
+
     fn bad_request(message: String) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,

@@ -48,6 +48,75 @@ pub struct Config {
     pub commit_interval_ms: u64,
     /// Log filter, in `tracing_subscriber::EnvFilter` syntax.
     pub log: String,
+    /// Cluster membership settings.
+    pub cluster: ClusterConfig,
+}
+
+/// The `[cluster]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterConfig {
+    /// This node's name in the cluster; the host name if unset.
+    pub node_name: Option<String>,
+    /// Where the cluster endpoint (QUIC, UDP) listens.
+    pub listen: SocketAddr,
+    /// Where other nodes reach this one; `listen` if unset.
+    pub advertise: Option<SocketAddr>,
+    /// Heartbeats between nodes, and when silence makes a node suspect,
+    /// then down, in milliseconds.
+    pub heartbeat_ms: u64,
+    pub suspect_after_ms: u64,
+    pub down_after_ms: u64,
+    /// Raft timings, in milliseconds.
+    pub raft_heartbeat_ms: u64,
+    pub raft_election_min_ms: u64,
+    pub raft_election_max_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            node_name: None,
+            listen: SocketAddr::from(([0, 0, 0, 0], 7450)),
+            advertise: None,
+            heartbeat_ms: 500,
+            suspect_after_ms: 3000,
+            down_after_ms: 15_000,
+            raft_heartbeat_ms: 250,
+            raft_election_min_ms: 1000,
+            raft_election_max_ms: 2000,
+        }
+    }
+}
+
+impl ClusterConfig {
+    /// The settings the cluster runtime takes.
+    pub fn settings(&self) -> crate::cluster::runtime::ClusterSettings {
+        use std::time::Duration;
+        let node_name = self.node_name.clone().unwrap_or_else(host_name);
+        crate::cluster::runtime::ClusterSettings {
+            node_name,
+            listen: self.listen,
+            advertise: self.advertise,
+            timings: crate::cluster::health::HealthTimings {
+                heartbeat: Duration::from_millis(self.heartbeat_ms),
+                suspect_after: Duration::from_millis(self.suspect_after_ms),
+                down_after: Duration::from_millis(self.down_after_ms),
+            },
+            raft_heartbeat_ms: self.raft_heartbeat_ms,
+            raft_election_min_ms: self.raft_election_min_ms,
+            raft_election_max_ms: self.raft_election_max_ms,
+        }
+    }
+}
+
+/// The machine's host name, or "fabric-node" if it cannot be read.
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .unwrap_or_else(|| "fabric-node".into())
 }
 
 impl Default for Config {
@@ -61,6 +130,7 @@ impl Default for Config {
             queues_max: 4,
             commit_interval_ms: 5000,
             log: "info".into(),
+            cluster: ClusterConfig::default(),
         }
     }
 }
@@ -98,6 +168,23 @@ impl Config {
                     "{} is longer than the {UNIX_SOCKET_PATH_BYTES_MAX} bytes a unix socket path may have",
                     self.api_socket.display()
                 ),
+            });
+        }
+        self.cluster
+            .settings()
+            .timings
+            .validate()
+            .map_err(|reason| ConfigError::Invalid {
+                key: "cluster",
+                reason,
+            })?;
+        if self.cluster.raft_election_min_ms >= self.cluster.raft_election_max_ms
+            || self.cluster.raft_heartbeat_ms >= self.cluster.raft_election_min_ms
+        {
+            return Err(ConfigError::Invalid {
+                key: "cluster",
+                reason: "need raft_heartbeat_ms < raft_election_min_ms < raft_election_max_ms"
+                    .into(),
             });
         }
         // A volume socket is socket_dir/<name>.sock with names up to 63 bytes.

@@ -13,6 +13,8 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api;
+use crate::cluster::runtime::ClusterRuntime;
+use crate::cluster_api::{self, ClusterHandle};
 use crate::config::Config;
 use crate::node::Node;
 
@@ -95,7 +97,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         tokio::task::spawn_blocking(move || Node::start(&config)).await??
     };
     let node = Arc::new(node);
-    let router = api::router(node.clone());
+    let settings = config.cluster.settings();
+    let membership = ClusterRuntime::resume(&config.data_dir, &settings).await?;
+    let cluster = Arc::new(ClusterHandle {
+        data_dir: config.data_dir.clone(),
+        settings,
+        runtime: tokio::sync::RwLock::new(membership),
+    });
+    let router = api::router(node.clone()).merge(cluster_api::router(cluster.clone()));
 
     let unix = bind_unix(&config.api_socket)?;
     let _socket_guard = RemoveOnDrop(config.api_socket.clone());
@@ -148,6 +157,9 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     if shutdown.await.is_err() {
         tracing::warn!("API connections did not close within 10 s; closing them");
+    }
+    if let Some(runtime) = cluster.runtime.write().await.take() {
+        runtime.shutdown().await;
     }
     tokio::task::spawn_blocking(move || node.shutdown()).await??;
     tracing::info!("fabricd stopped; all completed writes are committed");

@@ -4,14 +4,15 @@
 //! resources ([`node`]: the volume store and the vhost-user servers of
 //! attached volumes), the HTTP/JSON API ([`api`]) and the daemon's life
 //! cycle ([`daemon`]: data-directory lock, signals, periodic commits,
-//! clean shutdown). The cluster layer (Raft metadata, QUIC transport) will
-//! live here too.
+//! clean shutdown), and the cluster layer ([`cluster`]: Raft metadata over
+//! QUIC, node health, placement; [`cluster_api`]: its API routes).
 //!
 //! It must not reach into volume data or guest memory itself: that is
 //! `blockstore`'s job, behind `Store` and `BlkServer`.
 
 pub mod api;
 pub mod cluster;
+pub mod cluster_api;
 pub mod config;
 pub mod daemon;
 pub mod node;

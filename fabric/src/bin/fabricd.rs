@@ -27,6 +27,15 @@ struct Args {
     /// Directory for vhost-user sockets (overrides the config file).
     #[arg(long)]
     socket_dir: Option<PathBuf>,
+    /// Cluster endpoint listen address (overrides `[cluster] listen`).
+    #[arg(long)]
+    cluster_listen: Option<std::net::SocketAddr>,
+    /// Address other nodes reach this one at (overrides `[cluster] advertise`).
+    #[arg(long)]
+    advertise: Option<std::net::SocketAddr>,
+    /// This node's name in the cluster (overrides `[cluster] node_name`).
+    #[arg(long)]
+    node_name: Option<String>,
     /// Log filter, e.g. "info" or "blockstore=debug" (overrides the config
     /// file and RUST_LOG).
     #[arg(long)]
@@ -60,6 +69,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     if let Some(dir) = args.socket_dir {
         config.socket_dir = dir;
+    }
+    if let Some(address) = args.cluster_listen {
+        config.cluster.listen = address;
+    }
+    if let Some(address) = args.advertise {
+        config.cluster.advertise = Some(address);
+    }
+    if let Some(name) = args.node_name {
+        config.cluster.node_name = Some(name);
     }
     let filter = match args.log {
         Some(log) => EnvFilter::try_new(log)?,

@@ -1,0 +1,143 @@
+//! The cluster half of the API: `/v1/cluster`, `/v1/nodes`, `/v1/pool`.
+//! See `docs/api.md`.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Serialize;
+use tokio::sync::RwLock;
+
+use crate::api::ApiError;
+use crate::cluster::metadata::NodeState;
+use crate::cluster::runtime::{ClusterError, ClusterRuntime, ClusterSettings, NodeView};
+
+/// This node's cluster membership, if any, and what creating one needs.
+#[derive(Debug)]
+pub struct ClusterHandle {
+    pub data_dir: PathBuf,
+    pub settings: ClusterSettings,
+    pub runtime: RwLock<Option<ClusterRuntime>>,
+}
+
+impl From<ClusterError> for ApiError {
+    fn from(error: ClusterError) -> ApiError {
+        let (status, code) = match &error {
+            ClusterError::AlreadyMember(_) => (StatusCode::CONFLICT, "already_member"),
+            ClusterError::NoAdvertiseAddress(_) | ClusterError::Settings(_) => {
+                (StatusCode::BAD_REQUEST, "bad_settings")
+            }
+            ClusterError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
+            ClusterError::Write(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_committed"),
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "cluster_error"),
+        };
+        if status.is_server_error() {
+            tracing::error!(%error, "cluster API request failed");
+        }
+        ApiError::new(status, code, error.to_string())
+    }
+}
+
+fn not_in_cluster() -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+        "this node is not in a cluster; `fabctl cluster init` creates one".into(),
+    )
+}
+
+/// The cluster routes.
+pub fn router(handle: Arc<ClusterHandle>) -> Router {
+    Router::new()
+        .route("/v1/cluster", get(status))
+        .route("/v1/cluster/init", post(init))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{id}", get(node))
+        .route("/v1/pool", get(pool))
+        .with_state(handle)
+}
+
+async fn status(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    Ok(Json(runtime.status()))
+}
+
+async fn init(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
+    let mut slot = handle.runtime.write().await;
+    if slot.is_some() {
+        return Err(ClusterError::AlreadyMember(handle.data_dir.join("cluster/node.json")).into());
+    }
+    let runtime = ClusterRuntime::init(&handle.data_dir, &handle.settings).await?;
+    let status = runtime.status();
+    *slot = Some(runtime);
+    Ok((StatusCode::CREATED, Json(status)))
+}
+
+async fn nodes(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    Ok(Json(runtime.nodes()))
+}
+
+async fn node(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    let found = runtime
+        .nodes()
+        .into_iter()
+        .find(|node| node.record.id.to_string() == id || node.record.name == id);
+    found.map(Json).ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "node_not_found",
+            format!("no node with id or name {id:?}; `fabctl node list` shows the nodes"),
+        )
+    })
+}
+
+/// Pooled totals over the nodes that are up.
+#[derive(Debug, Serialize)]
+struct PoolTotals {
+    nodes: usize,
+    nodes_up: usize,
+    cpu_cores: u64,
+    memory_bytes: u64,
+    disk_bytes: u64,
+    disk_free_bytes: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct PoolView {
+    totals: PoolTotals,
+    nodes: Vec<NodeView>,
+}
+
+async fn pool(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    let nodes = runtime.nodes();
+    let up: Vec<&NodeView> = nodes
+        .iter()
+        .filter(|node| node.state == NodeState::Up)
+        .collect();
+    let totals = PoolTotals {
+        nodes: nodes.len(),
+        nodes_up: up.len(),
+        cpu_cores: up
+            .iter()
+            .map(|n| u64::from(n.record.resources.cpu_cores))
+            .sum(),
+        memory_bytes: up.iter().map(|n| n.record.resources.memory_bytes).sum(),
+        disk_bytes: up.iter().map(|n| n.record.resources.disk_bytes).sum(),
+        disk_free_bytes: up.iter().map(|n| n.record.resources.disk_free_bytes).sum(),
+    };
+    Ok(Json(PoolView { totals, nodes }))
+}
