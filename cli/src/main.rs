@@ -62,6 +62,18 @@ enum ClusterCommand {
     Init,
     /// Show leader, term and membership as this node sees them.
     Status,
+    /// Make a single-use join token (valid one hour), on the node that
+    /// created the cluster.
+    Token,
+    /// Join this node to a cluster, through the API of the node that
+    /// created it (its `api_tcp` address).
+    Join {
+        /// host:port of the existing node's TCP API.
+        address: String,
+        /// A token from `fabctl cluster token` on that node.
+        #[arg(long)]
+        token: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -206,6 +218,40 @@ fn run(args: &Args) -> Result<(), CliError> {
                 println!("applied:  {}", value["last_applied"]);
                 println!("voters:   {}", value["voters"]);
                 println!("learners: {}", value["learners"]);
+            }
+        }
+        Command::Cluster(ClusterCommand::Token) => {
+            let value = call(&endpoint, "POST", "/v1/cluster/tokens", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                println!("{}", value["token"].as_str().unwrap_or("?"));
+            }
+        }
+        Command::Cluster(ClusterCommand::Join { address, token }) => {
+            // This node makes a key and a signing request; the existing
+            // node checks the token and signs; this node checks that the
+            // answer comes from the cluster the token names, and starts.
+            let mut request = call(&endpoint, "POST", "/v1/cluster/join-prepare", None)?;
+            request["token"] = Value::String(token.clone());
+            let seed = Endpoint::parse(address);
+            if matches!(seed, Endpoint::Unix(_)) && !address.contains('/') {
+                return Err(CliError::Api {
+                    message: format!(
+                        "{address:?} is not host:port; give the TCP API address of a cluster node"
+                    ),
+                });
+            }
+            let grant = call(&seed, "POST", "/v1/cluster/join-request", Some(request))?;
+            let body = json!({ "token": token, "grant": grant });
+            let value = call(&endpoint, "POST", "/v1/cluster/join-complete", Some(body))?;
+            if json {
+                print_json(&value);
+            } else {
+                println!(
+                    "joined the cluster as node {}; it becomes a voter once it has caught up",
+                    value["node_id"]
+                );
             }
         }
         Command::Node(NodeCommand::List) => {

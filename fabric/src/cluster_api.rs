@@ -4,6 +4,7 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
@@ -14,7 +15,9 @@ use tokio::sync::RwLock;
 
 use crate::api::ApiError;
 use crate::cluster::metadata::NodeState;
-use crate::cluster::runtime::{ClusterError, ClusterRuntime, ClusterSettings, NodeView};
+use crate::cluster::runtime::{
+    ClusterError, ClusterRuntime, ClusterSettings, JoinGrant, JoinRequest, NodeView,
+};
 
 /// This node's cluster membership, if any, and what creating one needs.
 #[derive(Debug)]
@@ -33,6 +36,8 @@ impl From<ClusterError> for ApiError {
             }
             ClusterError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
             ClusterError::Write(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_committed"),
+            ClusterError::JoinRefused(_) => (StatusCode::FORBIDDEN, "join_refused"),
+            ClusterError::Tls(_) => (StatusCode::BAD_REQUEST, "bad_certificate_request"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "cluster_error"),
         };
         if status.is_server_error() {
@@ -55,6 +60,10 @@ pub fn router(handle: Arc<ClusterHandle>) -> Router {
     Router::new()
         .route("/v1/cluster", get(status))
         .route("/v1/cluster/init", post(init))
+        .route("/v1/cluster/tokens", post(token))
+        .route("/v1/cluster/join-request", post(join_request))
+        .route("/v1/cluster/join-prepare", post(join_prepare))
+        .route("/v1/cluster/join-complete", post(join_complete))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{id}", get(node))
         .route("/v1/pool", get(pool))
@@ -76,6 +85,72 @@ async fn init(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoRespo
     let status = runtime.status();
     *slot = Some(runtime);
     Ok((StatusCode::CREATED, Json(status)))
+}
+
+async fn token(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    let (token, expires_unix) = runtime.issue_token()?;
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({ "token": token, "expires_unix": expires_unix })),
+    ))
+}
+
+async fn join_request(
+    State(handle): State<Arc<ClusterHandle>>,
+    body: Result<Json<JoinRequest>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(request) = body?;
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    tracing::info!(name = %request.name, address = %request.address, "join requested");
+    let grant = runtime
+        .admit(request)
+        .await
+        .inspect_err(|error| tracing::warn!(%error, "join refused"))?;
+    Ok(Json(grant))
+}
+
+async fn join_prepare(
+    State(handle): State<Arc<ClusterHandle>>,
+) -> Result<impl IntoResponse, ApiError> {
+    if handle.runtime.read().await.is_some() {
+        return Err(ClusterError::AlreadyMember(handle.data_dir.join("cluster/node.json")).into());
+    }
+    Ok(Json(ClusterRuntime::prepare_join(
+        &handle.data_dir,
+        &handle.settings,
+    )?))
+}
+
+/// Body of `POST /v1/cluster/join-complete`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct JoinComplete {
+    token: String,
+    grant: JoinGrant,
+}
+
+async fn join_complete(
+    State(handle): State<Arc<ClusterHandle>>,
+    body: Result<Json<JoinComplete>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(request) = body?;
+    let mut slot = handle.runtime.write().await;
+    if slot.is_some() {
+        return Err(ClusterError::AlreadyMember(handle.data_dir.join("cluster/node.json")).into());
+    }
+    let runtime = ClusterRuntime::complete_join(
+        &handle.data_dir,
+        &handle.settings,
+        &request.token,
+        request.grant,
+    )
+    .await?;
+    let status = runtime.status();
+    *slot = Some(runtime);
+    Ok(Json(status))
 }
 
 async fn nodes(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {

@@ -68,3 +68,94 @@ fn init_lists_the_node_and_survives_kill9() -> Result<()> {
     node.terminate()?;
     Ok(())
 }
+
+fn start_member(root: &std::path::Path, name: &str) -> Result<(Fabricd, String)> {
+    let api = format!("127.0.0.1:{}", {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.local_addr()?.port()
+    });
+    let cluster = format!("127.0.0.1:{}", free_udp_port());
+    let node = Fabricd::start_with(
+        &root.join(name),
+        &[
+            "--api-tcp",
+            &api,
+            "--cluster-listen",
+            &cluster,
+            "--node-name",
+            name,
+        ],
+    )?;
+    Ok((node, api))
+}
+
+fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    for _ in 0..200 {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("timed out waiting for {what}")
+}
+
+/// Three processes: init, two joins with single-use tokens, every node sees
+/// three voters that are up; bad tokens are refused; the leader is killed
+/// and a new one is elected; the old leader restarts and catches up.
+#[test]
+fn three_node_cluster_joins_and_survives_the_leader() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (mut first, first_api) = start_member(dir.path(), "n1")?;
+    let (second, _) = start_member(dir.path(), "n2")?;
+    let (third, _) = start_member(dir.path(), "n3")?;
+    first.fabctl(&["cluster", "init"])?;
+
+    let token = first.fabctl(&["cluster", "token"])?.trim().to_owned();
+    second.fabctl(&["cluster", "join", &first_api, "--token", &token])?;
+    // A used token, a made-up one and garbage are refused, and nothing joins.
+    for bad in [
+        token.clone(),
+        format!("{}0", &token[..token.len() - 1]),
+        "garbage".into(),
+    ] {
+        let output = third.fabctl_output(&["cluster", "join", &first_api, "--token", &bad])?;
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(
+            !output.status.success() && stderr.contains("join refused"),
+            "{bad}: {stderr}"
+        );
+    }
+    let fresh = first.fabctl(&["cluster", "token"])?.trim().to_owned();
+    third.fabctl(&["cluster", "join", &first_api, "--token", &fresh])?;
+
+    for node in [&first, &second, &third] {
+        wait_for("three voters that are up", || {
+            let nodes = node.fabctl_json(&["node", "list"])?;
+            let rows = nodes.as_array().cloned().unwrap_or_default();
+            let ready = rows.len() == 3
+                && rows.iter().all(|n| {
+                    n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true)
+                });
+            Ok(ready.then_some(()))
+        })?;
+    }
+    let pool = second.fabctl_json(&["pool"])?;
+    assert_eq!(pool["totals"]["nodes_up"].as_u64(), Some(3), "{pool}");
+
+    // Kill the leader: the other two elect a new one.
+    first.kill9()?;
+    let new_leader = wait_for("a new leader", || {
+        let status = second.fabctl_json(&["cluster", "status"])?;
+        Ok(status["leader"].as_u64().filter(|&leader| leader != 1))
+    })?;
+    assert!(new_leader == 2 || new_leader == 3);
+    // The old leader restarts from disk and follows the new one.
+    first.restart()?;
+    wait_for("the old leader to follow", || {
+        let status = first.fabctl_json(&["cluster", "status"])?;
+        Ok((status["leader"].as_u64() == Some(new_leader)
+            && status["role"].as_str() == Some("follower"))
+        .then_some(()))
+    })?;
+    Ok(())
+}

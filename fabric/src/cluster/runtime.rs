@@ -23,7 +23,7 @@ use super::health::{Health, HealthTimings};
 use super::metadata::{Command, Metadata, NodeId, NodeRecord, NodeState, Response};
 use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
 use super::resources::local_resources;
-use super::tls::{ClusterCa, NodeIdentity, TlsError};
+use super::tls::{fingerprint, ClusterCa, NodeIdentity, PendingIdentity, TlsError};
 use super::transport::{
     bind, serve, Handler, Heartbeat, QuicConnection, QuicNetwork, KIND_CLIENT_WRITE, KIND_HEARTBEAT,
 };
@@ -71,6 +71,48 @@ pub enum ClusterError {
     Rejected(String),
     #[error("invalid cluster settings: {0}")]
     Settings(String),
+    #[error("join refused: {0}")]
+    JoinRefused(String),
+}
+
+/// How long a join token stays valid.
+pub const JOIN_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
+
+/// What a node asks to join with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinRequest {
+    pub token: String,
+    pub name: String,
+    pub address: SocketAddr,
+    pub csr_pem: String,
+    pub resources: super::metadata::Resources,
+}
+
+/// What the cluster answers a successful join with.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JoinGrant {
+    pub node_id: NodeId,
+    pub ca_pem: String,
+    pub cert_pem: String,
+}
+
+/// A join token: the CA's fingerprint (so the joiner can check it talks
+/// to the right cluster) and a single-use secret.
+fn format_token(ca_fingerprint: &str, secret: &str) -> String {
+    format!("fbt1-{}-{secret}", &ca_fingerprint[..32])
+}
+
+fn parse_token(token: &str) -> Option<(&str, &str)> {
+    let rest = token.strip_prefix("fbt1-")?;
+    let (fingerprint, secret) = rest.split_once('-')?;
+    (fingerprint.len() == 32 && secret.len() == 32).then_some((fingerprint, secret))
+}
+
+fn random_hex(bytes: usize) -> Result<String, ClusterError> {
+    let mut buffer = vec![0u8; bytes];
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut buffer)
+        .map_err(|_| ClusterError::Settings("the system random generator failed".into()))?;
+    Ok(buffer.iter().map(|b| format!("{b:02x}")).collect())
 }
 
 /// What `node.json` holds.
@@ -115,6 +157,12 @@ pub struct ClusterRuntime {
     health: Arc<Mutex<Health>>,
     origin: Instant,
     tasks: Vec<tokio::task::JoinHandle<()>>,
+    /// The cluster CA, on the node that created the cluster.
+    ca: Option<ClusterCa>,
+    /// Unused join tokens (secret -> expiry).
+    tokens: Mutex<BTreeMap<String, Instant>>,
+    /// Serialises admissions, so two joins never get the same node id.
+    admitting: tokio::sync::Mutex<()>,
 }
 
 impl std::fmt::Debug for ClusterRuntime {
@@ -223,6 +271,85 @@ impl ClusterRuntime {
         Ok(runtime)
     }
 
+    /// First half of joining: a key and signing request for this node,
+    /// kept in `cluster/pending.key` until the cluster answers.
+    pub fn prepare_join(
+        data_dir: &Path,
+        settings: &ClusterSettings,
+    ) -> Result<JoinRequest, ClusterError> {
+        let dir = cluster_dir(data_dir);
+        let node_path = dir.join("node.json");
+        if node_path.exists() {
+            return Err(ClusterError::AlreadyMember(node_path));
+        }
+        let address = advertised(settings)?;
+        std::fs::create_dir_all(&dir).map_err(|e| file_error("create", &dir, e))?;
+        let pending = PendingIdentity::generate(&settings.node_name, address.ip())?;
+        let key_path = dir.join("pending.key");
+        {
+            use std::io::Write;
+            use std::os::unix::fs::OpenOptionsExt;
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&key_path)
+                .map_err(|e| file_error("create", &key_path, e))?;
+            file.write_all(pending.key_pem.as_bytes())
+                .map_err(|e| file_error("write", &key_path, e))?;
+        }
+        Ok(JoinRequest {
+            token: String::new(),
+            name: settings.node_name.clone(),
+            address,
+            csr_pem: pending.csr_pem,
+            resources: local_resources(data_dir),
+        })
+    }
+
+    /// Second half of joining: checks that the grant comes from the cluster
+    /// the token names, stores the identity and starts as a learner.
+    pub async fn complete_join(
+        data_dir: &Path,
+        settings: &ClusterSettings,
+        token: &str,
+        grant: JoinGrant,
+    ) -> Result<ClusterRuntime, ClusterError> {
+        let dir = cluster_dir(data_dir);
+        let node_path = dir.join("node.json");
+        if node_path.exists() {
+            return Err(ClusterError::AlreadyMember(node_path));
+        }
+        let (expected, _) = parse_token(token)
+            .ok_or_else(|| ClusterError::JoinRefused("the token is malformed".into()))?;
+        let actual = fingerprint(&grant.ca_pem).unwrap_or_default();
+        if !actual.starts_with(expected) {
+            return Err(ClusterError::JoinRefused(
+                "the answer came from a different cluster than the token names (CA fingerprint mismatch)".into(),
+            ));
+        }
+        let key_path = dir.join("pending.key");
+        let key_pem =
+            std::fs::read_to_string(&key_path).map_err(|e| file_error("read", &key_path, e))?;
+        let identity = PendingIdentity {
+            csr_pem: String::new(),
+            key_pem,
+        }
+        .complete(grant.ca_pem, grant.cert_pem);
+        identity.save(&dir.join("tls"))?;
+        let node = NodeFile {
+            node_id: grant.node_id,
+            name: settings.node_name.clone(),
+            address: advertised(settings)?,
+        };
+        let runtime = ClusterRuntime::start(data_dir, settings, &node, &identity).await?;
+        let text = serde_json::to_string_pretty(&node).expect("node file serializes");
+        std::fs::write(&node_path, text).map_err(|e| file_error("write", &node_path, e))?;
+        let _ = std::fs::remove_file(&key_path);
+        Ok(runtime)
+    }
+
     async fn start(
         data_dir: &Path,
         settings: &ClusterSettings,
@@ -276,6 +403,9 @@ impl ClusterRuntime {
             health,
             origin,
             tasks: Vec::new(),
+            ca: ClusterCa::load(&cluster_dir(data_dir).join("ca")).ok(),
+            tokens: Mutex::new(BTreeMap::new()),
+            admitting: tokio::sync::Mutex::new(()),
         };
         runtime.tasks.push(tokio::spawn(serve(endpoint, handler)));
         runtime.tasks.push(tokio::spawn(heartbeats(
@@ -286,6 +416,123 @@ impl ClusterRuntime {
         )));
         tracing::info!(node = node.node_id, name = %node.name, address = %node.address, "cluster member started");
         Ok(runtime)
+    }
+
+    /// Makes a single-use join token, valid for [`JOIN_TOKEN_LIFETIME`].
+    /// Only the node holding the cluster CA can.
+    pub fn issue_token(&self) -> Result<(String, u64), ClusterError> {
+        let ca = self.ca.as_ref().ok_or_else(|| {
+            ClusterError::JoinRefused("this node does not hold the cluster CA; issue tokens on the node that ran `cluster init`".into())
+        })?;
+        let fingerprint = fingerprint(&ca.cert_pem)
+            .ok_or_else(|| ClusterError::Storage("the CA certificate is unreadable".into()))?;
+        let secret = random_hex(16)?;
+        let now = Instant::now();
+        let mut tokens = self.tokens.lock().expect("token lock poisoned");
+        tokens.retain(|_, expiry| *expiry > now);
+        tokens.insert(secret.clone(), now + JOIN_TOKEN_LIFETIME);
+        Ok((
+            format_token(&fingerprint, &secret),
+            now_unix() + JOIN_TOKEN_LIFETIME.as_secs(),
+        ))
+    }
+
+    /// Admits a node: checks its token (once), signs its certificate, adds
+    /// it as a learner, and promotes it to voter once it has caught up.
+    pub async fn admit(&self, request: JoinRequest) -> Result<JoinGrant, ClusterError> {
+        let refused = |reason: String| ClusterError::JoinRefused(reason);
+        let ca = self
+            .ca
+            .as_ref()
+            .ok_or_else(|| refused("this node does not hold the cluster CA".into()))?;
+        let (_, secret) =
+            parse_token(&request.token).ok_or_else(|| refused("the token is malformed".into()))?;
+        {
+            let mut tokens = self.tokens.lock().expect("token lock poisoned");
+            match tokens.remove(secret) {
+                Some(expiry) if expiry > Instant::now() => {}
+                Some(_) => {
+                    return Err(refused(
+                        "the token has expired; issue a new one with `fabctl cluster token`".into(),
+                    ))
+                }
+                None => return Err(refused("the token is unknown or was already used".into())),
+            }
+        }
+        let _admitting = self.admitting.lock().await;
+        let metadata = self.metadata();
+        if let Some(other) = metadata
+            .nodes
+            .values()
+            .find(|n| n.name == request.name || n.cluster_address == request.address.to_string())
+        {
+            return Err(refused(format!(
+                "node {} already uses name {:?} or address {}",
+                other.id, request.name, request.address
+            )));
+        }
+        let cert_pem = ca.sign_request(&request.csr_pem, &request.name)?;
+        let node_id = metadata
+            .nodes
+            .keys()
+            .max()
+            .copied()
+            .unwrap_or(0)
+            .max(self.id)
+            + 1;
+        let member = Member {
+            name: request.name.clone(),
+            address: request.address.to_string(),
+        };
+        self.raft
+            .add_learner(node_id, member, false)
+            .await
+            .map_err(|e| ClusterError::Write(e.to_string()))?;
+        let record = NodeRecord {
+            id: node_id,
+            name: request.name.clone(),
+            cluster_address: request.address.to_string(),
+            resources: request.resources.clone(),
+            joined_unix: now_unix(),
+        };
+        self.write_with_retry(Command::AddNode { node: record })
+            .await?;
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            // The learner starts once it has its certificate; promote it
+            // when it has caught up with the log.
+            for _ in 0..600 {
+                let metrics = raft.metrics().borrow().clone();
+                let leader_last = metrics.last_log_index;
+                let caught_up = metrics
+                    .replication
+                    .as_ref()
+                    .and_then(|r| r.get(&node_id).cloned().flatten())
+                    .is_some_and(|matched| Some(matched.index) >= leader_last);
+                if caught_up {
+                    let mut voters: std::collections::BTreeSet<NodeId> =
+                        metrics.membership_config.membership().voter_ids().collect();
+                    voters.insert(node_id);
+                    match raft.change_membership(voters, false).await {
+                        Ok(_) => tracing::info!(node = node_id, "node promoted to voter"),
+                        Err(error) => {
+                            tracing::error!(node = node_id, %error, "could not promote node to voter")
+                        }
+                    }
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            tracing::warn!(
+                node = node_id,
+                "joined node did not catch up within 60 s; it stays a learner"
+            );
+        });
+        Ok(JoinGrant {
+            node_id,
+            ca_pem: ca.cert_pem.clone(),
+            cert_pem,
+        })
     }
 
     /// This node's id.

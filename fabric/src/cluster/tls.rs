@@ -100,6 +100,38 @@ impl ClusterCa {
         })
     }
 
+    /// Signs a node's certificate signing request. The CSR must name the
+    /// node (`expected_name`); the certificate works as client and server.
+    pub fn sign_request(&self, csr_pem: &str, expected_name: &str) -> Result<String, TlsError> {
+        let mut request = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)?;
+        let named = request
+            .params
+            .subject_alt_names
+            .iter()
+            .any(|san| matches!(san, SanType::DnsName(name) if name.as_str() == expected_name));
+        if !named {
+            return Err(TlsError::Config(format!(
+                "the signing request does not name node {expected_name:?}"
+            )));
+        }
+        request.params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        request.params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        request.params.is_ca = IsCa::ExplicitNoCa;
+        let issuer = Issuer::from_ca_cert_pem(&self.cert_pem, KeyPair::from_pem(&self.key_pem)?)?;
+        Ok(request.signed_by(&issuer)?.pem())
+    }
+
+    /// Reads a CA written by [`ClusterCa::save`].
+    pub fn load(dir: &Path) -> Result<ClusterCa, TlsError> {
+        Ok(ClusterCa {
+            cert_pem: read_file(&dir.join("ca.pem"))?,
+            key_pem: read_file(&dir.join("ca.key"))?,
+        })
+    }
+
     /// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
         write_file(&dir.join("ca.pem"), &self.cert_pem)?;
@@ -139,9 +171,53 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
+/// A key pair and signing request made by a node that wants to join.
+#[derive(Debug, Clone)]
+pub struct PendingIdentity {
+    pub csr_pem: String,
+    pub key_pem: String,
+}
+
+impl PendingIdentity {
+    /// A new key and a request for a certificate naming `name` and `ip`.
+    pub fn generate(name: &str, ip: IpAddr) -> Result<PendingIdentity, TlsError> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(vec![name.to_owned()])?;
+        params.subject_alt_names.push(SanType::IpAddress(ip));
+        params.distinguished_name.push(DnType::CommonName, name);
+        let csr = params.serialize_request(&key)?;
+        Ok(PendingIdentity {
+            csr_pem: csr.pem()?,
+            key_pem: key.serialize_pem(),
+        })
+    }
+
+    /// The identity once the CA has signed the request.
+    pub fn complete(self, ca_pem: String, cert_pem: String) -> NodeIdentity {
+        NodeIdentity {
+            ca_pem,
+            cert_pem,
+            key_pem: self.key_pem,
+        }
+    }
+}
+
+/// The SHA-256 of a PEM certificate's DER bytes, lowercase hex; `None` if
+/// the PEM does not hold a certificate.
+pub fn fingerprint(cert_pem: &str) -> Option<String> {
+    let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).ok()?;
+    let digest = ring::digest::digest(&ring::digest::SHA256, der.as_ref());
+    Some(digest.as_ref().iter().map(|b| format!("{b:02x}")).collect())
+}
+
 impl NodeIdentity {
     /// Writes `ca.pem`, `node.pem` and `node.key` (mode 0600) into `dir`.
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
+        std::fs::create_dir_all(dir).map_err(|source| TlsError::File {
+            action: "create",
+            path: dir.to_owned(),
+            source,
+        })?;
         write_file(&dir.join("ca.pem"), &self.ca_pem)?;
         write_file(&dir.join("node.pem"), &self.cert_pem)?;
         write_file(&dir.join("node.key"), &self.key_pem)
