@@ -242,18 +242,14 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
     type Network = QuicConnection;
 
     async fn new_client(&mut self, target: NodeId, member: &Member) -> QuicConnection {
-        QuicConnection {
-            network: self.clone(),
-            target,
-            member: member.clone(),
-        }
+        QuicConnection::to(self, target, member.clone())
     }
 }
 
 type RpcError<E> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
 
 impl QuicConnection {
-    async fn connection<E: std::error::Error>(&self) -> Result<quinn::Connection, RpcError<E>> {
+    async fn connection(&self) -> Result<quinn::Connection, CallError> {
         let cached = self
             .network
             .connections
@@ -267,10 +263,10 @@ impl QuicConnection {
             }
         }
         let unreachable = |e: &dyn std::fmt::Display| {
-            RPCError::Unreachable(Unreachable::new(&std::io::Error::other(format!(
+            CallError::Unreachable(format!(
                 "node {} at {}: {e}",
                 self.target, self.member.address
-            ))))
+            ))
         };
         let address: SocketAddr = self.member.address.parse().map_err(|e| unreachable(&e))?;
         let connecting = self
@@ -293,10 +289,7 @@ impl QuicConnection {
         Req: Serialize,
         Resp: DeserializeOwned,
     {
-        let connection = self
-            .connection::<openraft::error::Infallible>()
-            .await
-            .map_err(|e| CallError::Unreachable(e.to_string()))?;
+        let connection = self.connection().await?;
         let failed = |e: &dyn std::fmt::Display| CallError::Failed(e.to_string());
         let (mut send, mut recv) = match connection.open_bi().await {
             Ok(streams) => streams,
