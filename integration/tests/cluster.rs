@@ -159,3 +159,78 @@ fn three_node_cluster_joins_and_survives_the_leader() -> Result<()> {
     })?;
     Ok(())
 }
+
+/// Five processes with fast failure detection: a stopped node turns
+/// suspect, then down, on every other node; the pool stops counting it.
+#[test]
+fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("fabricd.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    )?;
+    let mut nodes = Vec::new();
+    for i in 1..=5 {
+        let name = format!("n{i}");
+        let api = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            format!("127.0.0.1:{}", listener.local_addr()?.port())
+        };
+        let cluster = format!("127.0.0.1:{}", free_udp_port());
+        let config = config.to_string_lossy().into_owned();
+        let node = Fabricd::start_with(
+            &dir.path().join(&name),
+            &[
+                "--config",
+                &config,
+                "--api-tcp",
+                &api,
+                "--cluster-listen",
+                &cluster,
+                "--node-name",
+                &name,
+            ],
+        )?;
+        nodes.push((node, api));
+    }
+    nodes[0].0.fabctl(&["cluster", "init"])?;
+    let seed = nodes[0].1.clone();
+    for (node, _) in &nodes[1..] {
+        let token = nodes[0].0.fabctl(&["cluster", "token"])?.trim().to_owned();
+        node.fabctl(&["cluster", "join", &seed, "--token", &token])?;
+    }
+    for (node, _) in &nodes {
+        wait_for("five voters up", || {
+            let rows = node
+                .fabctl_json(&["node", "list"])?
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Ok((rows.len() == 5
+                && rows.iter().all(|n| {
+                    n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true)
+                }))
+            .then_some(()))
+        })?;
+    }
+    let (mut stopped, _) = nodes.pop().expect("five nodes");
+    stopped.terminate()?;
+    for (node, _) in &nodes {
+        wait_for("node 5 down", || {
+            let rows = node
+                .fabctl_json(&["node", "list"])?
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            Ok(rows
+                .iter()
+                .any(|n| n["name"].as_str() == Some("n5") && n["state"].as_str() == Some("down"))
+                .then_some(()))
+        })?;
+        let pool = node.fabctl_json(&["pool"])?;
+        assert_eq!(pool["totals"]["nodes"].as_u64(), Some(5));
+        assert_eq!(pool["totals"]["nodes_up"].as_u64(), Some(4), "{pool}");
+    }
+    Ok(())
+}
