@@ -75,6 +75,21 @@ pub enum ClusterError {
     JoinRefused(String),
 }
 
+/// How long a join waits for another membership change to finish.
+const MEMBERSHIP_CHANGE_WAIT: Duration = Duration::from_secs(30);
+
+/// Whether a membership change failed only because another is in flight.
+fn membership_change_in_progress(
+    error: &RaftError<NodeId, ClientWriteError<NodeId, Member>>,
+) -> bool {
+    matches!(
+        error,
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(
+            openraft::error::ChangeMembershipError::InProgress(_)
+        ))
+    )
+}
+
 /// How long a join token stays valid.
 pub const JOIN_TOKEN_LIFETIME: Duration = Duration::from_secs(3600);
 
@@ -484,10 +499,19 @@ impl ClusterRuntime {
             name: request.name.clone(),
             address: request.address.to_string(),
         };
-        self.raft
-            .add_learner(node_id, member, false)
-            .await
-            .map_err(|e| ClusterError::Write(e.to_string()))?;
+        // One membership change at a time: wait out a promotion in flight.
+        let deadline = Instant::now() + MEMBERSHIP_CHANGE_WAIT;
+        loop {
+            match self.raft.add_learner(node_id, member.clone(), false).await {
+                Ok(_) => break,
+                Err(error)
+                    if membership_change_in_progress(&error) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(ClusterError::Write(error.to_string())),
+            }
+        }
         let record = NodeRecord {
             id: node_id,
             name: request.name.clone(),
@@ -514,12 +538,17 @@ impl ClusterRuntime {
                         metrics.membership_config.membership().voter_ids().collect();
                     voters.insert(node_id);
                     match raft.change_membership(voters, false).await {
-                        Ok(_) => tracing::info!(node = node_id, "node promoted to voter"),
+                        Ok(_) => {
+                            tracing::info!(node = node_id, "node promoted to voter");
+                            return;
+                        }
+                        // Another change (a join) is in flight: try again.
+                        Err(error) if membership_change_in_progress(&error) => {}
                         Err(error) => {
-                            tracing::error!(node = node_id, %error, "could not promote node to voter")
+                            tracing::error!(node = node_id, %error, "could not promote node to voter");
+                            return;
                         }
                     }
-                    return;
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
