@@ -534,10 +534,14 @@ impl ClusterRuntime {
                     .and_then(|r| r.get(&node_id).cloned().flatten())
                     .is_some_and(|matched| Some(matched.index) >= leader_last);
                 if caught_up {
-                    let mut voters: std::collections::BTreeSet<NodeId> =
-                        metrics.membership_config.membership().voter_ids().collect();
-                    voters.insert(node_id);
-                    match raft.change_membership(voters, false).await {
+                    // Add this one voter, rather than replacing the voter
+                    // set with one computed from metrics that another
+                    // promotion may have made stale.
+                    let change =
+                        openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([
+                            node_id,
+                        ]));
+                    match raft.change_membership(change, false).await {
                         Ok(_) => {
                             tracing::info!(node = node_id, "node promoted to voter");
                             return;
