@@ -82,6 +82,9 @@ enum NodeCommand {
     List,
     /// Show one node, by id or name.
     Show { node: String },
+    /// Remove a node from the cluster (by id or name). To replace a dead
+    /// node, remove it and join a new one.
+    Remove { node: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -270,6 +273,19 @@ fn run(args: &Args) -> Result<(), CliError> {
                 None,
             )?;
             print_json(&value);
+        }
+        Command::Node(NodeCommand::Remove { node }) => {
+            let value = call(
+                &endpoint,
+                "DELETE",
+                &format!("/v1/nodes/{}", segment(node)),
+                None,
+            )?;
+            if json {
+                print_json(&value);
+            } else {
+                println!("removed node {} from the cluster", value["removed"]);
+            }
         }
         Command::Pool => {
             let value = call(&endpoint, "GET", "/v1/pool", None)?;

@@ -65,7 +65,7 @@ pub fn router(handle: Arc<ClusterHandle>) -> Router {
         .route("/v1/cluster/join-prepare", post(join_prepare))
         .route("/v1/cluster/join-complete", post(join_complete))
         .route("/v1/nodes", get(nodes))
-        .route("/v1/nodes/{id}", get(node))
+        .route("/v1/nodes/{id}", get(node).delete(remove_node))
         .route("/v1/pool", get(pool))
         .with_state(handle)
 }
@@ -176,6 +176,28 @@ async fn node(
             format!("no node with id or name {id:?}; `fabctl node list` shows the nodes"),
         )
     })
+}
+
+async fn remove_node(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    let node = runtime
+        .nodes()
+        .into_iter()
+        .find(|node| node.record.id.to_string() == id || node.record.name == id)
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "node_not_found",
+                format!("no node with id or name {id:?}; `fabctl node list` shows the nodes"),
+            )
+        })?;
+    runtime.remove_node(node.record.id).await?;
+    tracing::info!(node = node.record.id, name = %node.record.name, "node removed from the cluster");
+    Ok(Json(serde_json::json!({ "removed": node.record.id })))
 }
 
 /// Pooled totals over the nodes that are up.

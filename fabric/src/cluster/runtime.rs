@@ -25,7 +25,8 @@ use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
 use super::resources::local_resources;
 use super::tls::{fingerprint, ClusterCa, NodeIdentity, PendingIdentity, TlsError};
 use super::transport::{
-    bind, serve, Handler, Heartbeat, QuicConnection, QuicNetwork, KIND_CLIENT_WRITE, KIND_HEARTBEAT,
+    bind, remove_member, serve, Handler, Heartbeat, QuicConnection, QuicNetwork, KIND_CLIENT_WRITE,
+    KIND_HEARTBEAT, KIND_REMOVE_NODE,
 };
 
 /// How this node takes part in a cluster.
@@ -566,6 +567,40 @@ impl ClusterRuntime {
             ca_pem: ca.cert_pem.clone(),
             cert_pem,
         })
+    }
+
+    /// Removes node `id` from the cluster (Raft membership and metadata),
+    /// through the leader. A dead node is replaced by removing it and
+    /// joining a new one.
+    pub async fn remove_node(&self, id: NodeId) -> Result<(), ClusterError> {
+        if id == self.id {
+            return Err(ClusterError::Rejected(
+                "a node cannot remove itself; run `fabctl node remove` on another node".into(),
+            ));
+        }
+        let metrics = self.raft.metrics().borrow().clone();
+        let result = if metrics.current_leader == Some(self.id) {
+            remove_member(&self.raft, id).await
+        } else {
+            let leader = metrics.current_leader.ok_or_else(|| {
+                ClusterError::Write("no leader is elected right now; retry shortly".into())
+            })?;
+            let member = metrics
+                .membership_config
+                .membership()
+                .get_node(&leader)
+                .cloned()
+                .ok_or_else(|| {
+                    ClusterError::Write(format!("the leader {leader} has no address"))
+                })?;
+            let link = QuicConnection::to(&self.network, leader, member);
+            link.request::<_, Result<(), String>>(KIND_REMOVE_NODE, &id)
+                .await
+                .map_err(|e| ClusterError::Write(e.to_string()))?
+        };
+        result.map_err(ClusterError::Rejected)?;
+        self.health.lock().expect("health lock poisoned").forget(id);
+        Ok(())
     }
 
     /// This node's id.

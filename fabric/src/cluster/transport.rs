@@ -43,6 +43,42 @@ const KIND_INSTALL_SNAPSHOT: u8 = 3;
 pub const KIND_HEARTBEAT: u8 = 4;
 /// A metadata command for the leader to commit, from a follower.
 pub const KIND_CLIENT_WRITE: u8 = 5;
+/// A node to remove from the cluster, for the leader to carry out.
+pub const KIND_REMOVE_NODE: u8 = 6;
+
+/// On the leader: takes node `id` out of the Raft membership (voter or
+/// learner) and out of the metadata. Refuses to remove the leader itself.
+pub async fn remove_member(raft: &MetadataRaft, id: NodeId) -> Result<(), String> {
+    let metrics = raft.metrics().borrow().clone();
+    if metrics.current_leader == Some(id) {
+        return Err(format!(
+            "node {id} is the leader; stop it first so that another node leads, then remove it"
+        ));
+    }
+    let membership = metrics.membership_config.membership().clone();
+    let ids = std::collections::BTreeSet::from([id]);
+    let change = if membership.voter_ids().any(|voter| voter == id) {
+        Some(openraft::ChangeMembers::RemoveVoters(ids))
+    } else if membership.learner_ids().any(|learner| learner == id) {
+        Some(openraft::ChangeMembers::RemoveNodes(ids))
+    } else {
+        None
+    };
+    if let Some(change) = change {
+        raft.change_membership(change, false)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    match raft
+        .client_write(Command::RemoveNode { id })
+        .await
+        .map_err(|e| e.to_string())?
+        .data
+    {
+        super::metadata::Response::Applied => Ok(()),
+        super::metadata::Response::Rejected { reason } => Err(reason),
+    }
+}
 
 /// Errors setting up the endpoint.
 #[derive(Debug, thiserror::Error)]
@@ -171,6 +207,13 @@ async fn answer(
                     .map(|written| written.data)
                     .map_err(|e| e.to_string())
             })
+            .await
+        }
+        KIND_REMOVE_NODE => {
+            dispatch(
+                body,
+                |id: NodeId| async move { remove_member(raft, id).await },
+            )
             .await
         }
         other => Err(format!("unknown request kind {other}")),
