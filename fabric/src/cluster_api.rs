@@ -159,32 +159,9 @@ async fn nodes(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResp
     Ok(Json(runtime.nodes()))
 }
 
-async fn node(
-    State(handle): State<Arc<ClusterHandle>>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let runtime = handle.runtime.read().await;
-    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
-    let found = runtime
-        .nodes()
-        .into_iter()
-        .find(|node| node.record.id.to_string() == id || node.record.name == id);
-    found.map(Json).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "node_not_found",
-            format!("no node with id or name {id:?}; `fabctl node list` shows the nodes"),
-        )
-    })
-}
-
-async fn remove_node(
-    State(handle): State<Arc<ClusterHandle>>,
-    Path(id): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let runtime = handle.runtime.read().await;
-    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
-    let node = runtime
+/// The node named by `id` (its id or its name).
+fn find_node(runtime: &ClusterRuntime, id: &str) -> Result<NodeView, ApiError> {
+    runtime
         .nodes()
         .into_iter()
         .find(|node| node.record.id.to_string() == id || node.record.name == id)
@@ -194,7 +171,25 @@ async fn remove_node(
                 "node_not_found",
                 format!("no node with id or name {id:?}; `fabctl node list` shows the nodes"),
             )
-        })?;
+        })
+}
+
+async fn node(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    Ok(Json(find_node(runtime, &id)?))
+}
+
+async fn remove_node(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    let node = find_node(runtime, &id)?;
     runtime.remove_node(node.record.id).await?;
     tracing::info!(node = node.record.id, name = %node.record.name, "node removed from the cluster");
     Ok(Json(serde_json::json!({ "removed": node.record.id })))
