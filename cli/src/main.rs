@@ -65,6 +65,12 @@ enum ClusterCommand {
     /// Make a single-use join token (valid one hour), on the node that
     /// created the cluster.
     Token,
+    /// Cut this node's links to the given peers' cluster addresses (none:
+    /// restore all). Only for fault tests; needs `[cluster] fault_injection`.
+    Faults {
+        #[arg(long = "block")]
+        blocked: Vec<String>,
+    },
     /// Join this node to a cluster, through the API of the node that
     /// created it (its `api_tcp` address).
     Join {
@@ -85,6 +91,8 @@ enum NodeCommand {
     /// Remove a node from the cluster (by id or name). To replace a dead
     /// node, remove it and join a new one.
     Remove { node: String },
+    /// Set a label on a node (`key=value`), or remove one (`key-`).
+    Label { node: String, label: String },
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +279,44 @@ fn run(args: &Args) -> Result<(), CliError> {
                 "GET",
                 &format!("/v1/nodes/{}", segment(node)),
                 None,
+            )?;
+            print_json(&value);
+        }
+        Command::Node(NodeCommand::Label { node, label }) => {
+            let path_of =
+                |key: &str| format!("/v1/nodes/{}/labels/{}", segment(node), segment(key));
+            let value = if let Some(key) = label.strip_suffix('-') {
+                call(&endpoint, "DELETE", &path_of(key), None)?
+            } else if let Some((key, value)) = label.split_once('=') {
+                call(
+                    &endpoint,
+                    "PUT",
+                    &path_of(key),
+                    Some(json!({ "value": value })),
+                )?
+            } else {
+                return Err(CliError::Api {
+                    message: format!(
+                        "label {label:?} is neither key=value (set) nor key- (remove)"
+                    ),
+                });
+            };
+            if json {
+                print_json(&value);
+            } else {
+                println!(
+                    "node {} labels: {}",
+                    value["name"].as_str().unwrap_or("?"),
+                    value["labels"]
+                );
+            }
+        }
+        Command::Cluster(ClusterCommand::Faults { blocked }) => {
+            let value = call(
+                &endpoint,
+                "PUT",
+                "/v1/cluster/faults",
+                Some(json!({ "blocked": blocked })),
             )?;
             print_json(&value);
         }

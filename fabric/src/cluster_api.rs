@@ -66,6 +66,11 @@ pub fn router(handle: Arc<ClusterHandle>) -> Router {
         .route("/v1/cluster/join-complete", post(join_complete))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{id}", get(node).delete(remove_node))
+        .route(
+            "/v1/nodes/{id}/labels/{key}",
+            axum::routing::put(set_label).delete(remove_label),
+        )
+        .route("/v1/cluster/faults", axum::routing::put(set_faults))
         .route("/v1/pool", get(pool))
         .with_state(handle)
 }
@@ -193,6 +198,104 @@ async fn remove_node(
     runtime.remove_node(node.record.id).await?;
     tracing::info!(node = node.record.id, name = %node.record.name, "node removed from the cluster");
     Ok(Json(serde_json::json!({ "removed": node.record.id })))
+}
+
+/// Longest label key or value.
+const LABEL_BYTES_MAX: usize = 63;
+
+fn check_label(what: &str, text: &str) -> Result<(), ApiError> {
+    let ok = !text.is_empty()
+        && text.len() <= LABEL_BYTES_MAX
+        && text
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-' | '/'));
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_label",
+            format!("label {what} {text:?} must be 1 to 63 characters of letters, digits, '.', '_', '-', '/'"),
+        ))
+    }
+}
+
+/// Body of `PUT /v1/nodes/{id}/labels/{key}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LabelValue {
+    value: String,
+}
+
+async fn set_label(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path((id, key)): Path<(String, String)>,
+    body: Result<Json<LabelValue>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(LabelValue { value }) = body?;
+    check_label("key", &key)?;
+    check_label("value", &value)?;
+    label(handle, id, key, Some(value)).await
+}
+
+async fn remove_label(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path((id, key)): Path<(String, String)>,
+) -> Result<impl IntoResponse, ApiError> {
+    check_label("key", &key)?;
+    label(handle, id, key, None).await
+}
+
+async fn label(
+    handle: Arc<ClusterHandle>,
+    id: String,
+    key: String,
+    value: Option<String>,
+) -> Result<Json<NodeView>, ApiError> {
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    let node = find_node(runtime, &id)?;
+    let command = crate::cluster::metadata::Command::SetLabel {
+        id: node.record.id,
+        key,
+        value,
+    };
+    match runtime.write(command).await? {
+        crate::cluster::metadata::Response::Applied => {}
+        crate::cluster::metadata::Response::Rejected { reason } => {
+            return Err(ClusterError::Rejected(reason).into())
+        }
+    }
+    // Read back from this node: it applied the change if it is the leader,
+    // and otherwise soon will.
+    Ok(Json(find_node(runtime, &id).unwrap_or(node)))
+}
+
+/// Body of `PUT /v1/cluster/faults`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FaultSpec {
+    /// Peer cluster addresses to cut this node off from.
+    blocked: Vec<std::net::SocketAddr>,
+}
+
+async fn set_faults(
+    State(handle): State<Arc<ClusterHandle>>,
+    body: Result<Json<FaultSpec>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(spec) = body?;
+    if !handle.settings.fault_injection {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "fault_injection_disabled",
+            "fault injection is off; it is for tests: set `[cluster] fault_injection = true`"
+                .into(),
+        ));
+    }
+    let runtime = handle.runtime.read().await;
+    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+    runtime.cut_links(spec.blocked.clone());
+    Ok(Json(serde_json::json!({ "blocked": spec.blocked })))
 }
 
 /// Pooled totals over the nodes that are up.

@@ -71,6 +71,8 @@ pub struct ClusterConfig {
     pub raft_heartbeat_ms: u64,
     pub raft_election_min_ms: u64,
     pub raft_election_max_ms: u64,
+    /// Lets the API cut links to chosen peers. For fault tests only.
+    pub fault_injection: bool,
 }
 
 impl Default for ClusterConfig {
@@ -85,6 +87,7 @@ impl Default for ClusterConfig {
             raft_heartbeat_ms: 250,
             raft_election_min_ms: 1000,
             raft_election_max_ms: 2000,
+            fault_injection: false,
         }
     }
 }
@@ -106,6 +109,7 @@ impl ClusterConfig {
             raft_heartbeat_ms: self.raft_heartbeat_ms,
             raft_election_min_ms: self.raft_election_min_ms,
             raft_election_max_ms: self.raft_election_max_ms,
+            fault_injection: self.fault_injection,
         }
     }
 }

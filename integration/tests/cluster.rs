@@ -234,3 +234,110 @@ fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
     }
     Ok(())
 }
+
+/// Three processes, links cut by the transport's fault injection: the
+/// isolated leader cannot commit, the majority elects a leader and can;
+/// after healing every node holds the majority's change and not the
+/// minority's.
+#[test]
+fn minority_cannot_commit_majority_can_and_all_agree_after_healing() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("fabricd.toml");
+    std::fs::write(&config, "[cluster]\nfault_injection = true\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\n")?;
+    let config = config.to_string_lossy().into_owned();
+    let mut nodes = Vec::new();
+    for i in 1..=3 {
+        let name = format!("n{i}");
+        let api = {
+            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+            format!("127.0.0.1:{}", listener.local_addr()?.port())
+        };
+        let cluster = format!("127.0.0.1:{}", free_udp_port());
+        let node = Fabricd::start_with(
+            &dir.path().join(&name),
+            &[
+                "--config",
+                &config,
+                "--api-tcp",
+                &api,
+                "--cluster-listen",
+                &cluster,
+                "--node-name",
+                &name,
+            ],
+        )?;
+        nodes.push((node, api, cluster));
+    }
+    nodes[0].0.fabctl(&["cluster", "init"])?;
+    for i in 1..3 {
+        let token = nodes[0].0.fabctl(&["cluster", "token"])?.trim().to_owned();
+        nodes[i]
+            .0
+            .fabctl(&["cluster", "join", &nodes[0].1, "--token", &token])?;
+    }
+    for (node, _, _) in &nodes {
+        wait_for("three voters", || {
+            let status = node.fabctl_json(&["cluster", "status"])?;
+            Ok((status["voters"].as_array().map(Vec::len) == Some(3)).then_some(()))
+        })?;
+    }
+    // Cut node 1 (the leader) off from the other two, both ways.
+    let addresses: Vec<String> = nodes
+        .iter()
+        .map(|(_, _, cluster)| cluster.clone())
+        .collect();
+    nodes[0].0.fabctl(&[
+        "cluster",
+        "faults",
+        "--block",
+        &addresses[1],
+        "--block",
+        &addresses[2],
+    ])?;
+    nodes[1]
+        .0
+        .fabctl(&["cluster", "faults", "--block", &addresses[0]])?;
+    nodes[2]
+        .0
+        .fabctl(&["cluster", "faults", "--block", &addresses[0]])?;
+
+    let minority = nodes[0]
+        .0
+        .fabctl_output(&["node", "label", "n1", "side=minority"])?;
+    assert!(
+        !minority.status.success(),
+        "an isolated leader must not commit"
+    );
+    assert!(
+        String::from_utf8_lossy(&minority.stderr).contains("not committed"),
+        "{minority:?}"
+    );
+
+    let majority_leader = wait_for("a leader among n2 and n3", || {
+        let status = nodes[1].0.fabctl_json(&["cluster", "status"])?;
+        Ok(status["leader"]
+            .as_u64()
+            .filter(|&leader| leader == 2 || leader == 3))
+    })?;
+    wait_for("the majority to commit", || {
+        let output = nodes[1]
+            .0
+            .fabctl_output(&["node", "label", "n1", "side=majority"])?;
+        Ok(output.status.success().then_some(()))
+    })?;
+
+    // Heal: everyone converges on the majority's history.
+    for (node, _, _) in &nodes {
+        node.fabctl(&["cluster", "faults"])?;
+    }
+    for (node, _, _) in &nodes {
+        wait_for("agreement after healing", || {
+            let shown = node.fabctl_json(&["node", "show", "n1"])?;
+            Ok((shown["labels"]["side"].as_str() == Some("majority")).then_some(()))
+        })?;
+        let status = node.fabctl_json(&["cluster", "status"])?;
+        assert!(status["leader"].as_u64().is_some(), "{status}");
+    }
+    let _ = majority_leader;
+    Ok(())
+}

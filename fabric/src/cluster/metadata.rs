@@ -47,6 +47,9 @@ pub struct NodeRecord {
     pub cluster_address: String,
     pub resources: Resources,
     pub joined_unix: u64,
+    /// Operator labels (zone, rack, ...), for placement and for people.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
 }
 
 /// A volume and where its replicas live.
@@ -77,6 +80,12 @@ pub enum Command {
     UpdateResources { id: NodeId, resources: Resources },
     /// A node left the cluster.
     RemoveNode { id: NodeId },
+    /// Sets (or, with no value, removes) a label of a node.
+    SetLabel {
+        id: NodeId,
+        key: String,
+        value: Option<String>,
+    },
     /// A volume was created with its placement.
     CreateVolume { volume: VolumeMeta },
     /// A volume was deleted.
@@ -136,6 +145,16 @@ impl Metadata {
             Command::UpdateResources { id, resources } => match self.nodes.get_mut(id) {
                 Some(node) => {
                     node.resources = resources.clone();
+                    Response::Applied
+                }
+                None => Response::rejected(format!("node {id} is not a member")),
+            },
+            Command::SetLabel { id, key, value } => match self.nodes.get_mut(id) {
+                Some(node) => {
+                    match value {
+                        Some(value) => node.labels.insert(key.clone(), value.clone()),
+                        None => node.labels.remove(key),
+                    };
                     Response::Applied
                 }
                 None => Response::rejected(format!("node {id} is not a member")),
@@ -210,6 +229,7 @@ mod tests {
             cluster_address: format!("127.0.0.1:{}", 7000 + id),
             resources: Resources::default(),
             joined_unix: 0,
+            labels: BTreeMap::new(),
         }
     }
 
@@ -270,6 +290,22 @@ mod tests {
                 },
                 false,
             ),
+            (
+                Command::SetLabel {
+                    id: 1,
+                    key: "zone".into(),
+                    value: Some("a".into()),
+                },
+                true,
+            ),
+            (
+                Command::SetLabel {
+                    id: 9,
+                    key: "zone".into(),
+                    value: None,
+                },
+                false,
+            ),
             (Command::DeleteVolume { name: "a".into() }, true),
             (Command::DeleteVolume { name: "a".into() }, false),
             (Command::RemoveNode { id: 2 }, true),
@@ -289,6 +325,10 @@ mod tests {
         }
         assert_eq!(metadata.nodes.len(), 1);
         assert_eq!(metadata.nodes[&1].resources.cpu_cores, 8);
+        assert_eq!(
+            metadata.nodes[&1].labels.get("zone").map(String::as_str),
+            Some("a")
+        );
         assert!(metadata.volumes.is_empty());
     }
 

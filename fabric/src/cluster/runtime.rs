@@ -25,8 +25,8 @@ use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
 use super::resources::local_resources;
 use super::tls::{fingerprint, ClusterCa, NodeIdentity, PendingIdentity, TlsError};
 use super::transport::{
-    bind, remove_member, serve, Handler, Heartbeat, QuicConnection, QuicNetwork, KIND_CLIENT_WRITE,
-    KIND_HEARTBEAT, KIND_REMOVE_NODE,
+    bind, remove_member, serve, Faults, Handler, Heartbeat, QuicConnection, QuicNetwork,
+    KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_REMOVE_NODE,
 };
 
 /// How this node takes part in a cluster.
@@ -44,6 +44,8 @@ pub struct ClusterSettings {
     pub raft_heartbeat_ms: u64,
     pub raft_election_min_ms: u64,
     pub raft_election_max_ms: u64,
+    /// Whether links may be cut through the API (fault tests only).
+    pub fault_injection: bool,
 }
 
 /// Errors of cluster operations.
@@ -75,6 +77,9 @@ pub enum ClusterError {
     #[error("join refused: {0}")]
     JoinRefused(String),
 }
+
+/// How long a metadata change may take to commit.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long a join waits for another membership change to finish.
 const MEMBERSHIP_CHANGE_WAIT: Duration = Duration::from_secs(30);
@@ -179,6 +184,8 @@ pub struct ClusterRuntime {
     tokens: Mutex<BTreeMap<String, Instant>>,
     /// Serialises admissions, so two joins never get the same node id.
     admitting: tokio::sync::Mutex<()>,
+    /// Injected link faults (only settable with `fault_injection`).
+    faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for ClusterRuntime {
@@ -280,6 +287,7 @@ impl ClusterRuntime {
             cluster_address: address.to_string(),
             resources: local_resources(data_dir),
             joined_unix: now_unix(),
+            labels: Default::default(),
         };
         runtime
             .write_with_retry(Command::AddNode { node: record })
@@ -392,7 +400,8 @@ impl ClusterRuntime {
             .map_err(|e| ClusterError::Storage(format!("{}: {e}", db_path.display())))?;
         let machine =
             StateMachine::open(db.clone()).map_err(|e| ClusterError::Storage(e.to_string()))?;
-        let network = QuicNetwork::new(endpoint.clone());
+        let faults: Arc<Faults> = Arc::default();
+        let network = QuicNetwork::new(endpoint.clone(), faults.clone());
         let raft = MetadataRaft::new(
             node.node_id,
             config,
@@ -408,6 +417,7 @@ impl ClusterRuntime {
             raft: raft.clone(),
             health: health.clone(),
             origin,
+            faults: faults.clone(),
         };
         let mut runtime = ClusterRuntime {
             id: node.node_id,
@@ -422,6 +432,7 @@ impl ClusterRuntime {
             ca: ClusterCa::load(&cluster_dir(data_dir).join("ca")).ok(),
             tokens: Mutex::new(BTreeMap::new()),
             admitting: tokio::sync::Mutex::new(()),
+            faults,
         };
         runtime.tasks.push(tokio::spawn(serve(endpoint, handler)));
         runtime.tasks.push(tokio::spawn(heartbeats(
@@ -519,6 +530,7 @@ impl ClusterRuntime {
             cluster_address: request.address.to_string(),
             resources: request.resources.clone(),
             joined_unix: now_unix(),
+            labels: Default::default(),
         };
         self.write_with_retry(Command::AddNode { node: record })
             .await?;
@@ -603,6 +615,12 @@ impl ClusterRuntime {
         Ok(())
     }
 
+    /// Cuts the links to `peers` (and only those), for fault tests.
+    pub fn cut_links(&self, peers: Vec<SocketAddr>) {
+        tracing::warn!(?peers, "fault injection: links cut");
+        self.faults.block(peers);
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -616,6 +634,12 @@ impl ClusterRuntime {
     /// Commits a metadata change, forwarding it to the leader if this
     /// node is not the leader.
     pub async fn write(&self, command: Command) -> Result<Response, ClusterError> {
+        tokio::time::timeout(WRITE_TIMEOUT, self.write_once(command))
+            .await
+            .map_err(|_| ClusterError::Write(format!("not committed within {WRITE_TIMEOUT:?}: is a majority of the voters reachable?")))?
+    }
+
+    async fn write_once(&self, command: Command) -> Result<Response, ClusterError> {
         match self.raft.client_write(command.clone()).await {
             Ok(written) => Ok(written.data),
             Err(RaftError::APIError(ClientWriteError::ForwardToLeader(forward))) => {
@@ -752,6 +776,7 @@ mod tests {
             raft_heartbeat_ms: 100,
             raft_election_min_ms: 500,
             raft_election_max_ms: 1000,
+            fault_injection: false,
         }
     }
 

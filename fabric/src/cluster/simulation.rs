@@ -183,6 +183,7 @@ impl Sim {
                     cluster_address: "sim:final".into(),
                     resources: Resources::default(),
                     joined_unix: 0,
+                    labels: Default::default(),
                 };
                 let raft = self.running[&leader].raft.clone();
                 let write = tokio::time::timeout(

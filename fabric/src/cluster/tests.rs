@@ -35,6 +35,7 @@ fn node_record(id: NodeId) -> NodeRecord {
         cluster_address: member(id).address,
         resources: Resources::default(),
         joined_unix: 0,
+        labels: Default::default(),
     }
 }
 
@@ -302,7 +303,7 @@ async fn three_members_over_quic_with_mutual_tls() {
         let raft = MetadataRaft::new(
             id,
             config.clone(),
-            QuicNetwork::new(endpoint.clone()),
+            QuicNetwork::new(endpoint.clone(), Arc::default()),
             LogStore::new(db),
             machine.clone(),
         )
@@ -312,6 +313,7 @@ async fn three_members_over_quic_with_mutual_tls() {
             raft: raft.clone(),
             health: Arc::default(),
             origin: std::time::Instant::now(),
+            faults: Arc::default(),
         };
         tokio::spawn(serve(endpoint.clone(), handler));
         nodes.insert(id, (raft, machine));
@@ -368,7 +370,9 @@ async fn three_members_over_quic_with_mutual_tls() {
         .issue("n1", &[loopback])
         .expect("certificate");
     let endpoint = bind("127.0.0.1:0".parse().expect("address"), &foreign).expect("bind");
-    let mut intruder = QuicNetwork::new(endpoint).new_client(1, &members[&1]).await;
+    let mut intruder = QuicNetwork::new(endpoint, Arc::default())
+        .new_client(1, &members[&1])
+        .await;
     let vote = VoteRequest {
         vote: Vote::new(1_000, 99),
         last_log_id: None,

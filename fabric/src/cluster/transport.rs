@@ -125,6 +125,27 @@ pub fn bind(
     Ok(endpoint)
 }
 
+/// Links this node pretends are cut, for fault tests: traffic to and from
+/// these peer addresses is dropped. Empty unless fault injection is on.
+#[derive(Debug, Default)]
+pub struct Faults {
+    blocked: Mutex<std::collections::HashSet<SocketAddr>>,
+}
+
+impl Faults {
+    /// Replaces the set of blocked peers.
+    pub fn block(&self, peers: impl IntoIterator<Item = SocketAddr>) {
+        *self.blocked.lock().expect("faults lock poisoned") = peers.into_iter().collect();
+    }
+
+    fn is_blocked(&self, peer: &SocketAddr) -> bool {
+        self.blocked
+            .lock()
+            .expect("faults lock poisoned")
+            .contains(peer)
+    }
+}
+
 /// What answers incoming requests: the Raft group, and the node's view of
 /// its peers' health.
 #[derive(Clone)]
@@ -133,6 +154,8 @@ pub struct Handler {
     pub health: Arc<Mutex<Health>>,
     /// Origin of the health clock.
     pub origin: std::time::Instant,
+    /// Injected faults.
+    pub faults: Arc<Faults>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -151,6 +174,10 @@ pub struct Heartbeat {
 pub async fn serve(endpoint: quinn::Endpoint, handler: Handler) {
     while let Some(incoming) = endpoint.accept().await {
         let handler = handler.clone();
+        if handler.faults.is_blocked(&incoming.remote_address()) {
+            incoming.ignore();
+            continue;
+        }
         tokio::spawn(async move {
             let remote = incoming.remote_address();
             let connection = match incoming.await {
@@ -184,6 +211,10 @@ async fn answer(
         tracing::warn!(%remote, "dropped an empty cluster request");
         return;
     };
+    if handler.faults.is_blocked(&remote) {
+        let _ = send.reset(2u32.into());
+        return;
+    }
     let raft = &handler.raft;
     let response = match kind {
         KIND_APPEND_ENTRIES => dispatch(body, |r| raft.append_entries(r)).await,
@@ -249,14 +280,16 @@ where
 pub struct QuicNetwork {
     endpoint: quinn::Endpoint,
     connections: Arc<Mutex<HashMap<NodeId, quinn::Connection>>>,
+    faults: Arc<Faults>,
 }
 
 impl QuicNetwork {
-    /// RPCs go out through `endpoint` (see [`bind`]).
-    pub fn new(endpoint: quinn::Endpoint) -> QuicNetwork {
+    /// RPCs go out through `endpoint` (see [`bind`]), subject to `faults`.
+    pub fn new(endpoint: quinn::Endpoint, faults: Arc<Faults>) -> QuicNetwork {
         QuicNetwork {
             endpoint,
             connections: Arc::default(),
+            faults,
         }
     }
 }
@@ -293,6 +326,16 @@ type RpcError<E> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
 
 impl QuicConnection {
     async fn connection(&self) -> Result<quinn::Connection, CallError> {
+        let unreachable = |e: &dyn std::fmt::Display| {
+            CallError::Unreachable(format!(
+                "node {} at {}: {e}",
+                self.target, self.member.address
+            ))
+        };
+        let address: SocketAddr = self.member.address.parse().map_err(|e| unreachable(&e))?;
+        if self.network.faults.is_blocked(&address) {
+            return Err(unreachable(&"the link is cut by fault injection"));
+        }
         let cached = self
             .network
             .connections
@@ -305,13 +348,6 @@ impl QuicConnection {
                 return Ok(connection);
             }
         }
-        let unreachable = |e: &dyn std::fmt::Display| {
-            CallError::Unreachable(format!(
-                "node {} at {}: {e}",
-                self.target, self.member.address
-            ))
-        };
-        let address: SocketAddr = self.member.address.parse().map_err(|e| unreachable(&e))?;
         let connecting = self
             .network
             .endpoint
