@@ -714,10 +714,16 @@ impl ClusterRuntime {
         }
     }
 
-    /// Stops Raft and the endpoint.
-    pub async fn shutdown(self) {
+    /// Stops Raft and the endpoint, and waits until nothing holds the
+    /// cluster database any more, so that it can be opened again.
+    pub async fn shutdown(mut self) {
         for task in &self.tasks {
             task.abort();
+        }
+        // An aborted task drops what it holds (the state machine, and with
+        // it the database) only when it is next polled: wait for that.
+        for task in std::mem::take(&mut self.tasks) {
+            let _ = task.await;
         }
         if let Err(error) = self.raft.shutdown().await {
             tracing::warn!(%error, "raft did not stop cleanly");
