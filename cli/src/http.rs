@@ -26,10 +26,13 @@ impl Endpoint {
         if let Some(address) = text.strip_prefix("tcp://") {
             return Endpoint::Tcp(address.to_owned());
         }
-        if !text.starts_with('/')
-            && !text.starts_with('.')
-            && text.parse::<std::net::SocketAddr>().is_ok()
-        {
+        // host:port (an IP or a name, and a numeric port) is TCP; a socket
+        // path has a '/' or no port.
+        let is_host_port = !text.contains('/')
+            && text
+                .rsplit_once(':')
+                .is_some_and(|(host, port)| !host.is_empty() && port.parse::<u16>().is_ok());
+        if is_host_port {
             return Endpoint::Tcp(text.to_owned());
         }
         Endpoint::Unix(text.into())
@@ -205,5 +208,7 @@ mod tests {
             Endpoint::Tcp(_)
         ));
         assert!(matches!(Endpoint::parse("api.sock"), Endpoint::Unix(_)));
+        assert!(matches!(Endpoint::parse("node-a:7451"), Endpoint::Tcp(_)));
+        assert!(matches!(Endpoint::parse("./x:1"), Endpoint::Unix(_)));
     }
 }

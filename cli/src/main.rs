@@ -246,7 +246,7 @@ fn run(args: &Args) -> Result<(), CliError> {
             let mut request = call(&endpoint, "POST", "/v1/cluster/join-prepare", None)?;
             request["token"] = Value::String(token.clone());
             let seed = Endpoint::parse(address);
-            if matches!(seed, Endpoint::Unix(_)) && !address.contains('/') {
+            if !matches!(seed, Endpoint::Tcp(_)) {
                 return Err(CliError::Api {
                     message: format!(
                         "{address:?} is not host:port; give the TCP API address of a cluster node"
