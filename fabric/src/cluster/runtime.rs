@@ -474,6 +474,23 @@ impl ClusterRuntime {
             .ok_or_else(|| refused("this node does not hold the cluster CA".into()))?;
         let (_, secret) =
             parse_token(&request.token).ok_or_else(|| refused("the token is malformed".into()))?;
+        let name_ok = !request.name.is_empty()
+            && request.name.len() <= 63
+            && request
+                .name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+            && request
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '-'));
+        if !name_ok {
+            return Err(refused(format!(
+                "node name {:?} must be 1 to 63 letters, digits, '.' or '-', starting with a letter or digit",
+                request.name
+            )));
+        }
         {
             let mut tokens = self.tokens.lock().expect("token lock poisoned");
             match tokens.remove(secret) {
