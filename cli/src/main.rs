@@ -104,6 +104,9 @@ enum VolumeCommand {
         /// Must be a multiple of 4 KiB.
         #[arg(long, value_parser = parse_size)]
         size: u64,
+        /// Replicas on distinct nodes (in a cluster; 1 to 3).
+        #[arg(long)]
+        replicas: Option<usize>,
     },
     /// List volumes.
     List,
@@ -353,8 +356,15 @@ fn run(args: &Args) -> Result<(), CliError> {
             }
         }
         Command::Volume(command) => match command {
-            VolumeCommand::Create { name, size } => {
-                let body = json!({ "name": name, "size_bytes": size });
+            VolumeCommand::Create {
+                name,
+                size,
+                replicas,
+            } => {
+                let mut body = json!({ "name": name, "size_bytes": size });
+                if let Some(replicas) = replicas {
+                    body["replicas"] = json!(replicas);
+                }
                 let value = call(&endpoint, "POST", "/v1/volumes", Some(body))?;
                 if json {
                     print_json(&value);
@@ -544,6 +554,9 @@ fn print_volume(v: &Value) {
     println!("block size:  {}", bytes(&v["block_size"]));
     println!("allocated:   {}", bytes(&v["usage"]["allocated_bytes"]));
     println!("unflushed:   {}", bytes(&v["usage"]["unflushed_bytes"]));
+    if !v["placement"].is_null() {
+        println!("placement:   nodes {}", v["placement"]);
+    }
     let a = &v["attachment"];
     if a.is_null() {
         println!(

@@ -14,6 +14,8 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::cluster::metadata::VolumeMeta;
+use crate::cluster_api::ClusterHandle;
 use crate::node::{Node, NodeError};
 
 /// Largest request body accepted.
@@ -37,7 +39,7 @@ impl ApiError {
         }
     }
 
-    fn bad_request(message: String) -> ApiError {
+    pub(crate) fn bad_request(message: String) -> ApiError {
         ApiError {
             status: StatusCode::BAD_REQUEST,
             code: "bad_request",
@@ -90,6 +92,28 @@ impl From<JsonRejection> for ApiError {
 pub struct CreateVolume {
     pub name: String,
     pub size_bytes: u64,
+    /// Replicas to place (in a cluster); 1 if absent.
+    #[serde(default)]
+    pub replicas: Option<usize>,
+}
+
+/// What the volume routes need: the node, and its cluster membership.
+#[derive(Debug, Clone)]
+struct ApiState {
+    node: Arc<Node>,
+    cluster: Arc<ClusterHandle>,
+}
+
+impl axum::extract::FromRef<ApiState> for Arc<Node> {
+    fn from_ref(state: &ApiState) -> Arc<Node> {
+        state.node.clone()
+    }
+}
+
+impl axum::extract::FromRef<ApiState> for Arc<ClusterHandle> {
+    fn from_ref(state: &ApiState) -> Arc<ClusterHandle> {
+        state.cluster.clone()
+    }
 }
 
 /// Body of `POST /v1/volumes/{name}/detach`.
@@ -116,7 +140,7 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The API's routes.
-pub fn router(node: Arc<Node>) -> Router {
+pub fn router(node: Arc<Node>, cluster: Arc<ClusterHandle>) -> Router {
     Router::new()
         .route("/v1/health", get(health))
         .route("/v1/volumes", get(list_volumes).post(create_volume))
@@ -125,7 +149,7 @@ pub fn router(node: Arc<Node>) -> Router {
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
-        .with_state(node)
+        .with_state(ApiState { node, cluster })
 }
 
 async fn health() -> impl IntoResponse {
@@ -146,28 +170,72 @@ async fn list_volumes(State(node): State<Arc<Node>>) -> Result<impl IntoResponse
 
 async fn create_volume(
     State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
     body: Result<Json<CreateVolume>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(request) = body?;
-    let view = blocking(&node, move |node| {
-        node.create(&request.name, request.size_bytes)
-    })
-    .await?;
+    let replicas = request.replicas.unwrap_or(1);
+    let runtime = cluster.runtime.read().await;
+    // In a cluster, the name must be free cluster-wide and the replicas
+    // are placed first; the volume is then created here and recorded
+    // with its placement.
+    let placement = match runtime.as_ref() {
+        Some(runtime) => Some(runtime.place_volume(&request.name, request.size_bytes, replicas)?),
+        None if replicas != 1 => {
+            return Err(ApiError::bad_request(
+                "a node outside a cluster holds volumes with exactly one replica".into(),
+            ))
+        }
+        None => None,
+    };
+    let (name, size) = (request.name.clone(), request.size_bytes);
+    let view = blocking(&node, move |node| node.create(&name, size)).await?;
+    if let (Some(runtime), Some(replicas)) = (runtime.as_ref(), placement) {
+        let volume = VolumeMeta {
+            id: view.id.clone(),
+            name: view.name.clone(),
+            size_bytes: view.size_bytes,
+            replicas,
+            created_unix: view.created_unix,
+        };
+        if let Err(error) = runtime.record_volume(volume).await {
+            let name = view.name.clone();
+            let _ = blocking(&node, move |node| node.delete(&name)).await;
+            return Err(error.into());
+        }
+    }
     Ok((StatusCode::CREATED, Json(view)))
 }
 
 async fn show_volume(
     State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(blocking(&node, move |node| node.show(&name)).await?))
+    let lookup = name.clone();
+    let view = blocking(&node, move |node| node.show(&lookup)).await?;
+    let mut value = serde_json::to_value(view).expect("a volume view always serializes");
+    // In a cluster, the placement recorded in the cluster metadata.
+    if let Some(runtime) = cluster.runtime.read().await.as_ref() {
+        if let Some(volume) = runtime.metadata().volumes.get(&name) {
+            value["placement"] = json!(volume.replicas);
+        }
+    }
+    Ok(Json(value))
 }
 
 async fn delete_volume(
     State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    blocking(&node, move |node| node.delete(&name)).await?;
+    let local = name.clone();
+    blocking(&node, move |node| node.delete(&local)).await?;
+    if let Some(runtime) = cluster.runtime.read().await.as_ref() {
+        if runtime.metadata().volumes.contains_key(&name) {
+            runtime.forget_volume(&name).await?;
+        }
+    }
     Ok(StatusCode::NO_CONTENT)
 }
 

@@ -104,7 +104,8 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         settings,
         runtime: tokio::sync::RwLock::new(membership),
     });
-    let router = api::router(node.clone()).merge(cluster_api::router(cluster.clone()));
+    let router =
+        api::router(node.clone(), cluster.clone()).merge(cluster_api::router(cluster.clone()));
 
     let unix = bind_unix(&config.api_socket)?;
     let _socket_guard = RemoveOnDrop(config.api_socket.clone());

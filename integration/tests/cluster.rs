@@ -142,6 +142,46 @@ fn three_node_cluster_joins_and_survives_the_leader() -> Result<()> {
     let pool = second.fabctl_json(&["pool"])?;
     assert_eq!(pool["totals"]["nodes_up"].as_u64(), Some(3), "{pool}");
 
+    // A volume created on one node is placed on distinct nodes, recorded
+    // in the cluster metadata, and its name is taken cluster-wide.
+    second.fabctl(&[
+        "volume",
+        "create",
+        "shared",
+        "--size",
+        "1G",
+        "--replicas",
+        "2",
+    ])?;
+    let shown = second.fabctl_json(&["volume", "show", "shared"])?;
+    let placement: Vec<u64> = shown["placement"]
+        .as_array()
+        .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(placement.len(), 2, "{shown}");
+    assert_ne!(placement[0], placement[1]);
+    let taken = wait_for("the name to be taken on another node", || {
+        let output = third.fabctl_output(&["volume", "create", "shared", "--size", "1G"])?;
+        let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
+        Ok((!output.status.success()).then_some(stderr))
+    })?;
+    assert!(taken.contains("already exists in the cluster"), "{taken}");
+    let too_many = second.fabctl_output(&[
+        "volume",
+        "create",
+        "wide",
+        "--size",
+        "1G",
+        "--replicas",
+        "4",
+    ])?;
+    assert!(String::from_utf8_lossy(&too_many.stderr).contains("1 to 3 replicas"));
+    second.fabctl(&["volume", "delete", "shared"])?;
+    wait_for("the name to be free again", || {
+        let output = third.fabctl_output(&["volume", "create", "shared", "--size", "1G"])?;
+        Ok(output.status.success().then_some(()))
+    })?;
+
     // Kill the leader: the other two elect a new one.
     first.kill9()?;
     let new_leader = wait_for("a new leader", || {

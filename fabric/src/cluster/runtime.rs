@@ -20,7 +20,8 @@ use openraft::error::{ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use super::health::{Health, HealthTimings};
-use super::metadata::{Command, Metadata, NodeId, NodeRecord, NodeState, Response};
+use super::metadata::{Command, Metadata, NodeId, NodeRecord, NodeState, Response, VolumeMeta};
+use super::placement::{place, Candidate};
 use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
 use super::resources::local_resources;
 use super::tls::{fingerprint, ClusterCa, NodeIdentity, PendingIdentity, TlsError};
@@ -630,6 +631,66 @@ impl ClusterRuntime {
         result.map_err(ClusterError::Rejected)?;
         self.health.lock().expect("health lock poisoned").forget(id);
         Ok(())
+    }
+
+    /// Chooses nodes for a new volume's replicas (see [`place`]); refuses a
+    /// name already used in the cluster. Free space per node is its
+    /// reported free disk less the volumes already placed on it.
+    pub fn place_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        replicas: usize,
+    ) -> Result<Vec<NodeId>, ClusterError> {
+        let metadata = self.metadata();
+        if metadata.volumes.contains_key(name) {
+            return Err(ClusterError::Rejected(format!(
+                "a volume named {name:?} already exists in the cluster"
+            )));
+        }
+        let candidates: Vec<Candidate> = self
+            .nodes()
+            .into_iter()
+            .map(|node| {
+                let claimed: u64 = metadata
+                    .volumes
+                    .values()
+                    .filter(|volume| volume.replicas.contains(&node.record.id))
+                    .map(|volume| volume.size_bytes)
+                    .sum();
+                Candidate {
+                    id: node.record.id,
+                    state: node.state,
+                    free_bytes: node
+                        .record
+                        .resources
+                        .disk_free_bytes
+                        .saturating_sub(claimed),
+                }
+            })
+            .collect();
+        place(&candidates, replicas, size_bytes).map_err(|e| ClusterError::Rejected(e.to_string()))
+    }
+
+    /// Records a created volume and its placement in the cluster metadata.
+    pub async fn record_volume(&self, volume: VolumeMeta) -> Result<(), ClusterError> {
+        match self.write(Command::CreateVolume { volume }).await? {
+            Response::Applied => Ok(()),
+            Response::Rejected { reason } => Err(ClusterError::Rejected(reason)),
+        }
+    }
+
+    /// Removes a deleted volume from the cluster metadata.
+    pub async fn forget_volume(&self, name: &str) -> Result<(), ClusterError> {
+        match self
+            .write(Command::DeleteVolume {
+                name: name.to_owned(),
+            })
+            .await?
+        {
+            Response::Applied => Ok(()),
+            Response::Rejected { reason } => Err(ClusterError::Rejected(reason)),
+        }
     }
 
     /// Cuts the links to `peers` (and only those), for fault tests.
