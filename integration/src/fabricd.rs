@@ -216,3 +216,59 @@ impl Drop for Fabricd {
         }
     }
 }
+
+/// A free TCP port on loopback.
+pub fn free_tcp_port() -> Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A free UDP port on loopback.
+pub fn free_udp_port() -> Result<u16> {
+    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A `fabricd` started to take part in a cluster on loopback.
+#[derive(Debug)]
+pub struct ClusterMember {
+    pub node: Fabricd,
+    /// Its TCP API address (what `cluster join` talks to).
+    pub api: String,
+    /// Its cluster (QUIC) address.
+    pub cluster: String,
+}
+
+/// Starts node `name` under `root/name` with a TCP API and a cluster
+/// endpoint on loopback, plus `extra_args` (e.g. `--config FILE`).
+pub fn start_cluster_member(root: &Path, name: &str, extra_args: &[&str]) -> Result<ClusterMember> {
+    let api = format!("127.0.0.1:{}", free_tcp_port()?);
+    let cluster = format!("127.0.0.1:{}", free_udp_port()?);
+    let mut args = vec![
+        "--api-tcp",
+        &api,
+        "--cluster-listen",
+        &cluster,
+        "--node-name",
+        name,
+    ];
+    args.extend_from_slice(extra_args);
+    let node = Fabricd::start_with(&root.join(name), &args)?;
+    Ok(ClusterMember { node, api, cluster })
+}
+
+/// Forms a cluster: the first member runs `cluster init`, every other joins
+/// through it with a token of its own.
+pub fn form_cluster(members: &[ClusterMember]) -> Result<()> {
+    let (first, rest) = members.split_first().context("a cluster needs a member")?;
+    first.node.fabctl(&["cluster", "init"])?;
+    for member in rest {
+        let token = first.node.fabctl(&["cluster", "token"])?.trim().to_owned();
+        member
+            .node
+            .fabctl(&["cluster", "join", &first.api, "--token", &token])?;
+    }
+    Ok(())
+}

@@ -1,17 +1,14 @@
 //! A `fabricd` process forming a cluster: init, node list, pool, restart.
 
 use anyhow::Result;
-use integration::fabricd::Fabricd;
-
-fn free_udp_port() -> u16 {
-    let socket = std::net::UdpSocket::bind("127.0.0.1:0").expect("bind a probe socket");
-    socket.local_addr().expect("local address").port()
-}
+use integration::fabricd::{
+    form_cluster, free_udp_port, start_cluster_member, ClusterMember, Fabricd,
+};
 
 #[test]
 fn init_lists_the_node_and_survives_kill9() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let address = format!("127.0.0.1:{}", free_udp_port());
+    let address = format!("127.0.0.1:{}", free_udp_port()?);
     let mut node = Fabricd::start_with(
         dir.path(),
         &["--cluster-listen", &address, "--node-name", "alpha"],
@@ -69,26 +66,6 @@ fn init_lists_the_node_and_survives_kill9() -> Result<()> {
     Ok(())
 }
 
-fn start_member(root: &std::path::Path, name: &str) -> Result<(Fabricd, String)> {
-    let api = format!("127.0.0.1:{}", {
-        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-        listener.local_addr()?.port()
-    });
-    let cluster = format!("127.0.0.1:{}", free_udp_port());
-    let node = Fabricd::start_with(
-        &root.join(name),
-        &[
-            "--api-tcp",
-            &api,
-            "--cluster-listen",
-            &cluster,
-            "--node-name",
-            name,
-        ],
-    )?;
-    Ok((node, api))
-}
-
 fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Result<T> {
     for _ in 0..200 {
         if let Some(value) = check()? {
@@ -105,9 +82,13 @@ fn wait_for<T>(what: &str, mut check: impl FnMut() -> Result<Option<T>>) -> Resu
 #[test]
 fn three_node_cluster_joins_and_survives_the_leader() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let (mut first, first_api) = start_member(dir.path(), "n1")?;
-    let (second, _) = start_member(dir.path(), "n2")?;
-    let (third, _) = start_member(dir.path(), "n3")?;
+    let ClusterMember {
+        node: mut first,
+        api: first_api,
+        ..
+    } = start_cluster_member(dir.path(), "n1", &[])?;
+    let second = start_cluster_member(dir.path(), "n2", &[])?.node;
+    let third = start_cluster_member(dir.path(), "n3", &[])?.node;
     first.fabctl(&["cluster", "init"])?;
 
     let token = first.fabctl(&["cluster", "token"])?.trim().to_owned();
@@ -153,12 +134,14 @@ fn three_node_cluster_joins_and_survives_the_leader() -> Result<()> {
         "--replicas",
         "2",
     ])?;
-    let shown = second.fabctl_json(&["volume", "show", "shared"])?;
-    let placement: Vec<u64> = shown["placement"]
-        .as_array()
-        .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect())
-        .unwrap_or_default();
-    assert_eq!(placement.len(), 2, "{shown}");
+    // A follower shows what it has applied, which may lag the commit.
+    let placement: Vec<u64> = wait_for("the placement to show", || {
+        let shown = second.fabctl_json(&["volume", "show", "shared"])?;
+        Ok(shown["placement"]
+            .as_array()
+            .map(|ids| ids.iter().filter_map(|id| id.as_u64()).collect()))
+    })?;
+    assert_eq!(placement.len(), 2, "{placement:?}");
     assert_ne!(placement[0], placement[1]);
     let taken = wait_for("the name to be taken on another node", || {
         let output = third.fabctl_output(&["volume", "create", "shared", "--size", "1G"])?;
@@ -210,37 +193,12 @@ fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
         &config,
         "[cluster]\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
     )?;
-    let mut nodes = Vec::new();
-    for i in 1..=5 {
-        let name = format!("n{i}");
-        let api = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            format!("127.0.0.1:{}", listener.local_addr()?.port())
-        };
-        let cluster = format!("127.0.0.1:{}", free_udp_port());
-        let config = config.to_string_lossy().into_owned();
-        let node = Fabricd::start_with(
-            &dir.path().join(&name),
-            &[
-                "--config",
-                &config,
-                "--api-tcp",
-                &api,
-                "--cluster-listen",
-                &cluster,
-                "--node-name",
-                &name,
-            ],
-        )?;
-        nodes.push((node, api));
-    }
-    nodes[0].0.fabctl(&["cluster", "init"])?;
-    let seed = nodes[0].1.clone();
-    for (node, _) in &nodes[1..] {
-        let token = nodes[0].0.fabctl(&["cluster", "token"])?.trim().to_owned();
-        node.fabctl(&["cluster", "join", &seed, "--token", &token])?;
-    }
-    for (node, _) in &nodes {
+    let config = config.to_string_lossy().into_owned();
+    let mut nodes = (1..=5)
+        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&nodes)?;
+    for ClusterMember { node, .. } in &nodes {
         wait_for("five voters up", || {
             let rows = node
                 .fabctl_json(&["node", "list"])?
@@ -254,9 +212,9 @@ fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
             .then_some(()))
         })?;
     }
-    let (mut stopped, _) = nodes.pop().expect("five nodes");
-    stopped.terminate()?;
-    for (node, _) in &nodes {
+    let mut stopped = nodes.pop().expect("five nodes");
+    stopped.node.terminate()?;
+    for ClusterMember { node, .. } in &nodes {
         wait_for("node 5 down", || {
             let rows = node
                 .fabctl_json(&["node", "list"])?
@@ -285,48 +243,19 @@ fn minority_cannot_commit_majority_can_and_all_agree_after_healing() -> Result<(
     let config = dir.path().join("fabricd.toml");
     std::fs::write(&config, "[cluster]\nfault_injection = true\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\n")?;
     let config = config.to_string_lossy().into_owned();
-    let mut nodes = Vec::new();
-    for i in 1..=3 {
-        let name = format!("n{i}");
-        let api = {
-            let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-            format!("127.0.0.1:{}", listener.local_addr()?.port())
-        };
-        let cluster = format!("127.0.0.1:{}", free_udp_port());
-        let node = Fabricd::start_with(
-            &dir.path().join(&name),
-            &[
-                "--config",
-                &config,
-                "--api-tcp",
-                &api,
-                "--cluster-listen",
-                &cluster,
-                "--node-name",
-                &name,
-            ],
-        )?;
-        nodes.push((node, api, cluster));
-    }
-    nodes[0].0.fabctl(&["cluster", "init"])?;
-    for i in 1..3 {
-        let token = nodes[0].0.fabctl(&["cluster", "token"])?.trim().to_owned();
-        nodes[i]
-            .0
-            .fabctl(&["cluster", "join", &nodes[0].1, "--token", &token])?;
-    }
-    for (node, _, _) in &nodes {
+    let nodes = (1..=3)
+        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&nodes)?;
+    for ClusterMember { node, .. } in &nodes {
         wait_for("three voters", || {
             let status = node.fabctl_json(&["cluster", "status"])?;
             Ok((status["voters"].as_array().map(Vec::len) == Some(3)).then_some(()))
         })?;
     }
     // Cut node 1 (the leader) off from the other two, both ways.
-    let addresses: Vec<String> = nodes
-        .iter()
-        .map(|(_, _, cluster)| cluster.clone())
-        .collect();
-    nodes[0].0.fabctl(&[
+    let addresses: Vec<String> = nodes.iter().map(|member| member.cluster.clone()).collect();
+    nodes[0].node.fabctl(&[
         "cluster",
         "faults",
         "--block",
@@ -335,14 +264,14 @@ fn minority_cannot_commit_majority_can_and_all_agree_after_healing() -> Result<(
         &addresses[2],
     ])?;
     nodes[1]
-        .0
+        .node
         .fabctl(&["cluster", "faults", "--block", &addresses[0]])?;
     nodes[2]
-        .0
+        .node
         .fabctl(&["cluster", "faults", "--block", &addresses[0]])?;
 
     let minority = nodes[0]
-        .0
+        .node
         .fabctl_output(&["node", "label", "n1", "side=minority"])?;
     assert!(
         !minority.status.success(),
@@ -354,23 +283,23 @@ fn minority_cannot_commit_majority_can_and_all_agree_after_healing() -> Result<(
     );
 
     let majority_leader = wait_for("a leader among n2 and n3", || {
-        let status = nodes[1].0.fabctl_json(&["cluster", "status"])?;
+        let status = nodes[1].node.fabctl_json(&["cluster", "status"])?;
         Ok(status["leader"]
             .as_u64()
             .filter(|&leader| leader == 2 || leader == 3))
     })?;
     wait_for("the majority to commit", || {
         let output = nodes[1]
-            .0
+            .node
             .fabctl_output(&["node", "label", "n1", "side=majority"])?;
         Ok(output.status.success().then_some(()))
     })?;
 
     // Heal: everyone converges on the majority's history.
-    for (node, _, _) in &nodes {
+    for ClusterMember { node, .. } in &nodes {
         node.fabctl(&["cluster", "faults"])?;
     }
-    for (node, _, _) in &nodes {
+    for ClusterMember { node, .. } in &nodes {
         wait_for("agreement after healing", || {
             let shown = node.fabctl_json(&["node", "show", "n1"])?;
             Ok((shown["labels"]["side"].as_str() == Some("majority")).then_some(()))

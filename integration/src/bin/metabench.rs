@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use clap::Parser;
-use integration::fabricd::Fabricd;
+use integration::fabricd::{form_cluster, free_tcp_port, start_cluster_member, ClusterMember};
 use integration::latency::LatencyHistogram;
 
 #[derive(Debug, Parser)]
@@ -199,50 +199,18 @@ fn throughput_run(address: &str, target: Target, ops: usize, concurrency: usize)
     Ok((per_client * concurrency) as f64 / start.elapsed().as_secs_f64())
 }
 
-fn free_port() -> Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
-fn free_udp_port() -> Result<u16> {
-    Ok(std::net::UdpSocket::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 /// Starts the Fabric cluster; returns the nodes and the leader's TCP API.
-fn start_fabric(dir: &Path) -> Result<(Vec<Fabricd>, String)> {
-    let mut nodes = Vec::new();
-    let mut apis = Vec::new();
-    for i in 1..=3 {
-        let api = format!("127.0.0.1:{}", free_port()?);
-        let cluster = format!("127.0.0.1:{}", free_udp_port()?);
-        let name = format!("n{i}");
-        let node = Fabricd::start_with(
-            &dir.join(&name),
-            &[
-                "--api-tcp",
-                &api,
-                "--cluster-listen",
-                &cluster,
-                "--node-name",
-                &name,
-            ],
-        )?;
-        nodes.push(node);
-        apis.push(api);
-    }
-    nodes[0].fabctl(&["cluster", "init"])?;
-    for i in 1..3 {
-        let token = nodes[0].fabctl(&["cluster", "token"])?.trim().to_owned();
-        nodes[i].fabctl(&["cluster", "join", &apis[0], "--token", &token])?;
-    }
+fn start_fabric(dir: &Path) -> Result<(Vec<ClusterMember>, String)> {
+    let members = (1..=3)
+        .map(|i| start_cluster_member(dir, &format!("n{i}"), &[]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&members)?;
     for _ in 0..200 {
-        let status = nodes[0].fabctl_json(&["cluster", "status"])?;
+        let status = members[0].node.fabctl_json(&["cluster", "status"])?;
         if status["voters"].as_array().map(Vec::len) == Some(3) {
             let leader = status["leader"].as_u64().context("leader")? as usize;
-            return Ok((nodes, apis[leader - 1].clone()));
+            let api = members[leader - 1].api.clone();
+            return Ok((members, api));
         }
         std::thread::sleep(Duration::from_millis(100));
     }
@@ -266,8 +234,8 @@ impl Drop for Etcd {
 /// Starts a 3-member etcd cluster on loopback; returns it with the
 /// leader's client address.
 fn start_etcd(dir: &Path) -> Result<(Etcd, String)> {
-    let peers: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
-    let clients: Vec<u16> = (0..3).map(|_| free_port()).collect::<Result<_>>()?;
+    let peers: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect::<Result<_>>()?;
+    let clients: Vec<u16> = (0..3).map(|_| free_tcp_port()).collect::<Result<_>>()?;
     let initial: Vec<String> = (0..3)
         .map(|i| format!("e{i}=http://127.0.0.1:{}", peers[i]))
         .collect();
