@@ -29,6 +29,10 @@ struct Args {
     /// Output format.
     #[arg(long, short, global = true, value_enum, default_value = "table")]
     output: Output,
+    /// Read the metadata as this node has applied it, possibly stale,
+    /// without asking the leader (answers even without a quorum).
+    #[arg(long, global = true)]
+    local: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -159,6 +163,15 @@ fn segment(text: &str) -> String {
         .collect()
 }
 
+/// `path` of a metadata read, asking for a local read with `--local`.
+fn read_path(args: &Args, path: &str) -> String {
+    if args.local {
+        format!("{path}?consistency=local")
+    } else {
+        path.to_owned()
+    }
+}
+
 fn call(
     endpoint: &Endpoint,
     method: &str,
@@ -269,7 +282,7 @@ fn run(args: &Args) -> Result<(), CliError> {
             }
         }
         Command::Node(NodeCommand::List) => {
-            let value = call(&endpoint, "GET", "/v1/nodes", None)?;
+            let value = call(&endpoint, "GET", &read_path(args, "/v1/nodes"), None)?;
             if json {
                 print_json(&value);
             } else {
@@ -280,7 +293,7 @@ fn run(args: &Args) -> Result<(), CliError> {
             let value = call(
                 &endpoint,
                 "GET",
-                &format!("/v1/nodes/{}", segment(node)),
+                &read_path(args, &format!("/v1/nodes/{}", segment(node))),
                 None,
             )?;
             print_json(&value);
@@ -337,7 +350,7 @@ fn run(args: &Args) -> Result<(), CliError> {
             }
         }
         Command::Pool => {
-            let value = call(&endpoint, "GET", "/v1/pool", None)?;
+            let value = call(&endpoint, "GET", &read_path(args, "/v1/pool"), None)?;
             if json {
                 print_json(&value);
             } else {
@@ -388,7 +401,7 @@ fn run(args: &Args) -> Result<(), CliError> {
                 let value = call(
                     &endpoint,
                     "GET",
-                    &format!("/v1/volumes/{}", segment(name)),
+                    &read_path(args, &format!("/v1/volumes/{}", segment(name))),
                     None,
                 )?;
                 if json {

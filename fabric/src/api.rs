@@ -5,8 +5,8 @@
 
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -77,6 +77,12 @@ impl From<NodeError> for ApiError {
             code,
             message: error.to_string(),
         }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> ApiError {
+        ApiError::bad_request(format!("invalid query: {}", rejection.body_text()))
     }
 }
 
@@ -211,12 +217,14 @@ async fn show_volume(
     State(node): State<Arc<Node>>,
     State(cluster): State<Arc<ClusterHandle>>,
     Path(name): Path<String>,
+    params: Result<Query<crate::cluster_api::ReadParams>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let lookup = name.clone();
     let view = blocking(&node, move |node| node.show(&lookup)).await?;
     let mut value = serde_json::to_value(view).expect("a volume view always serializes");
     // In a cluster, the placement recorded in the cluster metadata.
-    if let Some(runtime) = cluster.runtime.read().await.as_ref() {
+    if cluster.runtime.read().await.is_some() {
+        let runtime = crate::cluster_api::read_runtime(&cluster, params).await?;
         if let Some(volume) = runtime.metadata().volumes.get(&name) {
             value["placement"] = json!(volume.replicas);
         }

@@ -4,19 +4,19 @@
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
-use tokio::sync::RwLock;
+use tokio::sync::{RwLock, RwLockReadGuard};
 
 use crate::api::ApiError;
 use crate::cluster::metadata::NodeState;
 use crate::cluster::runtime::{
-    ClusterError, ClusterRuntime, ClusterSettings, JoinGrant, JoinRequest, NodeView,
+    ClusterError, ClusterRuntime, ClusterSettings, Consistency, JoinGrant, JoinRequest, NodeView,
 };
 
 /// This node's cluster membership, if any, and what creating one needs.
@@ -36,6 +36,7 @@ impl From<ClusterError> for ApiError {
             }
             ClusterError::Rejected(_) => (StatusCode::CONFLICT, "rejected"),
             ClusterError::Write(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_committed"),
+            ClusterError::Read(_) => (StatusCode::SERVICE_UNAVAILABLE, "not_current"),
             ClusterError::JoinRefused(_) => (StatusCode::FORBIDDEN, "join_refused"),
             ClusterError::Tls(_) => (StatusCode::BAD_REQUEST, "bad_certificate_request"),
             _ => (StatusCode::INTERNAL_SERVER_ERROR, "cluster_error"),
@@ -53,6 +54,27 @@ fn not_in_cluster() -> ApiError {
         "not_in_cluster",
         "this node is not in a cluster; `fabctl cluster init` creates one".into(),
     )
+}
+
+/// Query of the metadata reads: `?consistency=current` (the default) or
+/// `?consistency=local`.
+#[derive(Debug, Default, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadParams {
+    #[serde(default)]
+    pub consistency: Consistency,
+}
+
+/// This node's runtime once its metadata is as current as `params` asks.
+pub async fn read_runtime(
+    handle: &ClusterHandle,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<RwLockReadGuard<'_, ClusterRuntime>, ApiError> {
+    let Query(params) = params?;
+    let runtime = RwLockReadGuard::try_map(handle.runtime.read().await, Option::as_ref)
+        .map_err(|_| not_in_cluster())?;
+    runtime.read_barrier(params.consistency).await?;
+    Ok(runtime)
 }
 
 /// The cluster routes.
@@ -158,9 +180,11 @@ async fn join_complete(
     Ok(Json(status))
 }
 
-async fn nodes(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
-    let runtime = handle.runtime.read().await;
-    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+async fn nodes(
+    State(handle): State<Arc<ClusterHandle>>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let runtime = read_runtime(&handle, params).await?;
     Ok(Json(runtime.nodes()))
 }
 
@@ -182,10 +206,10 @@ fn find_node(runtime: &ClusterRuntime, id: &str) -> Result<NodeView, ApiError> {
 async fn node(
     State(handle): State<Arc<ClusterHandle>>,
     Path(id): Path<String>,
+    params: Result<Query<ReadParams>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let runtime = handle.runtime.read().await;
-    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
-    Ok(Json(find_node(runtime, &id)?))
+    let runtime = read_runtime(&handle, params).await?;
+    Ok(Json(find_node(&runtime, &id)?))
 }
 
 async fn remove_node(
@@ -315,9 +339,11 @@ struct PoolView {
     nodes: Vec<NodeView>,
 }
 
-async fn pool(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
-    let runtime = handle.runtime.read().await;
-    let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+async fn pool(
+    State(handle): State<Arc<ClusterHandle>>,
+    params: Result<Query<ReadParams>, QueryRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let runtime = read_runtime(&handle, params).await?;
     let nodes = runtime.nodes();
     let up: Vec<&NodeView> = nodes
         .iter()

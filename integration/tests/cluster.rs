@@ -295,6 +295,32 @@ fn minority_cannot_commit_majority_can_and_all_agree_after_healing() -> Result<(
         Ok(output.status.success().then_some(()))
     })?;
 
+    // A current read anywhere in the majority sees the change at once
+    // (read index through the leader); the isolated node cannot serve a
+    // current read, only an explicitly local, stale one.
+    for member in &nodes[1..] {
+        let shown = member.node.fabctl_json(&["node", "show", "n1"])?;
+        assert_eq!(
+            shown["labels"]["side"].as_str(),
+            Some("majority"),
+            "{shown}"
+        );
+    }
+    let current = nodes[0].node.fabctl_output(&["node", "show", "n1"])?;
+    assert!(!current.status.success(), "{current:?}");
+    assert!(
+        String::from_utf8_lossy(&current.stderr).contains("could not be read current"),
+        "{current:?}"
+    );
+    let stale = nodes[0]
+        .node
+        .fabctl_json(&["node", "show", "n1", "--local"])?;
+    assert_ne!(
+        stale["labels"]["side"].as_str(),
+        Some("majority"),
+        "{stale}"
+    );
+
     // Heal: everyone converges on the majority's history.
     for ClusterMember { node, .. } in &nodes {
         node.fabctl(&["cluster", "faults"])?;

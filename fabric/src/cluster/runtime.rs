@@ -16,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use openraft::error::{ClientWriteError, RaftError};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use serde::{Deserialize, Serialize};
 
 use super::health::{Health, HealthTimings};
@@ -27,7 +27,7 @@ use super::resources::local_resources;
 use super::tls::{fingerprint, ClusterCa, NodeIdentity, PendingIdentity, TlsError};
 use super::transport::{
     bind, remove_member, serve, Faults, Handler, Heartbeat, QuicConnection, QuicNetwork,
-    KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_REMOVE_NODE,
+    KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_READ_INDEX, KIND_REMOVE_NODE,
 };
 
 /// How this node takes part in a cluster.
@@ -71,6 +71,8 @@ pub enum ClusterError {
     },
     #[error("the metadata change was not committed: {0}")]
     Write(String),
+    #[error("the metadata could not be read current: {0}")]
+    Read(String),
     #[error("the metadata change was rejected: {0}")]
     Rejected(String),
     #[error("invalid cluster settings: {0}")]
@@ -81,6 +83,23 @@ pub enum ClusterError {
 
 /// How long a metadata change may take to commit.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How long a current read may wait for the leader and for this node to
+/// apply up to the leader's read index.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// How current a metadata read must be.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Consistency {
+    /// Reflects every change committed before the read began (read index
+    /// through the leader; see [`ClusterRuntime::read_barrier`]).
+    #[default]
+    Current,
+    /// Whatever this node has applied; may lag the leader. Answers even
+    /// when no leader is reachable.
+    Local,
+}
 
 /// How long a join waits for another membership change to finish.
 const MEMBERSHIP_CHANGE_WAIT: Duration = Duration::from_secs(30);
@@ -707,6 +726,54 @@ impl ClusterRuntime {
     /// The metadata as applied here (a follower may lag the leader).
     pub fn metadata(&self) -> Metadata {
         self.machine.metadata()
+    }
+
+    /// Returns once this node's metadata reflects every change committed
+    /// before the call: the read-index protocol. The leader confirms with
+    /// a quorum that it still leads (openraft's `ensure_linearizable`) and
+    /// names its commit index; a follower asks the leader for that index
+    /// over QUIC and waits until it has applied up to it. No clock is
+    /// trusted, so a paused or drifting leader cannot serve a stale read.
+    pub async fn read_barrier(&self, consistency: Consistency) -> Result<(), ClusterError> {
+        if consistency == Consistency::Local {
+            return Ok(());
+        }
+        tokio::time::timeout(READ_TIMEOUT, self.read_barrier_once())
+            .await
+            .map_err(|_| {
+                ClusterError::Read(format!(
+                    "no current read within {READ_TIMEOUT:?}: is a majority of the voters reachable? \
+                     (a local, possibly stale read does not need one)"
+                ))
+            })?
+    }
+
+    async fn read_barrier_once(&self) -> Result<(), ClusterError> {
+        let (leader, member) = loop {
+            match self.raft.ensure_linearizable().await {
+                Ok(_) => return Ok(()),
+                Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
+                    if let (Some(leader), Some(member)) = (forward.leader_id, forward.leader_node) {
+                        break (leader, member);
+                    }
+                    // An election is under way: wait for its outcome.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(ClusterError::Read(error.to_string())),
+            }
+        };
+        let link = QuicConnection::to(&self.network, leader, member);
+        let reply: Result<Option<u64>, String> = link
+            .request(KIND_READ_INDEX, &())
+            .await
+            .map_err(|e| ClusterError::Read(e.to_string()))?;
+        let index = reply.map_err(ClusterError::Read)?;
+        self.raft
+            .wait(None)
+            .applied_index_at_least(index, "read index")
+            .await
+            .map_err(|e| ClusterError::Read(e.to_string()))?;
+        Ok(())
     }
 
     /// Commits a metadata change, forwarding it to the leader if this

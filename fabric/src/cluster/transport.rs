@@ -45,6 +45,9 @@ pub const KIND_HEARTBEAT: u8 = 4;
 pub const KIND_CLIENT_WRITE: u8 = 5;
 /// A node to remove from the cluster, for the leader to carry out.
 pub const KIND_REMOVE_NODE: u8 = 6;
+/// A follower asks the leader for a read index (see
+/// [`super::runtime::ClusterRuntime::read_barrier`]).
+pub const KIND_READ_INDEX: u8 = 7;
 
 /// On the leader: takes node `id` out of the Raft membership (voter or
 /// learner) and out of the metadata. Refuses to remove the leader itself.
@@ -245,6 +248,15 @@ async fn answer(
                 body,
                 |id: NodeId| async move { remove_member(raft, id).await },
             )
+            .await
+        }
+        KIND_READ_INDEX => {
+            dispatch(body, |(): ()| async move {
+                raft.ensure_linearizable()
+                    .await
+                    .map(|read| read.map(|log_id| log_id.index))
+                    .map_err(|e| e.to_string())
+            })
             .await
         }
         other => Err(format!("unknown request kind {other}")),
