@@ -11,8 +11,15 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 /// Version of the metadata layout, recorded in every snapshot. A node
-/// refuses a snapshot of a version it does not know.
-pub const SCHEMA_VERSION: u32 = 1;
+/// reads snapshots of this version and of the older versions it knows how
+/// to upgrade ([`SCHEMA_VERSIONS_READ`]), and refuses any other.
+///
+/// - 1: nodes and volumes.
+/// - 2: switch segments and ports, VM definitions (absent in 1: empty).
+pub const SCHEMA_VERSION: u32 = 2;
+
+/// Snapshot versions this build reads.
+pub const SCHEMA_VERSIONS_READ: std::ops::RangeInclusive<u32> = 1..=SCHEMA_VERSION;
 
 /// A node's id in the cluster (also its Raft id).
 pub type NodeId = u64;
@@ -63,11 +70,149 @@ pub struct VolumeMeta {
     pub created_unix: u64,
 }
 
+/// An Ethernet MAC address, written `52:54:00:12:34:56`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Mac(pub [u8; 6]);
+
+impl Mac {
+    /// Whether the address is unicast (the group bit is clear).
+    pub fn is_unicast(self) -> bool {
+        self.0[0] & 1 == 0
+    }
+}
+
+impl std::fmt::Display for Mac {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let [a, b, c, d, e, g] = self.0;
+        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
+    }
+}
+
+impl std::str::FromStr for Mac {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Mac, String> {
+        let invalid = || format!("{text:?} is not a MAC address like 52:54:00:12:34:56");
+        let mut bytes = [0u8; 6];
+        let mut parts = text.split(':');
+        for byte in &mut bytes {
+            let part = parts.next().ok_or_else(invalid)?;
+            if part.len() != 2 {
+                return Err(invalid());
+            }
+            *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
+        }
+        if parts.next().is_some() {
+            return Err(invalid());
+        }
+        Ok(Mac(bytes))
+    }
+}
+
+impl Serialize for Mac {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Mac {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Mac, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+/// Highest usable 802.1Q VLAN id (0 and 4095 are reserved).
+pub const VLAN_ID_MAX: u16 = 4094;
+
+/// How a switch port treats 802.1Q tags.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum VlanMode {
+    /// Untagged at the port; frames belong to the segment's native
+    /// network (no VLAN).
+    Native,
+    /// Untagged at the port, carried on one VLAN inside the switch.
+    Access { vlan: u16 },
+    /// Tagged at the port, for the listed VLANs.
+    Trunk { vlans: Vec<u16> },
+}
+
+impl VlanMode {
+    fn check(&self) -> Result<(), String> {
+        let valid = |vlan: &u16| (1..=VLAN_ID_MAX).contains(vlan);
+        match self {
+            VlanMode::Native => Ok(()),
+            VlanMode::Access { vlan } if valid(vlan) => Ok(()),
+            VlanMode::Trunk { vlans } if !vlans.is_empty() && vlans.iter().all(valid) => Ok(()),
+            other => Err(format!(
+                "VLAN ids must be 1 to {VLAN_ID_MAX} (a trunk needs at least one): {other:?}"
+            )),
+        }
+    }
+}
+
+/// A port's rate limit (token buckets; `None` is unlimited).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RateLimit {
+    pub packets_per_second: Option<u64>,
+    pub bytes_per_second: Option<u64>,
+}
+
+/// A virtual L2 network spanning every node with a port in it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SegmentMeta {
+    pub name: String,
+    /// Network identifier carried in encapsulated frames between nodes;
+    /// assigned by the metadata, unique among live segments.
+    pub vni: u32,
+    pub created_unix: u64,
+}
+
+/// A vhost-user-net port of a segment, served by one node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMeta {
+    pub name: String,
+    pub segment: String,
+    pub node: NodeId,
+    /// The port's assigned address: the guest's MAC, and the only source
+    /// address the switch accepts from it.
+    pub mac: Mac,
+    pub vlan: VlanMode,
+    #[serde(default)]
+    pub rate: RateLimit,
+}
+
+/// A VM definition: what `vmrun` boots, and with which of the pool's
+/// volumes and ports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VmMeta {
+    pub name: String,
+    pub vcpus: u32,
+    pub memory_bytes: u64,
+    /// Kernel and initramfs paths on the node that runs the VM.
+    pub kernel: String,
+    pub initramfs: Option<String>,
+    pub cmdline: String,
+    /// Volume names, in the order the guest sees its disks.
+    pub volumes: Vec<String>,
+    /// Port names, in the order the guest sees its NICs.
+    pub ports: Vec<String>,
+    /// The node that runs it, once placed.
+    pub node: Option<NodeId>,
+}
+
 /// Everything the cluster agrees on.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Metadata {
     pub nodes: BTreeMap<NodeId, NodeRecord>,
     pub volumes: BTreeMap<String, VolumeMeta>,
+    #[serde(default)]
+    pub segments: BTreeMap<String, SegmentMeta>,
+    #[serde(default)]
+    pub ports: BTreeMap<String, PortMeta>,
+    #[serde(default)]
+    pub vms: BTreeMap<String, VmMeta>,
 }
 
 /// A change to the metadata, as committed to the Raft log.
@@ -90,6 +235,18 @@ pub enum Command {
     CreateVolume { volume: VolumeMeta },
     /// A volume was deleted.
     DeleteVolume { name: String },
+    /// A switch segment was created; the metadata assigns its VNI.
+    CreateSegment { name: String, created_unix: u64 },
+    /// A segment with no ports was deleted.
+    DeleteSegment { name: String },
+    /// A port was added to a segment.
+    AddPort { port: PortMeta },
+    /// A port not used by any VM was removed.
+    RemovePort { name: String },
+    /// A VM was defined (or its definition replaced).
+    DefineVm { vm: VmMeta },
+    /// A VM definition was deleted.
+    DeleteVm { name: String },
 }
 
 /// The outcome of applying a command.
@@ -183,12 +340,133 @@ impl Metadata {
                 Response::Applied
             }
             Command::DeleteVolume { name } => {
+                if let Some(vm) = self.vms.values().find(|vm| vm.volumes.contains(name)) {
+                    return Response::rejected(format!(
+                        "volume {name:?} is a disk of VM {:?}",
+                        vm.name
+                    ));
+                }
                 if self.volumes.remove(name).is_none() {
                     return Response::rejected(format!("volume {name:?} does not exist"));
                 }
                 Response::Applied
             }
+            Command::CreateSegment { name, created_unix } => {
+                if self.segments.contains_key(name) {
+                    return Response::rejected(format!("a segment named {name:?} already exists"));
+                }
+                // The lowest VNI not in use: deterministic on every node.
+                let used: std::collections::BTreeSet<u32> =
+                    self.segments.values().map(|s| s.vni).collect();
+                let vni = (1..).find(|vni| !used.contains(vni)).expect("a free VNI");
+                self.segments.insert(
+                    name.clone(),
+                    SegmentMeta {
+                        name: name.clone(),
+                        vni,
+                        created_unix: *created_unix,
+                    },
+                );
+                Response::Applied
+            }
+            Command::DeleteSegment { name } => {
+                if let Some(port) = self.ports.values().find(|p| &p.segment == name) {
+                    return Response::rejected(format!(
+                        "segment {name:?} still has port {:?}; delete its ports first",
+                        port.name
+                    ));
+                }
+                if self.segments.remove(name).is_none() {
+                    return Response::rejected(format!("segment {name:?} does not exist"));
+                }
+                Response::Applied
+            }
+            Command::AddPort { port } => match self.check_port(port) {
+                Ok(()) => {
+                    self.ports.insert(port.name.clone(), port.clone());
+                    Response::Applied
+                }
+                Err(reason) => Response::rejected(reason),
+            },
+            Command::RemovePort { name } => {
+                if let Some(vm) = self.vms.values().find(|vm| vm.ports.contains(name)) {
+                    return Response::rejected(format!(
+                        "port {name:?} is a NIC of VM {:?}",
+                        vm.name
+                    ));
+                }
+                if self.ports.remove(name).is_none() {
+                    return Response::rejected(format!("port {name:?} does not exist"));
+                }
+                Response::Applied
+            }
+            Command::DefineVm { vm } => match self.check_vm(vm) {
+                Ok(()) => {
+                    self.vms.insert(vm.name.clone(), vm.clone());
+                    Response::Applied
+                }
+                Err(reason) => Response::rejected(reason),
+            },
+            Command::DeleteVm { name } => {
+                if self.vms.remove(name).is_none() {
+                    return Response::rejected(format!("VM {name:?} does not exist"));
+                }
+                Response::Applied
+            }
         }
+    }
+
+    fn check_port(&self, port: &PortMeta) -> Result<(), String> {
+        if self.ports.contains_key(&port.name) {
+            return Err(format!("a port named {:?} already exists", port.name));
+        }
+        if !self.segments.contains_key(&port.segment) {
+            return Err(format!("segment {:?} does not exist", port.segment));
+        }
+        if !self.nodes.contains_key(&port.node) {
+            return Err(format!("node {} is not a member", port.node));
+        }
+        if !port.mac.is_unicast() {
+            return Err(format!("{} is a multicast address", port.mac));
+        }
+        if let Some(other) = self
+            .ports
+            .values()
+            .find(|other| other.segment == port.segment && other.mac == port.mac)
+        {
+            return Err(format!(
+                "port {:?} of segment {:?} already uses {}",
+                other.name, port.segment, port.mac
+            ));
+        }
+        port.vlan.check()
+    }
+
+    fn check_vm(&self, vm: &VmMeta) -> Result<(), String> {
+        if let Some(missing) = vm.volumes.iter().find(|v| !self.volumes.contains_key(*v)) {
+            return Err(format!("volume {missing:?} does not exist"));
+        }
+        if let Some(missing) = vm.ports.iter().find(|p| !self.ports.contains_key(*p)) {
+            return Err(format!("port {missing:?} does not exist"));
+        }
+        for other in self.vms.values().filter(|other| other.name != vm.name) {
+            if let Some(shared) = vm.volumes.iter().find(|v| other.volumes.contains(v)) {
+                return Err(format!(
+                    "volume {shared:?} is already a disk of VM {:?}",
+                    other.name
+                ));
+            }
+            if let Some(shared) = vm.ports.iter().find(|p| other.ports.contains(p)) {
+                return Err(format!(
+                    "port {shared:?} is already a NIC of VM {:?}",
+                    other.name
+                ));
+            }
+        }
+        if let Some(node) = vm.node.filter(|node| !self.nodes.contains_key(node)) {
+            return Err(format!("node {node} is not a member"));
+        }
+        Ok(())
     }
 
     /// Encodes the metadata for a snapshot.
@@ -207,7 +485,8 @@ impl Metadata {
             schema_version: u32,
         }
         let version: Version = serde_json::from_slice(bytes)?;
-        if version.schema_version != SCHEMA_VERSION {
+        // Versions before this one lack maps that default to empty.
+        if !SCHEMA_VERSIONS_READ.contains(&version.schema_version) {
             return Err(SnapshotError::Version {
                 found: version.schema_version,
                 expected: SCHEMA_VERSION,
@@ -343,10 +622,201 @@ mod tests {
         assert_eq!(Metadata::from_snapshot(&bytes).expect("decode"), metadata);
         let future = String::from_utf8(bytes)
             .expect("json")
-            .replace("\"schema_version\":1", "\"schema_version\":99");
+            .replace("\"schema_version\":2", "\"schema_version\":99");
         let error = Metadata::from_snapshot(future.as_bytes()).expect_err("future version");
         assert!(error.to_string().contains("schema version 99"), "{error}");
         assert!(Metadata::from_snapshot(b"garbage").is_err());
+    }
+
+    #[test]
+    fn version_1_snapshots_upgrade_with_no_network_or_vms() {
+        let v1 = br#"{"schema_version":1,"metadata":{"nodes":{},"volumes":{}}}"#;
+        assert_eq!(
+            Metadata::from_snapshot(v1).expect("version 1 reads"),
+            Metadata::default()
+        );
+    }
+
+    fn port(name: &str, segment: &str, mac: &str) -> PortMeta {
+        PortMeta {
+            name: name.into(),
+            segment: segment.into(),
+            node: 1,
+            mac: mac.parse().expect("mac"),
+            vlan: VlanMode::Native,
+            rate: RateLimit::default(),
+        }
+    }
+
+    fn vm(name: &str, volumes: &[&str], ports: &[&str]) -> VmMeta {
+        VmMeta {
+            name: name.into(),
+            vcpus: 1,
+            memory_bytes: 256 << 20,
+            kernel: "/boot/vmlinuz".into(),
+            initramfs: None,
+            cmdline: "console=ttyS0".into(),
+            volumes: volumes.iter().map(|v| v.to_string()).collect(),
+            ports: ports.iter().map(|p| p.to_string()).collect(),
+            node: None,
+        }
+    }
+
+    #[test]
+    fn segments_ports_and_vms_keep_their_references_whole() {
+        let mut metadata = Metadata::default();
+        let segment = |name: &str| Command::CreateSegment {
+            name: name.into(),
+            created_unix: 0,
+        };
+        let steps: Vec<(Command, bool)> = vec![
+            (Command::AddNode { node: node(1) }, true),
+            (segment("s"), true),
+            (segment("s"), false),
+            (segment("t"), true),
+            (
+                Command::AddPort {
+                    port: port("p1", "s", "52:54:00:00:00:01"),
+                },
+                true,
+            ),
+            // Same MAC in another segment is fine; in the same one it is not.
+            (
+                Command::AddPort {
+                    port: port("p2", "t", "52:54:00:00:00:01"),
+                },
+                true,
+            ),
+            (
+                Command::AddPort {
+                    port: port("p3", "s", "52:54:00:00:00:01"),
+                },
+                false,
+            ),
+            (
+                Command::AddPort {
+                    port: port("p3", "nope", "52:54:00:00:00:03"),
+                },
+                false,
+            ),
+            (
+                Command::AddPort {
+                    port: port("p3", "s", "01:00:5e:00:00:01"),
+                },
+                false,
+            ),
+            (
+                Command::AddPort {
+                    port: PortMeta {
+                        vlan: VlanMode::Access { vlan: 4095 },
+                        ..port("p3", "s", "52:54:00:00:00:03")
+                    },
+                },
+                false,
+            ),
+            (
+                Command::AddPort {
+                    port: PortMeta {
+                        vlan: VlanMode::Trunk { vlans: vec![] },
+                        ..port("p3", "s", "52:54:00:00:00:03")
+                    },
+                },
+                false,
+            ),
+            (
+                Command::AddPort {
+                    port: PortMeta {
+                        node: 9,
+                        ..port("p3", "s", "52:54:00:00:00:03")
+                    },
+                },
+                false,
+            ),
+            (
+                Command::CreateVolume {
+                    volume: volume("d", vec![1]),
+                },
+                true,
+            ),
+            (
+                Command::DefineVm {
+                    vm: vm("a", &["d"], &["p1"]),
+                },
+                true,
+            ),
+            (
+                Command::DefineVm {
+                    vm: vm("b", &["d"], &[]),
+                },
+                false,
+            ),
+            (
+                Command::DefineVm {
+                    vm: vm("b", &[], &["p1"]),
+                },
+                false,
+            ),
+            (
+                Command::DefineVm {
+                    vm: vm("b", &["missing"], &[]),
+                },
+                false,
+            ),
+            (
+                Command::DefineVm {
+                    vm: vm("b", &[], &["p2"]),
+                },
+                true,
+            ),
+            // Redefining a VM with its own resources is allowed.
+            (
+                Command::DefineVm {
+                    vm: vm("a", &["d"], &["p1"]),
+                },
+                true,
+            ),
+            (Command::DeleteVolume { name: "d".into() }, false),
+            (Command::RemovePort { name: "p1".into() }, false),
+            (Command::DeleteSegment { name: "s".into() }, false),
+            (Command::DeleteVm { name: "a".into() }, true),
+            (Command::RemovePort { name: "p1".into() }, true),
+            (Command::DeleteSegment { name: "s".into() }, true),
+            (Command::DeleteSegment { name: "s".into() }, false),
+            (segment("u"), true),
+        ];
+        for (command, applies) in steps {
+            let before = metadata.clone();
+            let response = metadata.apply(&command);
+            assert_eq!(
+                response == Response::Applied,
+                applies,
+                "{command:?}: {response:?}"
+            );
+            if !applies {
+                assert_eq!(metadata, before, "a rejected command changed the metadata");
+            }
+        }
+        // The freed VNI is reused, lowest first.
+        assert_eq!(metadata.segments["t"].vni, 2);
+        assert_eq!(metadata.segments["u"].vni, 1);
+        let bytes = metadata.to_snapshot();
+        assert_eq!(Metadata::from_snapshot(&bytes).expect("decode"), metadata);
+    }
+
+    #[test]
+    fn macs_parse_strictly() {
+        let mac: Mac = "52:54:00:AB:cd:0f".parse().expect("mac");
+        assert_eq!(mac.to_string(), "52:54:00:ab:cd:0f");
+        for bad in [
+            "",
+            "52:54:00:ab:cd",
+            "52:54:00:ab:cd:0f:00",
+            "5254.00ab.cd0f",
+            "52:54:00:ab:cd:g0",
+            "52:54:00:ab:cd:0",
+        ] {
+            assert!(bad.parse::<Mac>().is_err(), "{bad:?}");
+        }
     }
 
     #[test]
