@@ -245,6 +245,12 @@ fn run(args: &Args) -> Result<(), CliError> {
                 println!("applied:  {}", value["last_applied"]);
                 println!("voters:   {}", value["voters"]);
                 println!("learners: {}", value["learners"]);
+                let admits = if value["holds_ca"].as_bool() == Some(true) {
+                    "yes (holds the cluster CA)"
+                } else {
+                    "no (join through a voter)"
+                };
+                println!("admits:   {admits}");
             }
         }
         Command::Cluster(ClusterCommand::Token) => {

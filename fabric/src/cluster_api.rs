@@ -117,7 +117,7 @@ async fn init(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoRespo
 async fn token(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoResponse, ApiError> {
     let runtime = handle.runtime.read().await;
     let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
-    let (token, expires_unix) = runtime.issue_token()?;
+    let (token, expires_unix) = runtime.issue_token().await?;
     Ok((
         StatusCode::CREATED,
         Json(serde_json::json!({ "token": token, "expires_unix": expires_unix })),

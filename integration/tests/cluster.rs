@@ -233,6 +233,92 @@ fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
     Ok(())
 }
 
+/// The node that created the cluster (first leader, first CA holder) dies
+/// for good: the survivors elect a leader, remove it, and admit a
+/// replacement with a token the dead node issued before it died (tokens
+/// are cluster metadata) through a survivor (every voter holds the CA).
+#[test]
+fn a_dead_first_node_is_replaced_through_the_survivors() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("fabricd.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let mut nodes = (1..=3)
+        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&nodes)?;
+    for ClusterMember { node, .. } in &nodes {
+        wait_for("three voters, each holding the CA", || {
+            let status = node.fabctl_json(&["cluster", "status"])?;
+            Ok((status["voters"].as_array().map(Vec::len) == Some(3)
+                && status["holds_ca"].as_bool() == Some(true))
+            .then_some(()))
+        })?;
+    }
+    let saved_token = nodes[0]
+        .node
+        .fabctl(&["cluster", "token"])?
+        .trim()
+        .to_owned();
+    nodes[0].node.fabctl(&["node", "label", "n2", "rack=r2"])?;
+    nodes[0].node.kill9()?;
+
+    let survivor = &nodes[1].node;
+    wait_for("a leader among the survivors", || {
+        let status = survivor.fabctl_json(&["cluster", "status"])?;
+        Ok(status["leader"]
+            .as_u64()
+            .filter(|&leader| leader != 1)
+            .map(|_| ()))
+    })?;
+    wait_for("n1 to be down", || {
+        let shown = survivor.fabctl_json(&["node", "show", "n1"])?;
+        Ok((shown["state"].as_str() == Some("down")).then_some(()))
+    })?;
+    survivor.fabctl(&["node", "remove", "n1"])?;
+
+    let replacement = start_cluster_member(dir.path(), "n4", &["--config", &config])?;
+    replacement
+        .node
+        .fabctl(&["cluster", "join", &nodes[2].api, "--token", &saved_token])?;
+    let members = [&nodes[1].node, &nodes[2].node, &replacement.node];
+    for node in members {
+        wait_for("n2, n3, n4 as voters that are up", || {
+            let rows = node
+                .fabctl_json(&["node", "list"])?
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            let mut names: Vec<&str> = rows.iter().filter_map(|n| n["name"].as_str()).collect();
+            names.sort_unstable();
+            Ok((names == ["n2", "n3", "n4"]
+                && rows.iter().all(|n| {
+                    n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true)
+                }))
+            .then_some(()))
+        })?;
+    }
+    // History from before the loss reached the replacement, and the
+    // cluster commits through it.
+    let shown = replacement.node.fabctl_json(&["node", "show", "n2"])?;
+    assert_eq!(shown["labels"]["rack"].as_str(), Some("r2"), "{shown}");
+    replacement
+        .node
+        .fabctl(&["node", "label", "n4", "rack=r4"])?;
+    for node in members {
+        let shown = node.fabctl_json(&["node", "show", "n4"])?;
+        assert_eq!(shown["labels"]["rack"].as_str(), Some("r4"), "{shown}");
+    }
+    // The token was used once; the dead node's removal is final.
+    let reused = nodes[2].node.fabctl_output(&["cluster", "token"])?;
+    assert!(reused.status.success(), "{reused:?}");
+    nodes.truncate(0);
+    Ok(())
+}
+
 /// Three processes, links cut by the transport's fault injection: the
 /// isolated leader cannot commit, the majority elects a leader and can;
 /// after healing every node holds the majority's change and not the

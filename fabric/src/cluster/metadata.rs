@@ -213,7 +213,20 @@ pub struct Metadata {
     pub ports: BTreeMap<String, PortMeta>,
     #[serde(default)]
     pub vms: BTreeMap<String, VmMeta>,
+    /// Unused join tokens: SHA-256 of the secret (hex) -> expiry (Unix
+    /// seconds). Only digests are kept, so the metadata gives away no
+    /// usable token.
+    #[serde(default)]
+    pub join_tokens: BTreeMap<String, u64>,
+    /// Highest node id ever given out: ids are never reused, so a message
+    /// from a removed node can never pass for a new one's.
+    #[serde(default)]
+    pub node_id_high: NodeId,
 }
+
+/// Most unused join tokens kept; issuing more drops the one expiring
+/// soonest.
+pub const JOIN_TOKENS_MAX: usize = 1024;
 
 /// A change to the metadata, as committed to the Raft log.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -247,6 +260,16 @@ pub enum Command {
     DefineVm { vm: VmMeta },
     /// A VM definition was deleted.
     DeleteVm { name: String },
+    /// A join token was issued (by its digest). Expired tokens are
+    /// dropped as of `issued_unix`.
+    IssueToken {
+        digest: String,
+        issued_unix: u64,
+        expires_unix: u64,
+    },
+    /// A join token is used up: applied once, rejected for a token that
+    /// is unknown, used or (as of `now_unix`) expired.
+    RedeemToken { digest: String, now_unix: u64 },
 }
 
 /// The outcome of applying a command.
@@ -282,6 +305,12 @@ pub enum SnapshotError {
 }
 
 impl Metadata {
+    /// The id for the next node to join: never one given out before.
+    pub fn next_node_id(&self) -> NodeId {
+        let highest = self.nodes.keys().max().copied().unwrap_or(0);
+        self.node_id_high.max(highest) + 1
+    }
+
     /// Applies one committed command.
     pub fn apply(&mut self, command: &Command) -> Response {
         match command {
@@ -296,6 +325,7 @@ impl Metadata {
                         other.id, other.name, node.name, node.cluster_address
                     ));
                 }
+                self.node_id_high = self.node_id_high.max(node.id);
                 self.nodes.insert(node.id, node.clone());
                 Response::Applied
             }
@@ -413,6 +443,32 @@ impl Metadata {
                 }
                 Response::Applied
             }
+            Command::IssueToken {
+                digest,
+                issued_unix,
+                expires_unix,
+            } => {
+                self.join_tokens.retain(|_, expiry| *expiry > *issued_unix);
+                while self.join_tokens.len() >= JOIN_TOKENS_MAX {
+                    let soonest = self
+                        .join_tokens
+                        .iter()
+                        .min_by_key(|(digest, expiry)| (**expiry, (*digest).clone()))
+                        .map(|(digest, _)| digest.clone())
+                        .expect("a full table has entries");
+                    self.join_tokens.remove(&soonest);
+                }
+                self.join_tokens.insert(digest.clone(), *expires_unix);
+                Response::Applied
+            }
+            Command::RedeemToken { digest, now_unix } => match self.join_tokens.remove(digest) {
+                Some(expiry) if expiry > *now_unix => Response::Applied,
+                // Removed all the same: an expired token is of no use.
+                Some(_) => Response::rejected(
+                    "the token has expired; issue a new one with `fabctl cluster token`",
+                ),
+                None => Response::rejected("the token is unknown or was already used"),
+            },
         }
     }
 
@@ -801,6 +857,40 @@ mod tests {
         assert_eq!(metadata.segments["u"].vni, 1);
         let bytes = metadata.to_snapshot();
         assert_eq!(Metadata::from_snapshot(&bytes).expect("decode"), metadata);
+    }
+
+    #[test]
+    fn join_tokens_are_used_once_expire_and_are_bounded() {
+        let mut metadata = Metadata::default();
+        let issue = |digest: &str, at: u64| Command::IssueToken {
+            digest: digest.into(),
+            issued_unix: at,
+            expires_unix: at + 100,
+        };
+        let redeem = |digest: &str, at: u64| Command::RedeemToken {
+            digest: digest.into(),
+            now_unix: at,
+        };
+        assert_eq!(metadata.apply(&issue("a", 0)), Response::Applied);
+        assert_eq!(metadata.apply(&issue("b", 0)), Response::Applied);
+        assert_eq!(metadata.apply(&redeem("a", 50)), Response::Applied);
+        let again = metadata.apply(&redeem("a", 50));
+        assert!(format!("{again:?}").contains("already used"), "{again:?}");
+        let late = metadata.apply(&redeem("b", 100));
+        assert!(format!("{late:?}").contains("expired"), "{late:?}");
+        assert!(metadata.join_tokens.is_empty());
+        for i in 0..JOIN_TOKENS_MAX as u64 + 3 {
+            metadata.apply(&Command::IssueToken {
+                digest: format!("t{i}"),
+                issued_unix: 1000,
+                expires_unix: 2000 + i,
+            });
+        }
+        assert_eq!(metadata.join_tokens.len(), JOIN_TOKENS_MAX);
+        assert!(!metadata.join_tokens.contains_key("t0"));
+        // Issuing drops what has expired by then.
+        metadata.apply(&issue("z", 4000));
+        assert_eq!(metadata.join_tokens.len(), 1);
     }
 
     #[test]

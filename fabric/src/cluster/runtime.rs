@@ -7,7 +7,7 @@
 //! |-------------|------|
 //! | `node.json` | this node's id, name and advertised address |
 //! | `tls/`      | `ca.pem`, `node.pem`, `node.key` (0600) |
-//! | `ca/`       | `ca.pem`, `ca.key`: only on the node that created the cluster |
+//! | `ca/`       | `ca.pem`, `ca.key`: on the node that created the cluster and on the voters it promoted |
 //! | `db/`       | RocksDB: Raft log, vote, snapshots |
 
 use std::collections::BTreeMap;
@@ -24,10 +24,13 @@ use super::metadata::{Command, Metadata, NodeId, NodeRecord, NodeState, Response
 use super::placement::{place, Candidate};
 use super::raft::{open_db, LogStore, Member, MetadataRaft, StateMachine};
 use super::resources::local_resources;
-use super::tls::{fingerprint, ClusterCa, NodeIdentity, PendingIdentity, TlsError};
+use super::tls::{
+    fingerprint, CaBundle, CaSlot, ClusterCa, NodeIdentity, PendingIdentity, TlsError,
+};
 use super::transport::{
     bind, remove_member, serve, Faults, Handler, Heartbeat, QuicConnection, QuicNetwork,
-    KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_READ_INDEX, KIND_REMOVE_NODE,
+    KIND_ADD_MEMBER, KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_INSTALL_CA, KIND_READ_INDEX,
+    KIND_REMOVE_NODE,
 };
 
 /// How this node takes part in a cluster.
@@ -185,6 +188,9 @@ pub struct ClusterStatus {
     pub last_applied: Option<u64>,
     pub voters: Vec<NodeId>,
     pub learners: Vec<NodeId>,
+    /// Whether this node holds the cluster CA, and so can issue join
+    /// tokens and admit nodes.
+    pub holds_ca: bool,
 }
 
 /// The running cluster membership of this node.
@@ -198,12 +204,11 @@ pub struct ClusterRuntime {
     health: Arc<Mutex<Health>>,
     origin: Instant,
     tasks: Vec<tokio::task::JoinHandle<()>>,
-    /// The cluster CA, on the node that created the cluster.
-    ca: Option<ClusterCa>,
-    /// Unused join tokens (secret -> expiry).
-    tokens: Mutex<BTreeMap<String, Instant>>,
-    /// Serialises admissions, so two joins never get the same node id.
-    admitting: tokio::sync::Mutex<()>,
+    /// The cluster CA, on the node that created the cluster and on every
+    /// node promoted to voter.
+    ca: Arc<CaSlot>,
+    /// The leader's half of admissions.
+    admissions: Admissions,
     /// Injected link faults (only settable with `fault_injection`).
     faults: Arc<Faults>,
 }
@@ -433,11 +438,18 @@ impl ClusterRuntime {
         .map_err(|e| ClusterError::Storage(e.to_string()))?;
         let health = Arc::new(Mutex::new(Health::new(settings.timings)));
         let origin = Instant::now();
+        let ca = Arc::new(CaSlot::load(
+            &cluster_dir(data_dir).join("ca"),
+            &identity.ca_pem,
+        ));
+        let admissions =
+            Admissions::new(raft.clone(), machine.clone(), network.clone(), ca.clone());
         let handler = Handler {
             raft: raft.clone(),
             health: health.clone(),
             origin,
             faults: faults.clone(),
+            admissions: admissions.clone(),
         };
         let mut runtime = ClusterRuntime {
             id: node.node_id,
@@ -449,9 +461,8 @@ impl ClusterRuntime {
             health,
             origin,
             tasks: Vec::new(),
-            ca: ClusterCa::load(&cluster_dir(data_dir).join("ca")).ok(),
-            tokens: Mutex::new(BTreeMap::new()),
-            admitting: tokio::sync::Mutex::new(()),
+            ca,
+            admissions: admissions.clone(),
             faults,
         };
         runtime.tasks.push(tokio::spawn(serve(endpoint, handler)));
@@ -466,32 +477,40 @@ impl ClusterRuntime {
     }
 
     /// Makes a single-use join token, valid for [`JOIN_TOKEN_LIFETIME`].
-    /// Only the node holding the cluster CA can.
-    pub fn issue_token(&self) -> Result<(String, u64), ClusterError> {
-        let ca = self.ca.as_ref().ok_or_else(|| {
-            ClusterError::JoinRefused("this node does not hold the cluster CA; issue tokens on the node that ran `cluster init`".into())
+    /// Any node holding the cluster CA can; the token's digest is
+    /// committed to the metadata before the token is handed out, so any
+    /// such node can accept it, once.
+    pub async fn issue_token(&self) -> Result<(String, u64), ClusterError> {
+        let ca = self.ca.get().ok_or_else(|| {
+            ClusterError::JoinRefused(
+                "this node does not hold the cluster CA (voters do); issue tokens on a voter"
+                    .into(),
+            )
         })?;
         let fingerprint = fingerprint(&ca.cert_pem)
             .ok_or_else(|| ClusterError::Storage("the CA certificate is unreadable".into()))?;
         let secret = random_hex(16)?;
-        let now = Instant::now();
-        let mut tokens = self.tokens.lock().expect("token lock poisoned");
-        tokens.retain(|_, expiry| *expiry > now);
-        tokens.insert(secret.clone(), now + JOIN_TOKEN_LIFETIME);
-        Ok((
-            format_token(&fingerprint, &secret),
-            now_unix() + JOIN_TOKEN_LIFETIME.as_secs(),
-        ))
+        let issued_unix = now_unix();
+        let expires_unix = issued_unix + JOIN_TOKEN_LIFETIME.as_secs();
+        self.write_with_retry(Command::IssueToken {
+            digest: token_digest(&secret),
+            issued_unix,
+            expires_unix,
+        })
+        .await?;
+        Ok((format_token(&fingerprint, &secret), expires_unix))
     }
 
-    /// Admits a node: checks its token (once), signs its certificate, adds
-    /// it as a learner, and promotes it to voter once it has caught up.
+    /// Admits a node: checks and uses up its token, signs its
+    /// certificate, and has the leader add it as a learner and promote it
+    /// to voter once it has caught up (see [`Admissions::add_member`]).
+    /// Any node holding the CA can admit; the membership change itself
+    /// is forwarded to the leader.
     pub async fn admit(&self, request: JoinRequest) -> Result<JoinGrant, ClusterError> {
         let refused = |reason: String| ClusterError::JoinRefused(reason);
-        let ca = self
-            .ca
-            .as_ref()
-            .ok_or_else(|| refused("this node does not hold the cluster CA".into()))?;
+        let ca = self.ca.get().ok_or_else(|| {
+            refused("this node does not hold the cluster CA; join through a voter".into())
+        })?;
         let (_, secret) =
             parse_token(&request.token).ok_or_else(|| refused("the token is malformed".into()))?;
         let name_ok = !request.name.is_empty()
@@ -511,111 +530,57 @@ impl ClusterRuntime {
                 request.name
             )));
         }
-        {
-            let mut tokens = self.tokens.lock().expect("token lock poisoned");
-            match tokens.remove(secret) {
-                Some(expiry) if expiry > Instant::now() => {}
-                Some(_) => {
-                    return Err(refused(
-                        "the token has expired; issue a new one with `fabctl cluster token`".into(),
-                    ))
-                }
-                None => return Err(refused("the token is unknown or was already used".into())),
-            }
+        let redeem = Command::RedeemToken {
+            digest: token_digest(secret),
+            now_unix: now_unix(),
+        };
+        if let Response::Rejected { reason } = self.write(redeem).await? {
+            return Err(refused(reason));
         }
-        let _admitting = self.admitting.lock().await;
-        let metadata = self.metadata();
-        if let Some(other) = metadata
-            .nodes
-            .values()
-            .find(|n| n.name == request.name || n.cluster_address == request.address.to_string())
+        // Refuse a taken name or address before signing anything; the
+        // leader checks again, authoritatively.
+        if let Some(reason) =
+            name_or_address_taken(&self.metadata(), &request.name, request.address)
         {
-            return Err(refused(format!(
-                "node {} already uses name {:?} or address {}",
-                other.id, request.name, request.address
-            )));
+            return Err(refused(reason));
         }
         let cert_pem = ca.sign_request(&request.csr_pem, &request.name)?;
-        let node_id = metadata
-            .nodes
-            .keys()
-            .max()
-            .copied()
-            .unwrap_or(0)
-            .max(self.id)
-            + 1;
-        let member = Member {
+        let new = NewMember {
             name: request.name.clone(),
-            address: request.address.to_string(),
-        };
-        // One membership change at a time: wait out a promotion in flight.
-        let deadline = Instant::now() + MEMBERSHIP_CHANGE_WAIT;
-        loop {
-            match self.raft.add_learner(node_id, member.clone(), false).await {
-                Ok(_) => break,
-                Err(error)
-                    if membership_change_in_progress(&error) && Instant::now() < deadline =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(error) => return Err(ClusterError::Write(error.to_string())),
-            }
-        }
-        let record = NodeRecord {
-            id: node_id,
-            name: request.name.clone(),
-            cluster_address: request.address.to_string(),
+            address: request.address,
             resources: request.resources.clone(),
-            joined_unix: now_unix(),
-            labels: Default::default(),
         };
-        self.write_with_retry(Command::AddNode { node: record })
-            .await?;
-        let raft = self.raft.clone();
-        tokio::spawn(async move {
-            // The learner starts once it has its certificate; promote it
-            // when it has caught up with the log.
-            for _ in 0..600 {
-                let metrics = raft.metrics().borrow().clone();
-                let leader_last = metrics.last_log_index;
-                let caught_up = metrics
-                    .replication
-                    .as_ref()
-                    .and_then(|r| r.get(&node_id).cloned().flatten())
-                    .is_some_and(|matched| Some(matched.index) >= leader_last);
-                if caught_up {
-                    // Add this one voter, rather than replacing the voter
-                    // set with one computed from metrics that another
-                    // promotion may have made stale.
-                    let change =
-                        openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([
-                            node_id,
-                        ]));
-                    match raft.change_membership(change, false).await {
-                        Ok(_) => {
-                            tracing::info!(node = node_id, "node promoted to voter");
-                            return;
-                        }
-                        // Another change (a join) is in flight: try again.
-                        Err(error) if membership_change_in_progress(&error) => {}
-                        Err(error) => {
-                            tracing::error!(node = node_id, %error, "could not promote node to voter");
-                            return;
-                        }
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            tracing::warn!(
-                node = node_id,
-                "joined node did not catch up within 60 s; it stays a learner"
-            );
-        });
+        let metrics = self.raft.metrics().borrow().clone();
+        let node_id = if metrics.current_leader == Some(self.id) {
+            self.admissions.add_member(new).await
+        } else {
+            let (leader, member) = self.leader()?;
+            let link = QuicConnection::to(&self.network, leader, member);
+            link.request::<_, Result<NodeId, String>>(KIND_ADD_MEMBER, &new)
+                .await
+                .map_err(|e| ClusterError::Write(e.to_string()))?
+        }
+        .map_err(refused)?;
         Ok(JoinGrant {
             node_id,
             ca_pem: ca.cert_pem.clone(),
             cert_pem,
         })
+    }
+
+    /// The current leader and its address.
+    fn leader(&self) -> Result<(NodeId, Member), ClusterError> {
+        let metrics = self.raft.metrics().borrow().clone();
+        let leader = metrics.current_leader.ok_or_else(|| {
+            ClusterError::Write("no leader is elected right now; retry shortly".into())
+        })?;
+        let member = metrics
+            .membership_config
+            .membership()
+            .get_node(&leader)
+            .cloned()
+            .ok_or_else(|| ClusterError::Write(format!("the leader {leader} has no address")))?;
+        Ok((leader, member))
     }
 
     /// Removes node `id` from the cluster (Raft membership and metadata),
@@ -856,6 +821,7 @@ impl ClusterRuntime {
             last_applied: metrics.last_applied.map(|log_id| log_id.index),
             voters: membership.voter_ids().collect(),
             learners: membership.learner_ids().collect(),
+            holds_ca: self.ca.get().is_some(),
         }
     }
 
@@ -875,6 +841,188 @@ impl ClusterRuntime {
         }
         self.endpoint.close(0u32.into(), b"shutdown");
     }
+}
+
+/// A node to add, as the admitting node asks the leader.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewMember {
+    pub name: String,
+    pub address: SocketAddr,
+    pub resources: super::metadata::Resources,
+}
+
+/// Why `name` or `address` cannot join, if either is taken.
+fn name_or_address_taken(metadata: &Metadata, name: &str, address: SocketAddr) -> Option<String> {
+    metadata
+        .nodes
+        .values()
+        .find(|n| n.name == name || n.cluster_address == address.to_string())
+        .map(|other| {
+            format!(
+                "node {} already uses name {name:?} or address {address}",
+                other.id
+            )
+        })
+}
+
+/// The leader's half of admitting a node, shared by the runtime and the
+/// transport handler (for admissions forwarded by other voters).
+#[derive(Clone)]
+pub struct Admissions {
+    raft: MetadataRaft,
+    machine: StateMachine,
+    network: QuicNetwork,
+    pub ca: Arc<CaSlot>,
+    /// Serialises admissions, so two joins never get the same node id.
+    lock: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl std::fmt::Debug for Admissions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admissions")
+            .field("holds_ca", &self.ca.get().is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admissions {
+    pub fn new(
+        raft: MetadataRaft,
+        machine: StateMachine,
+        network: QuicNetwork,
+        ca: Arc<CaSlot>,
+    ) -> Admissions {
+        Admissions {
+            raft,
+            machine,
+            network,
+            ca,
+            lock: Arc::default(),
+        }
+    }
+
+    /// On the leader: gives the node the next id, adds it as a learner,
+    /// records it in the metadata, and promotes it to voter (handing it
+    /// the CA) once it has caught up. Returns its id.
+    pub async fn add_member(&self, new: NewMember) -> Result<NodeId, String> {
+        let _admitting = self.lock.lock().await;
+        let metadata = self.machine.metadata();
+        if let Some(reason) = name_or_address_taken(&metadata, &new.name, new.address) {
+            return Err(reason);
+        }
+        let node_id = metadata.next_node_id();
+        let member = Member {
+            name: new.name.clone(),
+            address: new.address.to_string(),
+        };
+        // One membership change at a time: wait out a promotion in flight.
+        let deadline = Instant::now() + MEMBERSHIP_CHANGE_WAIT;
+        loop {
+            match self.raft.add_learner(node_id, member.clone(), false).await {
+                Ok(_) => break,
+                Err(error)
+                    if membership_change_in_progress(&error) && Instant::now() < deadline =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(error) => return Err(error.to_string()),
+            }
+        }
+        let record = NodeRecord {
+            id: node_id,
+            name: new.name.clone(),
+            cluster_address: new.address.to_string(),
+            resources: new.resources,
+            joined_unix: now_unix(),
+            labels: Default::default(),
+        };
+        match self
+            .raft
+            .client_write(Command::AddNode { node: record })
+            .await
+        {
+            Ok(written) => match written.data {
+                Response::Applied => {}
+                Response::Rejected { reason } => return Err(reason),
+            },
+            Err(error) => return Err(error.to_string()),
+        }
+        let this = self.clone();
+        tokio::spawn(async move { this.promote(node_id, member).await });
+        Ok(node_id)
+    }
+
+    /// Promotes a learner to voter once it has caught up with the log,
+    /// then hands it the CA.
+    async fn promote(&self, node_id: NodeId, member: Member) {
+        // The learner starts once it has its certificate.
+        for _ in 0..600 {
+            let metrics = self.raft.metrics().borrow().clone();
+            let leader_last = metrics.last_log_index;
+            let caught_up = metrics
+                .replication
+                .as_ref()
+                .and_then(|r| r.get(&node_id).cloned().flatten())
+                .is_some_and(|matched| Some(matched.index) >= leader_last);
+            if caught_up {
+                // Add this one voter, rather than replacing the voter set
+                // with one computed from metrics that another promotion
+                // may have made stale.
+                let change =
+                    openraft::ChangeMembers::AddVoterIds(std::collections::BTreeSet::from([
+                        node_id,
+                    ]));
+                match self.raft.change_membership(change, false).await {
+                    Ok(_) => {
+                        tracing::info!(node = node_id, "node promoted to voter");
+                        if let Some(ca) = self.ca.get() {
+                            hand_over_ca(&self.network, node_id, member, ca.bundle()).await;
+                        }
+                        return;
+                    }
+                    // Another change (a join) is in flight: try again.
+                    Err(error) if membership_change_in_progress(&error) => {}
+                    Err(error) => {
+                        tracing::error!(node = node_id, %error, "could not promote node to voter");
+                        return;
+                    }
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        tracing::warn!(
+            node = node_id,
+            "joined node did not catch up within 60 s; it stays a learner"
+        );
+    }
+}
+
+/// SHA-256 of a token's secret, as kept in the metadata.
+fn token_digest(secret: &str) -> String {
+    let digest = ring::digest::digest(&ring::digest::SHA256, secret.as_bytes());
+    digest.as_ref().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// Gives a new voter the cluster CA over the cluster transport, so that it
+/// can admit nodes too. Retried for a minute; a voter that never gets it
+/// can still serve everything but admissions.
+async fn hand_over_ca(network: &QuicNetwork, id: NodeId, member: Member, bundle: CaBundle) {
+    let link = QuicConnection::to(network, id, member);
+    for _ in 0..60 {
+        let reply: Result<Result<bool, String>, _> = link.request(KIND_INSTALL_CA, &bundle).await;
+        match reply {
+            Ok(Ok(_)) => {
+                tracing::info!(node = id, "cluster CA handed to the new voter");
+                return;
+            }
+            Ok(Err(reason)) => {
+                tracing::error!(node = id, %reason, "the new voter refused the cluster CA");
+                return;
+            }
+            Err(_) => tokio::time::sleep(Duration::from_secs(1)).await,
+        }
+    }
+    tracing::warn!(node = id, "could not hand the cluster CA to the new voter");
 }
 
 fn now_unix() -> u64 {

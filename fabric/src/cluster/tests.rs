@@ -309,11 +309,22 @@ async fn three_members_over_quic_with_mutual_tls() {
         )
         .await
         .expect("raft");
+        let network = QuicNetwork::new(endpoint.clone(), Arc::default());
+        let slot = Arc::new(super::tls::CaSlot::load(
+            &dir.path().join("ca"),
+            &ca.cert_pem,
+        ));
         let handler = super::transport::Handler {
             raft: raft.clone(),
             health: Arc::default(),
             origin: std::time::Instant::now(),
             faults: Arc::default(),
+            admissions: super::runtime::Admissions::new(
+                raft.clone(),
+                machine.clone(),
+                network,
+                slot,
+            ),
         };
         tokio::spawn(serve(endpoint.clone(), handler));
         nodes.insert(id, (raft, machine));

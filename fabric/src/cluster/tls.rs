@@ -6,8 +6,8 @@
 //! the handshake and never reaches Raft.
 
 use std::net::IpAddr;
-use std::path::Path;
-use std::sync::Arc;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use quinn::crypto::rustls::{QuicClientConfig, QuicServerConfig};
@@ -39,12 +39,105 @@ pub enum TlsError {
     },
 }
 
-/// The cluster CA: signs node certificates. Its key stays on the node that
-/// created the cluster (and is what `cluster join` asks it to use).
-#[derive(Debug, Clone)]
+/// The cluster CA: signs node certificates. The node that creates the
+/// cluster makes it and hands it to every node it promotes to voter
+/// ([`CaSlot`]), so that any voter can admit nodes when the first is gone.
+#[derive(Clone)]
 pub struct ClusterCa {
     pub cert_pem: String,
     key_pem: String,
+}
+
+impl std::fmt::Debug for ClusterCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterCa")
+            .field("fingerprint", &fingerprint(&self.cert_pem))
+            .finish_non_exhaustive()
+    }
+}
+
+/// The CA's certificate and key, as sent to a new voter over the cluster
+/// transport (mutual TLS; never over the API).
+#[derive(Clone, serde::Serialize, serde::Deserialize)]
+pub struct CaBundle {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+impl std::fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaBundle")
+            .field("fingerprint", &fingerprint(&self.cert_pem))
+            .finish_non_exhaustive()
+    }
+}
+
+/// This node's copy of the cluster CA, if it holds one, and where it is
+/// kept (`cluster/ca/`).
+#[derive(Debug)]
+pub struct CaSlot {
+    dir: PathBuf,
+    /// Fingerprint of the CA this node trusts (its `tls/ca.pem`): the only
+    /// CA it will take.
+    trusted: Option<String>,
+    ca: Mutex<Option<ClusterCa>>,
+}
+
+impl CaSlot {
+    /// The slot of a node that trusts `trusted_ca_pem`, with the CA in
+    /// `dir` if it is there.
+    pub fn load(dir: &Path, trusted_ca_pem: &str) -> CaSlot {
+        let trusted = fingerprint(trusted_ca_pem);
+        // A CA that is not the trusted one, or a key cut short by a crash
+        // while it was being written, is no CA.
+        let ca = ClusterCa::load(dir).ok().filter(|ca| {
+            trusted.is_some()
+                && fingerprint(&ca.cert_pem) == trusted
+                && KeyPair::from_pem(&ca.key_pem).is_ok()
+        });
+        CaSlot {
+            dir: dir.to_owned(),
+            trusted,
+            ca: Mutex::new(ca),
+        }
+    }
+
+    /// The CA, if this node holds it.
+    pub fn get(&self) -> Option<ClusterCa> {
+        self.ca.lock().expect("CA lock poisoned").clone()
+    }
+
+    /// Stores `bundle` as this node's CA. Refuses a CA other than the one
+    /// this node trusts, and a key that does not parse. Returns whether
+    /// it was new here.
+    pub fn install(&self, bundle: CaBundle) -> Result<bool, TlsError> {
+        if fingerprint(&bundle.cert_pem).is_none() || fingerprint(&bundle.cert_pem) != self.trusted
+        {
+            return Err(TlsError::Config(
+                "the offered CA is not the CA this node trusts".into(),
+            ));
+        }
+        KeyPair::from_pem(&bundle.key_pem).map_err(|e| TlsError::Pem {
+            what: "the offered CA key",
+            reason: e.to_string(),
+        })?;
+        let mut slot = self.ca.lock().expect("CA lock poisoned");
+        if slot.is_some() {
+            return Ok(false);
+        }
+        let ca = ClusterCa {
+            cert_pem: bundle.cert_pem,
+            key_pem: bundle.key_pem,
+        };
+        std::fs::create_dir_all(&self.dir).map_err(|source| TlsError::File {
+            action: "create",
+            path: self.dir.clone(),
+            source,
+        })?;
+        ca.save(&self.dir)?;
+        *slot = Some(ca);
+        Ok(true)
+    }
 }
 
 /// A node's TLS identity: the CA certificate it trusts, and its own
@@ -132,10 +225,19 @@ impl ClusterCa {
         })
     }
 
-    /// Writes `ca.pem` and `ca.key` (mode 0600) into `dir`.
+    /// The certificate and key, to hand to another voter.
+    pub fn bundle(&self) -> CaBundle {
+        CaBundle {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+        }
+    }
+
+    /// Writes `ca.key` then `ca.pem` (mode 0600) into `dir`: `load` finds
+    /// the pair only once both are written.
     pub fn save(&self, dir: &Path) -> Result<(), TlsError> {
-        write_file(&dir.join("ca.pem"), &self.cert_pem)?;
-        write_file(&dir.join("ca.key"), &self.key_pem)
+        write_file(&dir.join("ca.key"), &self.key_pem)?;
+        write_file(&dir.join("ca.pem"), &self.cert_pem)
     }
 }
 
@@ -320,4 +422,41 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
     ));
     transport.max_concurrent_bidi_streams(1024u32.into());
     Arc::new(transport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_ca_slot_takes_only_the_trusted_ca_and_keeps_it() {
+        let ours = ClusterCa::generate("ours").expect("ca");
+        let theirs = ClusterCa::generate("theirs").expect("ca");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let ca_dir = dir.path().join("ca");
+        let slot = CaSlot::load(&ca_dir, &ours.cert_pem);
+        assert!(slot.get().is_none());
+
+        let error = slot.install(theirs.bundle()).expect_err("foreign CA");
+        assert!(
+            error.to_string().contains("not the CA this node trusts"),
+            "{error}"
+        );
+        let mut broken = ours.bundle();
+        broken.key_pem = "-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n".into();
+        assert!(slot.install(broken).is_err());
+        assert!(slot.get().is_none());
+
+        assert!(slot.install(ours.bundle()).expect("install"));
+        assert!(!slot.install(ours.bundle()).expect("again"));
+        let reloaded = CaSlot::load(&ca_dir, &ours.cert_pem);
+        let ca = reloaded.get().expect("kept on disk");
+        assert_eq!(ca.cert_pem, ours.cert_pem);
+        // It signs: a joining node's request is accepted.
+        let pending =
+            PendingIdentity::generate("n9", "127.0.0.1".parse().expect("ip")).expect("csr");
+        ca.sign_request(&pending.csr_pem, "n9").expect("signs");
+        // Debug output never shows the key.
+        assert!(!format!("{ca:?}{:?}", ours.bundle()).contains("PRIVATE"));
+    }
 }

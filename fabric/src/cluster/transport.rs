@@ -48,6 +48,10 @@ pub const KIND_REMOVE_NODE: u8 = 6;
 /// A follower asks the leader for a read index (see
 /// [`super::runtime::ClusterRuntime::read_barrier`]).
 pub const KIND_READ_INDEX: u8 = 7;
+/// The cluster CA for a new voter ([`super::tls::CaSlot::install`]).
+pub const KIND_INSTALL_CA: u8 = 8;
+/// A node to add, for the leader ([`super::runtime::Admissions::add_member`]).
+pub const KIND_ADD_MEMBER: u8 = 9;
 
 /// On the leader: takes node `id` out of the Raft membership (voter or
 /// learner) and out of the metadata. Refuses to remove the leader itself.
@@ -159,6 +163,8 @@ pub struct Handler {
     pub origin: std::time::Instant,
     /// Injected faults.
     pub faults: Arc<Faults>,
+    /// The leader's half of admissions; holds this node's copy of the CA.
+    pub admissions: super::runtime::Admissions,
 }
 
 impl std::fmt::Debug for Handler {
@@ -256,6 +262,24 @@ async fn answer(
                     .await
                     .map(|read| read.map(|log_id| log_id.index))
                     .map_err(|e| e.to_string())
+            })
+            .await
+        }
+        KIND_INSTALL_CA => {
+            let slot = &handler.admissions.ca;
+            dispatch(body, |bundle: super::tls::CaBundle| async move {
+                let installed = slot.install(bundle).map_err(|e| e.to_string());
+                if installed == Ok(true) {
+                    tracing::info!(%remote, "received the cluster CA: this node can admit nodes");
+                }
+                installed
+            })
+            .await
+        }
+        KIND_ADD_MEMBER => {
+            let admissions = &handler.admissions;
+            dispatch(body, |new: super::runtime::NewMember| async move {
+                admissions.add_member(new).await
             })
             .await
         }
