@@ -20,6 +20,7 @@ pub mod buffer;
 pub mod error;
 pub mod meta;
 pub mod queue;
+pub mod replication;
 pub mod store;
 pub mod vhost_user;
 pub mod volume;
