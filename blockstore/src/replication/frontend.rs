@@ -153,6 +153,8 @@ struct Track {
     /// it has, its cache may hold writes from before this frontend (or
     /// session), which `unflushed` does not cover.
     flushed_once: bool,
+    /// Writes and copy-ins sent to it in its current session.
+    sent_mutations: u64,
     copy: Option<Copy>,
     /// The flush that precedes marking it in sync.
     sync_flush: Option<OpId>,
@@ -286,6 +288,7 @@ impl<P: Clone> Frontend<P> {
                 dirty_known: false,
                 unflushed: RegionSet::new(regions),
                 flushed_once: false,
+                sent_mutations: 0,
                 copy: None,
                 sync_flush: None,
                 asked_round: None,
@@ -492,6 +495,9 @@ impl<P: Clone> Frontend<P> {
     ) -> OpId {
         let op = self.next_op;
         self.next_op += 1;
+        if matches!(kind, OpKind::Write { .. } | OpKind::CopyIn { .. }) {
+            self.replicas[replica].sent_mutations += 1;
+        }
         let request = match kind {
             OpKind::Open => Request::Open {
                 generation: self.generation,
@@ -551,6 +557,7 @@ impl<P: Clone> Frontend<P> {
         let track = &mut self.replicas[replica];
         track.session = Some(session);
         track.flushed_once = false;
+        track.sent_mutations = 0;
         track.digests = None;
         track.asked_round = None;
         if self.phase == Phase::Serving {
@@ -593,6 +600,7 @@ impl<P: Clone> Frontend<P> {
                 Some(Pending::Flush { sent, acked }) if !acked.contains(&replica) => {
                     sent.insert(replica);
                     let covered = self.replicas[replica].unflushed.take();
+                    let after = self.replicas[replica].sent_mutations;
                     self.send_op(
                         replica,
                         OpKind::Flush {
@@ -600,7 +608,7 @@ impl<P: Clone> Frontend<P> {
                             covered,
                         },
                         now,
-                        |head| Request::Flush { head },
+                        |head| Request::Flush { head, after },
                     );
                 }
                 _ => {}
@@ -914,12 +922,15 @@ impl<P: Clone> Frontend<P> {
                 !matches!(op.kind, OpKind::CopyOut { .. } | OpKind::CopyIn { .. }) || !reconciling
             });
         }
+        // Stale replicas are compared only once the in-sync ones are
+        // identical (serving): before, the source may still change to one
+        // that differs from the first.
         let wants = |track: &Track| {
             track.session.is_some()
                 && if track.state == ReplicaState::InSync {
                     reconciling && !track.compared
                 } else {
-                    !track.dirty_known
+                    !reconciling && !track.dirty_known
                 }
         };
         if self.round_open && self.replicas[source].asked_round != Some(self.round) {
@@ -1011,6 +1022,7 @@ impl<P: Clone> Frontend<P> {
                         .contains(&MetaChange::MarkInSync { replica: target });
                 if track.state == ReplicaState::Stale && !waiting && self.phase == Phase::Serving {
                     let covered = self.replicas[target].unflushed.take();
+                    let after = self.replicas[target].sent_mutations;
                     let op = self.send_op(
                         target,
                         OpKind::Flush {
@@ -1018,13 +1030,13 @@ impl<P: Clone> Frontend<P> {
                             covered,
                         },
                         now,
-                        |head| Request::Flush { head },
+                        |head| Request::Flush { head, after },
                     );
                     self.replicas[target].sync_flush = Some(op);
                 }
                 continue;
             }
-            let busy = self.busy_regions();
+            let busy = self.busy_regions(source);
             let Some(region) = track.dirty.iter().find(|region| !busy.contains(region)) else {
                 continue;
             };
@@ -1040,18 +1052,22 @@ impl<P: Clone> Frontend<P> {
         }
     }
 
-    /// Regions a write in flight touches.
-    fn busy_regions(&self) -> BTreeSet<u64> {
-        self.ops
-            .values()
-            .filter_map(|op| match op.kind {
-                OpKind::Write { lba, blocks, .. } => {
-                    Some(regions_of(lba, blocks, self.config.region_blocks))
-                }
-                _ => None,
-            })
-            .flatten()
-            .collect()
+    /// Regions a copy from `source` must not start on: those a write in
+    /// flight touches, and those of pending writes the source has not
+    /// applied yet (a copy now would miss them).
+    fn busy_regions(&self, source: usize) -> BTreeSet<u64> {
+        let region_blocks = self.config.region_blocks;
+        let in_flight = self.ops.values().filter_map(|op| match op.kind {
+            OpKind::Write { lba, blocks, .. } => Some(regions_of(lba, blocks, region_blocks)),
+            _ => None,
+        });
+        let pending = self.pending.values().filter_map(|pending| match pending {
+            Pending::Write {
+                lba, blocks, acked, ..
+            } if !acked.contains(&source) => Some(regions_of(*lba, *blocks, region_blocks)),
+            _ => None,
+        });
+        in_flight.chain(pending).flatten().collect()
     }
 
     /// Starts queued guest requests in order; a write waits while an
@@ -1168,6 +1184,7 @@ impl<P: Clone> Frontend<P> {
                     }
                     sent.insert(replica);
                     let covered = self.replicas[replica].unflushed.take();
+                    let after = self.replicas[replica].sent_mutations;
                     self.send_op(
                         replica,
                         OpKind::Flush {
@@ -1175,7 +1192,7 @@ impl<P: Clone> Frontend<P> {
                             covered,
                         },
                         now,
-                        |head| Request::Flush { head },
+                        |head| Request::Flush { head, after },
                     );
                 }
                 self.pending.insert(

@@ -55,9 +55,13 @@ pub enum Request<P> {
         blocks: u64,
         data: P,
     },
-    /// Make everything applied so far durable.
+    /// Make everything applied so far durable, once the first `after`
+    /// writes and copy-ins of this session have been applied (requests may
+    /// arrive out of order; a flush never overtakes what was sent before
+    /// it).
     Flush {
         head: Header,
+        after: u64,
     },
     Read {
         head: Header,
@@ -87,7 +91,7 @@ impl<P> Request<P> {
         match self {
             Request::Open { .. } => None,
             Request::Write { head, .. }
-            | Request::Flush { head }
+            | Request::Flush { head, .. }
             | Request::Read { head, .. }
             | Request::Digests { head }
             | Request::CopyOut { head, .. }

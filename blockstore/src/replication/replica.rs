@@ -15,6 +15,8 @@ pub struct ReplicaGate {
     highest: Generation,
     applied: BTreeSet<OpId>,
     done_below: OpId,
+    /// Writes and copy-ins applied in this session.
+    mutations: u64,
 }
 
 /// The outcome of an `Open`.
@@ -54,7 +56,15 @@ impl ReplicaGate {
             highest,
             applied: BTreeSet::new(),
             done_below: 0,
+            mutations: 0,
         }
+    }
+
+    /// Whether a flush that must follow the first `after` writes and
+    /// copy-ins of the session can run now; if not, the caller holds it
+    /// until enough have been applied.
+    pub fn flush_ready(&self, after: u64) -> bool {
+        self.mutations >= after
     }
 
     /// The highest generation seen.
@@ -76,6 +86,7 @@ impl ReplicaGate {
         self.session = Some(session);
         self.applied.clear();
         self.done_below = 0;
+        self.mutations = 0;
         Opened::Session { session, persist }
     }
 
@@ -100,6 +111,7 @@ impl ReplicaGate {
         if head.op < self.done_below || !self.applied.insert(head.op) {
             return Admit::Duplicate;
         }
+        self.mutations += 1;
         Admit::Apply
     }
 }

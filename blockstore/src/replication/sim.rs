@@ -77,6 +77,8 @@ struct SimReplica {
     uncommitted: Vec<(u64, Data)>,
     view: Vec<u64>,
     restart_at: Option<u64>,
+    /// Flushes waiting for earlier writes of their session: (op, after).
+    held_flushes: Vec<(u64, u64)>,
 }
 
 impl SimReplica {
@@ -90,6 +92,7 @@ impl SimReplica {
             uncommitted: Vec::new(),
             view: vec![0; VOLUME_BLOCKS as usize],
             restart_at: None,
+            held_flushes: Vec::new(),
         }
     }
 
@@ -101,6 +104,7 @@ impl SimReplica {
             self.durable[start..start + data.len()].copy_from_slice(&data);
         }
         self.view = self.durable.clone();
+        self.held_flushes.clear();
         self.up = false;
         self.restart_at = Some(restart_at);
     }
@@ -118,10 +122,37 @@ impl SimReplica {
         self.uncommitted.push((lba, data));
     }
 
-    fn handle(&mut self, request: Request<Data>) -> Reply<Data> {
+    /// Handles a request; returns the replies it produces (none for a
+    /// flush held back, several when a write releases held flushes).
+    fn handle(&mut self, request: Request<Data>) -> Vec<Reply<Data>> {
+        let mutates = request.mutates();
+        let mut replies = vec![];
+        if let Some(reply) = self.handle_one(request) {
+            replies.push(reply);
+        }
+        if mutates {
+            let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held_flushes)
+                .into_iter()
+                .partition(|&(_, after)| self.gate.flush_ready(after));
+            self.held_flushes = held;
+            for (op, _) in ready {
+                self.flush();
+                replies.push(Reply::Done { op });
+            }
+        }
+        replies
+    }
+
+    fn flush(&mut self) {
+        self.durable = self.view.clone();
+        self.uncommitted.clear();
+    }
+
+    fn handle_one(&mut self, request: Request<Data>) -> Option<Reply<Data>> {
         let head = match &request {
             Request::Open { generation, op } => {
-                return match self.gate.open(*generation) {
+                self.held_flushes.clear();
+                return Some(match self.gate.open(*generation) {
                     Opened::Fenced { highest } => Reply::Fenced { highest },
                     Opened::Session { session, persist } => {
                         if let Some(generation) = persist {
@@ -129,14 +160,14 @@ impl SimReplica {
                         }
                         Reply::Opened { op: *op, session }
                     }
-                };
+                });
             }
             other => *other.head().expect("not an open"),
         };
         match self.gate.admit(&head, request.mutates()) {
-            Admit::Fenced { highest } => return Reply::Fenced { highest },
-            Admit::NotOpen => return Reply::NotOpen { op: head.op },
-            Admit::Duplicate => return Reply::Done { op: head.op },
+            Admit::Fenced { highest } => return Some(Reply::Fenced { highest }),
+            Admit::NotOpen => return Some(Reply::NotOpen { op: head.op }),
+            Admit::Duplicate => return Some(Reply::Done { op: head.op }),
             Admit::Apply => {}
         }
         assert!(
@@ -149,7 +180,7 @@ impl SimReplica {
             let start = (region * REGION_BLOCKS) as usize;
             start..start + REGION_BLOCKS as usize
         };
-        match request {
+        Some(match request {
             Request::Open { .. } => unreachable!("handled above"),
             Request::Write {
                 lba, blocks, data, ..
@@ -158,9 +189,12 @@ impl SimReplica {
                 self.apply(lba, data);
                 Reply::Done { op: head.op }
             }
-            Request::Flush { .. } => {
-                self.durable = self.view.clone();
-                self.uncommitted.clear();
+            Request::Flush { after, .. } => {
+                if !self.gate.flush_ready(after) {
+                    self.held_flushes.push((head.op, after));
+                    return None;
+                }
+                self.flush();
                 Reply::Done { op: head.op }
             }
             Request::Read { lba, blocks, .. } => Reply::Data {
@@ -190,7 +224,7 @@ impl SimReplica {
                 self.apply(r * REGION_BLOCKS, data);
                 Reply::Done { op: head.op }
             }
-        }
+        })
     }
 }
 
@@ -521,14 +555,16 @@ impl Sim {
                         continue;
                     }
                     let summary = format!("{request:?}");
-                    let reply = self.replicas[flight.replica].handle(request);
+                    let replies = self.replicas[flight.replica].handle(request);
                     self.log(|| {
                         format!(
-                            "replica {} <- frontend {}: {summary} -> {reply:?}",
+                            "replica {} <- frontend {}: {summary} -> {replies:?}",
                             flight.replica, flight.frontend
                         )
                     });
-                    self.send(flight.frontend, flight.replica, Message::ToFrontend(reply));
+                    for reply in replies {
+                        self.send(flight.frontend, flight.replica, Message::ToFrontend(reply));
+                    }
                 }
                 Message::ToFrontend(reply) => {
                     self.frontends[flight.frontend].on_reply(flight.replica, reply, now);
