@@ -885,6 +885,24 @@ impl<P: Clone> Frontend<P> {
                 self.phase = Phase::Serving;
             }
         }
+        if self.phase == Phase::Serving {
+            // An in-sync replica that lacks regions is demoted before
+            // anything copies to it.
+            for replica in 0..self.replicas.len() {
+                let track = &self.replicas[replica];
+                if track.state == ReplicaState::InSync
+                    && !track.demoting
+                    && !track.dirty.is_empty()
+                    && !self.last_in_sync(replica)
+                {
+                    self.replicas[replica].demoting = true;
+                    let change = MetaChange::MarkStale { replica };
+                    if self.meta_inflight != Some(change) && !self.meta_queue.contains(&change) {
+                        self.meta_queue.push_back(change);
+                    }
+                }
+            }
+        }
         self.start_copies(now);
         if self.phase == Phase::Serving {
             self.start_queued(now);
@@ -1002,9 +1020,14 @@ impl<P: Clone> Frontend<P> {
         if self.phase == Phase::Opening {
             return;
         }
+        let serving = self.phase == Phase::Serving;
         for target in 0..self.replicas.len() {
             let track = &self.replicas[target];
-            if track.session.is_none()
+            // Once serving, an in-sync replica is never copied to: a copy
+            // could land over a newer write it has acknowledged. One that
+            // lacks something is marked stale first.
+            if (serving && track.state == ReplicaState::InSync)
+                || track.session.is_none()
                 || track.copy.is_some()
                 || !track.dirty_known
                 || track.sync_flush.is_some()
