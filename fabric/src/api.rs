@@ -197,13 +197,13 @@ async fn create_volume(
     let (name, size) = (request.name.clone(), request.size_bytes);
     let view = blocking(&node, move |node| node.create(&name, size)).await?;
     if let (Some(runtime), Some(replicas)) = (runtime.as_ref(), placement) {
-        let volume = VolumeMeta {
-            id: view.id.clone(),
-            name: view.name.clone(),
-            size_bytes: view.size_bytes,
+        let volume = VolumeMeta::new(
+            view.id.clone(),
+            view.name.clone(),
+            view.size_bytes,
             replicas,
-            created_unix: view.created_unix,
-        };
+            view.created_unix,
+        );
         if let Err(error) = runtime.record_volume(volume).await {
             let name = view.name.clone();
             let _ = blocking(&node, move |node| node.delete(&name)).await;

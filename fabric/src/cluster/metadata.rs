@@ -68,6 +68,64 @@ pub struct VolumeMeta {
     /// Nodes holding replicas, in placement order.
     pub replicas: Vec<NodeId>,
     pub created_unix: u64,
+    /// The attachment generation: raised by every attach; replicas refuse
+    /// requests of a lower one (see `docs/replication.md`).
+    #[serde(default)]
+    pub generation: u64,
+    /// The node serving the volume (its frontend), if attached.
+    #[serde(default)]
+    pub frontend: Option<NodeId>,
+    /// Replicas that may lack writes; the others are in sync.
+    #[serde(default)]
+    pub stale: std::collections::BTreeSet<NodeId>,
+    /// In-sync replicas a write needs, at least.
+    #[serde(default = "default_min_replicas")]
+    pub min_replicas: u32,
+}
+
+fn default_min_replicas() -> u32 {
+    1
+}
+
+/// The default `min_replicas` for `replicas` replicas: 1 of 1 or 2, 2 of 3.
+pub fn min_replicas_for(replicas: usize) -> u32 {
+    if replicas >= 3 {
+        2
+    } else {
+        1
+    }
+}
+
+impl VolumeMeta {
+    /// A new, detached volume with every replica in sync (a new volume is
+    /// all zeros everywhere).
+    pub fn new(
+        id: String,
+        name: String,
+        size_bytes: u64,
+        replicas: Vec<NodeId>,
+        created_unix: u64,
+    ) -> VolumeMeta {
+        VolumeMeta {
+            id,
+            name,
+            min_replicas: min_replicas_for(replicas.len()),
+            size_bytes,
+            replicas,
+            created_unix,
+            generation: 0,
+            frontend: None,
+            stale: Default::default(),
+        }
+    }
+
+    /// Replicas recorded in sync, in placement order.
+    pub fn in_sync(&self) -> impl Iterator<Item = NodeId> + '_ {
+        self.replicas
+            .iter()
+            .copied()
+            .filter(|node| !self.stale.contains(node))
+    }
 }
 
 /// An Ethernet MAC address, written `52:54:00:12:34:56`.
@@ -270,6 +328,31 @@ pub enum Command {
     /// A join token is used up: applied once, rejected for a token that
     /// is unknown, used or (as of `now_unix`) expired.
     RedeemToken { digest: String, now_unix: u64 },
+    /// A volume is attached on `node`: its generation goes up, fencing
+    /// any earlier frontend.
+    AttachVolume { name: String, node: NodeId },
+    /// The frontend of `generation` lets the volume go.
+    DetachVolume { name: String, generation: u64 },
+    /// The frontend of `generation` found replica `node` failed.
+    MarkStale {
+        name: String,
+        generation: u64,
+        node: NodeId,
+    },
+    /// The frontend of `generation` resynced replica `node`.
+    MarkInSync {
+        name: String,
+        generation: u64,
+        node: NodeId,
+    },
+    /// Replica `old` is replaced by `new`, which starts stale (a full
+    /// copy).
+    ReplaceReplica {
+        name: String,
+        generation: u64,
+        old: NodeId,
+        new: NodeId,
+    },
 }
 
 /// The outcome of applying a command.
@@ -461,6 +544,87 @@ impl Metadata {
                 self.join_tokens.insert(digest.clone(), *expires_unix);
                 Response::Applied
             }
+            Command::AttachVolume { name, node } => {
+                if !self.nodes.contains_key(node) {
+                    return Response::rejected(format!("node {node} is not a member"));
+                }
+                match self.volumes.get_mut(name) {
+                    Some(volume) => {
+                        volume.generation += 1;
+                        volume.frontend = Some(*node);
+                        Response::Applied
+                    }
+                    None => Response::rejected(format!("volume {name:?} does not exist")),
+                }
+            }
+            Command::DetachVolume { name, generation } => {
+                match self.current_volume(name, *generation) {
+                    Ok(volume) => {
+                        volume.frontend = None;
+                        Response::Applied
+                    }
+                    Err(reason) => Response::rejected(reason),
+                }
+            }
+            Command::MarkStale {
+                name,
+                generation,
+                node,
+            } => match self.current_volume(name, *generation) {
+                Ok(volume) if !volume.replicas.contains(node) => {
+                    Response::rejected(format!("node {node} holds no replica of {name:?}"))
+                }
+                Ok(volume) if volume.in_sync().all(|other| other == *node) => Response::rejected(
+                    format!("node {node} holds the last in-sync replica of {name:?}"),
+                ),
+                Ok(volume) => {
+                    volume.stale.insert(*node);
+                    Response::Applied
+                }
+                Err(reason) => Response::rejected(reason),
+            },
+            Command::MarkInSync {
+                name,
+                generation,
+                node,
+            } => match self.current_volume(name, *generation) {
+                Ok(volume) if volume.replicas.contains(node) => {
+                    volume.stale.remove(node);
+                    Response::Applied
+                }
+                Ok(_) => Response::rejected(format!("node {node} holds no replica of {name:?}")),
+                Err(reason) => Response::rejected(reason),
+            },
+            Command::ReplaceReplica {
+                name,
+                generation,
+                old,
+                new,
+            } => {
+                if !self.nodes.contains_key(new) {
+                    return Response::rejected(format!("node {new} is not a member"));
+                }
+                match self.current_volume(name, *generation) {
+                    Ok(volume) if volume.replicas.contains(new) => Response::rejected(format!(
+                        "node {new} already holds a replica of {name:?}"
+                    )),
+                    Ok(volume) => match volume.replicas.iter().position(|n| n == old) {
+                        Some(index) if volume.in_sync().any(|n| n != *old) => {
+                            volume.replicas[index] = *new;
+                            volume.stale.remove(old);
+                            volume.stale.insert(*new);
+                            Response::Applied
+                        }
+                        Some(_) => Response::rejected(format!(
+                            "node {old} holds the last in-sync replica of {name:?}"
+                        )),
+                        None => {
+                            Response::rejected(format!("node {old} holds no replica of {name:?}"))
+                        }
+                    },
+                    Err(reason) => Response::rejected(reason),
+                }
+            }
             Command::RedeemToken { digest, now_unix } => match self.join_tokens.remove(digest) {
                 Some(expiry) if expiry > *now_unix => Response::Applied,
                 // Removed all the same: an expired token is of no use.
@@ -470,6 +634,22 @@ impl Metadata {
                 None => Response::rejected("the token is unknown or was already used"),
             },
         }
+    }
+
+    /// The volume, if `generation` is its current one: a change from an
+    /// older attachment is refused (it is fenced).
+    fn current_volume(&mut self, name: &str, generation: u64) -> Result<&mut VolumeMeta, String> {
+        let volume = self
+            .volumes
+            .get_mut(name)
+            .ok_or_else(|| format!("volume {name:?} does not exist"))?;
+        if volume.generation != generation {
+            return Err(format!(
+                "fenced: volume {name:?} is at generation {}, not {generation}",
+                volume.generation
+            ));
+        }
+        Ok(volume)
     }
 
     fn check_port(&self, port: &PortMeta) -> Result<(), String> {
@@ -569,13 +749,13 @@ mod tests {
     }
 
     fn volume(name: &str, replicas: Vec<NodeId>) -> VolumeMeta {
-        VolumeMeta {
-            id: format!("{:016x}", name.len()),
-            name: name.into(),
-            size_bytes: 1 << 30,
+        VolumeMeta::new(
+            format!("{:016x}", name.len()),
+            name.into(),
+            1 << 30,
             replicas,
-            created_unix: 0,
-        }
+            0,
+        )
     }
 
     #[test]
@@ -891,6 +1071,158 @@ mod tests {
         // Issuing drops what has expired by then.
         metadata.apply(&issue("z", 4000));
         assert_eq!(metadata.join_tokens.len(), 1);
+    }
+
+    #[test]
+    fn attachments_fence_older_generations_and_keep_one_replica_in_sync() {
+        let mut metadata = Metadata::default();
+        for id in 1..=4 {
+            metadata.apply(&Command::AddNode { node: node(id) });
+        }
+        metadata.apply(&Command::CreateVolume {
+            volume: volume("v", vec![1, 2]),
+        });
+        let name = || "v".to_string();
+        let steps: Vec<(Command, bool)> = vec![
+            (
+                Command::AttachVolume {
+                    name: name(),
+                    node: 9,
+                },
+                false,
+            ),
+            (
+                Command::AttachVolume {
+                    name: name(),
+                    node: 1,
+                },
+                true,
+            ),
+            (
+                Command::AttachVolume {
+                    name: name(),
+                    node: 3,
+                },
+                true,
+            ),
+            // Generation 1 is fenced by 2.
+            (
+                Command::MarkStale {
+                    name: name(),
+                    generation: 1,
+                    node: 2,
+                },
+                false,
+            ),
+            (
+                Command::MarkStale {
+                    name: name(),
+                    generation: 2,
+                    node: 4,
+                },
+                false,
+            ),
+            (
+                Command::MarkStale {
+                    name: name(),
+                    generation: 2,
+                    node: 2,
+                },
+                true,
+            ),
+            // Node 1 is the last in-sync replica.
+            (
+                Command::MarkStale {
+                    name: name(),
+                    generation: 2,
+                    node: 1,
+                },
+                false,
+            ),
+            (
+                Command::ReplaceReplica {
+                    name: name(),
+                    generation: 2,
+                    old: 1,
+                    new: 4,
+                },
+                false,
+            ),
+            (
+                Command::ReplaceReplica {
+                    name: name(),
+                    generation: 2,
+                    old: 2,
+                    new: 1,
+                },
+                false,
+            ),
+            (
+                Command::ReplaceReplica {
+                    name: name(),
+                    generation: 2,
+                    old: 2,
+                    new: 4,
+                },
+                true,
+            ),
+            (
+                Command::MarkInSync {
+                    name: name(),
+                    generation: 1,
+                    node: 4,
+                },
+                false,
+            ),
+            (
+                Command::MarkInSync {
+                    name: name(),
+                    generation: 2,
+                    node: 4,
+                },
+                true,
+            ),
+            (
+                Command::DetachVolume {
+                    name: name(),
+                    generation: 1,
+                },
+                false,
+            ),
+            (
+                Command::DetachVolume {
+                    name: name(),
+                    generation: 2,
+                },
+                true,
+            ),
+        ];
+        for (command, applies) in steps {
+            let before = metadata.clone();
+            let response = metadata.apply(&command);
+            assert_eq!(
+                response == Response::Applied,
+                applies,
+                "{command:?}: {response:?}"
+            );
+            if !applies {
+                assert_eq!(metadata, before, "a rejected command changed the metadata");
+            }
+        }
+        let v = &metadata.volumes["v"];
+        assert_eq!((v.generation, v.frontend), (2, None));
+        assert_eq!(v.replicas, [1, 4]);
+        assert!(v.stale.is_empty());
+        assert_eq!(v.in_sync().collect::<Vec<_>>(), [1, 4]);
+        // A volume recorded before these fields existed reads as detached
+        // and in sync.
+        let old = r#"{"id":"1","name":"o","size_bytes":4096,"replicas":[1,2,3],"created_unix":0}"#;
+        let old: VolumeMeta = serde_json::from_str(old).expect("old record");
+        assert_eq!(
+            (old.generation, old.frontend, old.stale.len()),
+            (0, None, 0)
+        );
+        assert_eq!(min_replicas_for(3), 2);
     }
 
     #[test]

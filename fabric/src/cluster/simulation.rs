@@ -104,13 +104,8 @@ impl Sim {
                     return;
                 };
                 let name = format!("v{step}");
-                let volume = VolumeMeta {
-                    id: format!("{step:016x}"),
-                    name: name.clone(),
-                    size_bytes: 4096,
-                    replicas: Vec::new(),
-                    created_unix: 0,
-                };
+                let volume =
+                    VolumeMeta::new(format!("{step:016x}"), name.clone(), 4096, Vec::new(), 0);
                 let raft = self.running[&on].raft.clone();
                 let outcome = tokio::time::timeout(
                     Duration::from_secs(3),

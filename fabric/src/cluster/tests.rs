@@ -204,13 +204,13 @@ async fn three_members_replicate_and_survive_leader_loss_partition_and_restart()
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    let volume = super::metadata::VolumeMeta {
-        id: "00000000000000aa".into(),
-        name: "during-partition".into(),
-        size_bytes: 1 << 30,
-        replicas: majority.clone(),
-        created_unix: 0,
-    };
+    let volume = super::metadata::VolumeMeta::new(
+        "00000000000000aa".into(),
+        "during-partition".into(),
+        1 << 30,
+        majority.clone(),
+        0,
+    );
     assert_eq!(
         cluster
             .write(new_leader, Command::CreateVolume { volume })
