@@ -11,6 +11,8 @@
 //! - [`replica::ReplicaGate`]: what a replica checks before it applies
 //!   anything: generation (fencing), session, duplicates.
 //! - [`regions::RegionSet`]: the dirty-region bitmaps.
+//! - [`wire`]: the frames that carry requests and replies between nodes,
+//!   with [`wire::Blocks`] (data with per-block crc32) as their payload.
 //!
 //! Blocks are 4 KiB; offsets and lengths here are in blocks.
 
@@ -19,6 +21,7 @@ pub mod regions;
 pub mod replica;
 #[cfg(test)]
 mod sim;
+pub mod wire;
 
 /// An attachment's generation, issued through Raft; higher fences lower.
 pub type Generation = u64;
