@@ -74,6 +74,10 @@ pub struct VolumeRecord {
     /// The vhost-user socket the volume is served on, while attached.
     #[serde(default)]
     pub attached_socket: Option<std::path::PathBuf>,
+    /// As a replica: the highest attachment generation seen. Requests of
+    /// a lower one are refused (see `docs/replication.md`).
+    #[serde(default)]
+    pub replica_generation: u64,
 }
 
 impl VolumeRecord {
@@ -306,6 +310,7 @@ mod tests {
             size_bytes: 1 << 20,
             created_unix: 0,
             attached_socket: None,
+            replica_generation: 0,
         }
     }
 

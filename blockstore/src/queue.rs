@@ -513,6 +513,7 @@ mod tests {
             size_bytes: 256 * BLOCK_SIZE,
             created_unix: 0,
             attached_socket: None,
+            replica_generation: 0,
         };
         let volume =
             Arc::new(Volume::open(record, dir, meta, true, Arc::default()).expect("volume"));

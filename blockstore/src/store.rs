@@ -185,6 +185,7 @@ impl Store {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             attached_socket: None,
+            replica_generation: 0,
         };
         self.meta.put_volume(&record)?;
         Ok(record)
@@ -213,6 +214,16 @@ impl Store {
         let _open = self.open.lock().expect("store lock poisoned");
         let mut record = self.get(name)?;
         record.attached_socket = socket;
+        self.meta.put_volume(&record)?;
+        Ok(record)
+    }
+
+    /// Records, durably, the highest generation a replica of `name` has
+    /// seen.
+    pub fn set_replica_generation(&self, name: &str, generation: u64) -> Result<VolumeRecord> {
+        let _open = self.open.lock().expect("store lock poisoned");
+        let mut record = self.get(name)?;
+        record.replica_generation = generation;
         self.meta.put_volume(&record)?;
         Ok(record)
     }

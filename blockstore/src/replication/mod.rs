@@ -19,6 +19,7 @@
 pub mod frontend;
 pub mod regions;
 pub mod replica;
+pub mod replica_volume;
 #[cfg(test)]
 mod sim;
 pub mod wire;
