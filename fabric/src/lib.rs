@@ -16,3 +16,4 @@ pub mod cluster_api;
 pub mod config;
 pub mod daemon;
 pub mod node;
+pub mod replication;

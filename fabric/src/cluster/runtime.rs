@@ -450,6 +450,7 @@ impl ClusterRuntime {
             origin,
             faults: faults.clone(),
             admissions: admissions.clone(),
+            replication: None,
         };
         let mut runtime = ClusterRuntime {
             id: node.node_id,

@@ -52,6 +52,9 @@ pub const KIND_READ_INDEX: u8 = 7;
 pub const KIND_INSTALL_CA: u8 = 8;
 /// A node to add, for the leader ([`super::runtime::Admissions::add_member`]).
 pub const KIND_ADD_MEMBER: u8 = 9;
+/// A long-lived replication stream: length-prefixed frames both ways
+/// (see [`crate::replication`]).
+pub const KIND_REPLICATION: u8 = 10;
 
 /// On the leader: takes node `id` out of the Raft membership (voter or
 /// learner) and out of the metadata. Refuses to remove the leader itself.
@@ -165,6 +168,8 @@ pub struct Handler {
     pub faults: Arc<Faults>,
     /// The leader's half of admissions; holds this node's copy of the CA.
     pub admissions: super::runtime::Admissions,
+    /// This node's replicas, for replication streams.
+    pub replication: Option<crate::replication::service::ReplicaService>,
 }
 
 impl std::fmt::Debug for Handler {
@@ -209,6 +214,26 @@ async fn answer(
     handler: Handler,
     remote: SocketAddr,
 ) {
+    let mut kind = [0u8; 1];
+    if let Err(error) = recv.read_exact(&mut kind).await {
+        tracing::warn!(%remote, %error, "dropped an empty cluster request");
+        return;
+    }
+    let kind = kind[0];
+    if handler.faults.is_blocked(&remote) {
+        let _ = send.reset(2u32.into());
+        return;
+    }
+    if kind == KIND_REPLICATION {
+        match &handler.replication {
+            Some(service) => service.serve_stream(send, recv, remote).await,
+            None => {
+                tracing::warn!(%remote, "refused a replication stream: this node serves no replicas");
+                let _ = send.reset(1u32.into());
+            }
+        }
+        return;
+    }
     let request = match recv.read_to_end(MESSAGE_BYTES_MAX).await {
         Ok(request) => request,
         Err(error) => {
@@ -216,14 +241,7 @@ async fn answer(
             return;
         }
     };
-    let Some((&kind, body)) = request.split_first() else {
-        tracing::warn!(%remote, "dropped an empty cluster request");
-        return;
-    };
-    if handler.faults.is_blocked(&remote) {
-        let _ = send.reset(2u32.into());
-        return;
-    }
+    let body = &request[..];
     let raft = &handler.raft;
     let response = match kind {
         KIND_APPEND_ENTRIES => dispatch(body, |r| raft.append_entries(r)).await,
@@ -361,7 +379,8 @@ impl RaftNetworkFactory<TypeConfig> for QuicNetwork {
 type RpcError<E> = RPCError<NodeId, Member, RaftError<NodeId, E>>;
 
 impl QuicConnection {
-    async fn connection(&self) -> Result<quinn::Connection, CallError> {
+    /// The QUIC connection to the member, opened if there is none.
+    pub async fn connection(&self) -> Result<quinn::Connection, CallError> {
         let unreachable = |e: &dyn std::fmt::Display| {
             CallError::Unreachable(format!(
                 "node {} at {}: {e}",

@@ -1,0 +1,307 @@
+//! The frontend side: runs one attached volume's replication coordinator
+//! against its replicas, local and remote.
+//!
+//! [`spawn`] starts a task that owns the
+//! [`Frontend`](blockstore::replication::frontend::Frontend) and carries out
+//! its effects: requests go to a local replica on a blocking thread, or to
+//! a remote one over a replication stream on the cluster's QUIC
+//! connection (opened, and opened again after a failure, by a link task
+//! per replica); metadata changes go to the given [`MetadataFn`];
+//! completions go back to whoever submitted the request through
+//! [`DriverHandle::submit`].
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use blockstore::replication::frontend::{
+    Config, Effect, Frontend, GuestId, GuestOp, MetaChange, MetaOutcome, Outcome, Phase,
+    ReplicaState,
+};
+use blockstore::replication::replica_volume::ReplicaVolume;
+use blockstore::replication::wire::{decode_reply, encode_request, Blocks};
+use blockstore::replication::{Generation, Reply, Request};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use super::{read_frame, write_frame};
+use crate::cluster::metadata::NodeId;
+use crate::cluster::raft::Member;
+use crate::cluster::transport::{QuicConnection, QuicNetwork, KIND_REPLICATION};
+
+/// How often the coordinator's clock moves (timeouts, probes, resync).
+const TICK: Duration = Duration::from_millis(10);
+
+/// Commits a metadata change for the volume and says how it went.
+pub type MetadataFn = Arc<
+    dyn Fn(Generation, MetaChange) -> Pin<Box<dyn Future<Output = MetaOutcome> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// Where a replica is.
+pub enum ReplicaEndpoint {
+    /// On this node.
+    Local(Arc<Mutex<ReplicaVolume>>),
+    /// On another node, reached over the cluster transport.
+    Remote { node: NodeId, member: Member },
+}
+
+impl std::fmt::Debug for ReplicaEndpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ReplicaEndpoint::Local(_) => f.write_str("Local"),
+            ReplicaEndpoint::Remote { node, member } => {
+                write!(f, "Remote(node {node} at {})", member.address)
+            }
+        }
+    }
+}
+
+/// What the driver reports about itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DriverStatus {
+    pub phase: Phase,
+    pub states: Vec<ReplicaState>,
+    /// Dirty regions per replica (resync left to do).
+    pub dirty: Vec<u64>,
+}
+
+type GuestRequest = (GuestOp<Blocks>, oneshot::Sender<Outcome<Blocks>>);
+
+/// Submits guest requests to a running driver.
+#[derive(Debug, Clone)]
+pub struct DriverHandle {
+    requests: mpsc::UnboundedSender<GuestRequest>,
+    status: watch::Receiver<DriverStatus>,
+}
+
+impl DriverHandle {
+    /// Runs a guest request to completion. A driver that has stopped
+    /// answers as fenced.
+    pub async fn submit(&self, op: GuestOp<Blocks>) -> Outcome<Blocks> {
+        let (done, outcome) = oneshot::channel();
+        if self.requests.send((op, done)).is_err() {
+            return Outcome::Failed(blockstore::replication::frontend::Failure::Fenced);
+        }
+        outcome.await.unwrap_or(Outcome::Failed(
+            blockstore::replication::frontend::Failure::Fenced,
+        ))
+    }
+
+    /// The latest status.
+    pub fn status(&self) -> DriverStatus {
+        self.status.borrow().clone()
+    }
+
+    /// Waits until `check` holds for the status, or `timeout` passes.
+    pub async fn wait_for(
+        &self,
+        timeout: Duration,
+        check: impl Fn(&DriverStatus) -> bool,
+    ) -> Result<DriverStatus, DriverStatus> {
+        let mut status = self.status.clone();
+        let waited = tokio::time::timeout(timeout, status.wait_for(|s| check(s))).await;
+        match waited {
+            Ok(Ok(found)) => Ok(found.clone()),
+            _ => Err(self.status()),
+        }
+    }
+}
+
+/// Starts a driver for the volume with cluster id `volume`, attached at
+/// `generation`, over replicas in the recorded `states`. It runs until
+/// every [`DriverHandle`] is dropped.
+pub fn spawn(
+    config: Config,
+    volume: u64,
+    generation: Generation,
+    states: Vec<ReplicaState>,
+    endpoints: Vec<ReplicaEndpoint>,
+    network: QuicNetwork,
+    metadata: MetadataFn,
+) -> (DriverHandle, tokio::task::JoinHandle<()>) {
+    assert_eq!(states.len(), endpoints.len());
+    let (requests, guest_rx) = mpsc::unbounded_channel();
+    let frontend = Frontend::new(config, generation, &states, Instant::now());
+    let (status_tx, status) = watch::channel(status_of(&frontend));
+    let task = tokio::spawn(run(
+        frontend, volume, endpoints, network, metadata, guest_rx, status_tx,
+    ));
+    (DriverHandle { requests, status }, task)
+}
+
+fn status_of(frontend: &Frontend<Blocks>) -> DriverStatus {
+    DriverStatus {
+        phase: frontend.phase(),
+        states: frontend.states(),
+        dirty: frontend.dirty_counts(),
+    }
+}
+
+/// How requests reach one replica.
+enum Route {
+    Local(Arc<Mutex<ReplicaVolume>>),
+    Remote(mpsc::UnboundedSender<Request<Blocks>>),
+}
+
+async fn run(
+    mut frontend: Frontend<Blocks>,
+    volume: u64,
+    endpoints: Vec<ReplicaEndpoint>,
+    network: QuicNetwork,
+    metadata: MetadataFn,
+    mut guest_rx: mpsc::UnboundedReceiver<GuestRequest>,
+    status_tx: watch::Sender<DriverStatus>,
+) {
+    let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<(usize, Reply<Blocks>)>();
+    let (meta_tx, mut meta_rx) = mpsc::unbounded_channel::<MetaOutcome>();
+    let routes: Vec<Route> = endpoints
+        .into_iter()
+        .enumerate()
+        .map(|(index, endpoint)| match endpoint {
+            ReplicaEndpoint::Local(replica) => Route::Local(replica),
+            ReplicaEndpoint::Remote { node, member } => {
+                let (tx, rx) = mpsc::unbounded_channel();
+                tokio::spawn(link(
+                    QuicConnection::to(&network, node, member),
+                    volume,
+                    index,
+                    rx,
+                    reply_tx.clone(),
+                ));
+                Route::Remote(tx)
+            }
+        })
+        .collect();
+    let mut waiting: HashMap<GuestId, oneshot::Sender<Outcome<Blocks>>> = HashMap::new();
+    let mut next_guest: GuestId = 1;
+    let mut tick = tokio::time::interval(TICK);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        for effect in frontend.take_effects() {
+            match effect {
+                Effect::Send { replica, request } => match &routes[replica] {
+                    Route::Local(local) => {
+                        let local = local.clone();
+                        let replies = reply_tx.clone();
+                        tokio::task::spawn_blocking(move || {
+                            let handled = local
+                                .lock()
+                                .expect("replica volume poisoned")
+                                .handle(request);
+                            match handled {
+                                Ok(answers) => {
+                                    for answer in answers {
+                                        let _ = replies.send((replica, answer));
+                                    }
+                                }
+                                // No answer: the coordinator times it out and
+                                // treats the replica as failed.
+                                Err(error) => {
+                                    tracing::error!(%error, "the local replica failed a request")
+                                }
+                            }
+                        });
+                    }
+                    Route::Remote(link) => {
+                        let _ = link.send(request);
+                    }
+                },
+                Effect::Complete { guest, outcome } => {
+                    if let Some(done) = waiting.remove(&guest) {
+                        let _ = done.send(outcome);
+                    }
+                }
+                Effect::Metadata { generation, change } => {
+                    let metadata = metadata.clone();
+                    let outcomes = meta_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = outcomes.send(metadata(generation, change).await);
+                    });
+                }
+            }
+        }
+        status_tx.send_if_modified(|status| {
+            let now = status_of(&frontend);
+            let changed = *status != now;
+            *status = now;
+            changed
+        });
+        let now = Instant::now();
+        tokio::select! {
+            request = guest_rx.recv() => match request {
+                Some((op, done)) => {
+                    let guest = next_guest;
+                    next_guest += 1;
+                    waiting.insert(guest, done);
+                    frontend.submit(guest, op, now);
+                }
+                None => return,
+            },
+            Some((replica, reply)) = reply_rx.recv() => frontend.on_reply(replica, reply, now),
+            Some(outcome) = meta_rx.recv() => frontend.on_metadata(outcome, now),
+            _ = tick.tick() => frontend.tick(now),
+        }
+    }
+}
+
+/// Carries requests to one remote replica, opening a replication stream
+/// when there is none (the first request, or after the last one failed).
+/// Requests that cannot be sent are dropped; the coordinator times them
+/// out.
+async fn link(
+    connection: QuicConnection,
+    volume: u64,
+    replica: usize,
+    mut requests: mpsc::UnboundedReceiver<Request<Blocks>>,
+    replies: mpsc::UnboundedSender<(usize, Reply<Blocks>)>,
+) {
+    let mut stream: Option<quinn::SendStream> = None;
+    while let Some(request) = requests.recv().await {
+        if stream.is_none() {
+            stream = open(&connection, volume, replica, replies.clone()).await;
+        }
+        let Some(send) = stream.as_mut() else {
+            continue;
+        };
+        if write_frame(send, &encode_request(volume, &request))
+            .await
+            .is_err()
+        {
+            stream = None;
+        }
+    }
+}
+
+async fn open(
+    connection: &QuicConnection,
+    volume: u64,
+    replica: usize,
+    replies: mpsc::UnboundedSender<(usize, Reply<Blocks>)>,
+) -> Option<quinn::SendStream> {
+    let quic = connection.connection().await.ok()?;
+    let (mut send, mut recv) = quic.open_bi().await.ok()?;
+    send.write_all(&[KIND_REPLICATION]).await.ok()?;
+    tokio::spawn(async move {
+        while let Ok(Some(frame)) = read_frame(&mut recv).await {
+            match decode_reply(frame) {
+                Ok((from, reply)) if from == volume => {
+                    if replies.send((replica, reply)).is_err() {
+                        return;
+                    }
+                }
+                Ok((from, _)) => {
+                    tracing::warn!(volume, from, "a replica answered about another volume");
+                    return;
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "a replica sent a malformed frame");
+                    return;
+                }
+            }
+        }
+    });
+    Some(send)
+}
