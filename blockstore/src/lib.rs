@@ -27,6 +27,6 @@ pub mod volume;
 
 pub use error::{Error, Result};
 pub use meta::VolumeRecord;
-pub use queue::{Completion, SlotId, VolumeQueue};
+pub use queue::{BlockEngine, Completion, SlotId, VolumeQueue};
 pub use store::{Store, StoreOptions};
 pub use volume::{Volume, VolumeUsage, BLOCK_SIZE};

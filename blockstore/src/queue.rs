@@ -37,6 +37,90 @@ fn decode_user_data(user_data: u64) -> (usize, u32) {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SlotId(usize);
 
+impl SlotId {
+    /// The slot with this index (for [`BlockEngine`]s other than
+    /// [`VolumeQueue`]).
+    pub fn new(index: usize) -> SlotId {
+        SlotId(index)
+    }
+
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+/// What a block device's worker drives: requests started with the
+/// `submit_*` calls, finished asynchronously, collected with `reap` when
+/// `eventfd` is readable. [`VolumeQueue`] does local I/O; replication
+/// implements it over the cluster.
+pub trait BlockEngine: Send {
+    /// Starts a write: returns the slot and the buffer to fill.
+    fn begin_write(&mut self, tag: u64, offset: u64, len: u64) -> Result<(SlotId, &mut [u8])>;
+    /// Abandons a begun write.
+    fn cancel(&mut self, slot: SlotId);
+    /// Sends a filled write on its way.
+    fn submit_write(&mut self, slot: SlotId) -> Result<()>;
+    fn submit_read(&mut self, tag: u64, offset: u64, len: u64) -> Result<SlotId>;
+    fn submit_flush(&mut self, tag: u64) -> Result<SlotId>;
+    /// Unmaps a range (DISCARD, WRITE_ZEROES), before returning.
+    fn unmap(&mut self, offset: u64, len: u64) -> Result<()>;
+    /// Pushes started requests to wherever they go.
+    fn submit(&mut self) -> Result<()>;
+    /// Collects finished requests without waiting.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+    /// Waits for every request in flight and collects them.
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()>;
+    /// The data of a finished read.
+    fn data(&self, slot: SlotId) -> &[u8];
+    fn release(&mut self, slot: SlotId);
+    /// Readable when completions are waiting.
+    fn eventfd(&self) -> RawFd;
+    /// Requests started and not yet reaped.
+    fn in_flight(&self) -> usize;
+}
+
+impl BlockEngine for VolumeQueue {
+    fn begin_write(&mut self, tag: u64, offset: u64, len: u64) -> Result<(SlotId, &mut [u8])> {
+        VolumeQueue::begin_write(self, tag, offset, len)
+    }
+    fn cancel(&mut self, slot: SlotId) {
+        VolumeQueue::cancel(self, slot)
+    }
+    fn submit_write(&mut self, slot: SlotId) -> Result<()> {
+        VolumeQueue::submit_write(self, slot)
+    }
+    fn submit_read(&mut self, tag: u64, offset: u64, len: u64) -> Result<SlotId> {
+        VolumeQueue::submit_read(self, tag, offset, len)
+    }
+    fn submit_flush(&mut self, tag: u64) -> Result<SlotId> {
+        VolumeQueue::submit_flush(self, tag)
+    }
+    fn unmap(&mut self, offset: u64, len: u64) -> Result<()> {
+        VolumeQueue::unmap(self, offset, len)
+    }
+    fn submit(&mut self) -> Result<()> {
+        VolumeQueue::submit(self)
+    }
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        VolumeQueue::reap(self, out)
+    }
+    fn drain(&mut self, out: &mut Vec<Completion>) -> Result<()> {
+        VolumeQueue::drain(self, out)
+    }
+    fn data(&self, slot: SlotId) -> &[u8] {
+        VolumeQueue::data(self, slot)
+    }
+    fn release(&mut self, slot: SlotId) {
+        VolumeQueue::release(self, slot)
+    }
+    fn eventfd(&self) -> RawFd {
+        VolumeQueue::eventfd(self)
+    }
+    fn in_flight(&self) -> usize {
+        VolumeQueue::in_flight(self)
+    }
+}
+
 /// A finished request.
 #[derive(Debug)]
 pub struct Completion {

@@ -277,9 +277,11 @@ impl Node {
             }
         };
         if let Some(server) = server {
-            let volume = server.backend().volume().clone();
+            let volume = server.backend().volume().cloned();
             server.stop();
-            volume.sync_and_commit()?;
+            if let Some(volume) = volume {
+                volume.sync_and_commit()?;
+            }
         }
         self.store.set_attachment(name, None)?;
         self.show(name)

@@ -19,7 +19,7 @@ use super::request::{
     check_segment, classify, device_id, DiscardSegment, Limits, Operation, RequestError,
     RequestHeader, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK,
 };
-use crate::queue::{Completion, VolumeQueue, REQUEST_BYTES_MAX};
+use crate::queue::{BlockEngine, Completion, VolumeQueue, REQUEST_BYTES_MAX};
 use crate::volume::{Volume, BLOCK_SIZE};
 
 type Memory = GuestMemoryMmap<()>;
@@ -76,7 +76,7 @@ struct Pending {
 }
 
 struct Worker {
-    queue: VolumeQueue,
+    queue: Box<dyn BlockEngine>,
     /// Requests in flight, by descriptor head index.
     pending: Vec<Option<Pending>>,
     completions: Vec<Completion>,
@@ -97,9 +97,22 @@ impl std::fmt::Debug for Worker {
     }
 }
 
+/// What a device shows the guest and the logs about its volume.
+#[derive(Debug, Clone)]
+pub struct DeviceInfo {
+    /// The volume's name (logs, thread names).
+    pub name: String,
+    /// Capacity in bytes, a multiple of the block size.
+    pub capacity: u64,
+    /// The serial the guest reads (GET_ID): the volume id.
+    pub serial: String,
+}
+
 #[derive(Debug)]
 struct Inner {
-    volume: Arc<Volume>,
+    /// The local volume, when the device serves one directly.
+    volume: Option<Arc<Volume>>,
+    name: String,
     config: BlkConfig,
     limits: Limits,
     serial: String,
@@ -122,11 +135,35 @@ fn completion_token(queues: usize) -> u16 {
 }
 
 impl BlkBackend {
-    /// Creates the backend and the per-queue I/O engines of a volume.
+    /// Creates the backend of a local volume, with a [`VolumeQueue`] per
+    /// virtqueue.
     pub fn new(volume: Arc<Volume>, options: BlkOptions) -> crate::Result<BlkBackend> {
         let queues = usize::from(options.queues_max.clamp(1, 64));
+        let engines = (0..queues)
+            .map(|_| {
+                VolumeQueue::new(volume.clone(), QUEUE_SIZE_MAX)
+                    .map(|queue| Box::new(queue) as Box<dyn BlockEngine>)
+            })
+            .collect::<crate::Result<Vec<_>>>()?;
+        let info = DeviceInfo {
+            name: volume.name().to_owned(),
+            capacity: volume.capacity(),
+            serial: volume.record().id.clone(),
+        };
+        let mut backend = BlkBackend::with_engines(info, engines);
+        Arc::get_mut(&mut backend.inner)
+            .expect("the backend was just made")
+            .volume = Some(volume);
+        Ok(backend)
+    }
+
+    /// Creates the backend of a volume served by other engines (one per
+    /// virtqueue), such as replication.
+    pub fn with_engines(info: DeviceInfo, engines: Vec<Box<dyn BlockEngine>>) -> BlkBackend {
+        let queues = engines.len().clamp(1, 64);
+        assert_eq!(queues, engines.len(), "1 to 64 engines");
         let config = BlkConfig {
-            capacity_bytes: volume.capacity(),
+            capacity_bytes: info.capacity,
             block_size: BLOCK_SIZE as u32,
             size_max: 1 << 20,
             seg_max: SEG_MAX,
@@ -135,28 +172,30 @@ impl BlkBackend {
             discard_segments_max: DISCARD_SEGMENTS_MAX,
         };
         let limits = Limits {
-            capacity: volume.capacity(),
+            capacity: info.capacity,
             block_size: BLOCK_SIZE,
             request_bytes_max: REQUEST_BYTES_MAX,
             discard_segments_max: DISCARD_SEGMENTS_MAX,
             discard_sectors_max: DISCARD_SECTORS_MAX,
         };
-        let workers = (0..queues)
-            .map(|_| {
-                Ok(Mutex::new(Worker {
-                    queue: VolumeQueue::new(volume.clone(), QUEUE_SIZE_MAX)?,
+        let workers = engines
+            .into_iter()
+            .map(|queue| {
+                Mutex::new(Worker {
+                    queue,
                     pending: (0..QUEUE_SIZE_MAX).map(|_| None).collect(),
                     completions: Vec::with_capacity(QUEUE_SIZE_MAX),
                     used: Vec::with_capacity(QUEUE_SIZE_MAX),
                     bytes_in_flight: 0,
                     vring: None,
-                }))
+                })
             })
-            .collect::<crate::Result<Vec<_>>>()?;
-        let serial = volume.record().id.clone();
-        Ok(BlkBackend {
+            .collect();
+        let serial = info.serial;
+        BlkBackend {
             inner: Arc::new(Inner {
-                volume,
+                volume: None,
+                name: info.name,
                 config,
                 limits,
                 serial,
@@ -165,12 +204,17 @@ impl BlkBackend {
                 event_idx: AtomicBool::new(false),
                 counters: BlkCounters::default(),
             }),
-        })
+        }
     }
 
-    /// The volume served.
-    pub fn volume(&self) -> &Arc<Volume> {
-        &self.inner.volume
+    /// The local volume served, if the device serves one directly.
+    pub fn volume(&self) -> Option<&Arc<Volume>> {
+        self.inner.volume.as_ref()
+    }
+
+    /// The name of the volume served.
+    pub fn name(&self) -> &str {
+        &self.inner.name
     }
 
     /// Request counters.
@@ -308,7 +352,7 @@ impl Inner {
         };
         let fail = |status: &mut Writer<'_, ()>, code: u8, error: &dyn std::fmt::Display| {
             counters.invalid_requests.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(volume = %self.volume.name(), head, %error, "request refused");
+            tracing::warn!(volume = %self.name, head, %error, "request refused");
             let _ = status.write_all(&[code]);
             Some((head, 1))
         };
@@ -487,7 +531,7 @@ impl Inner {
         let mut code = VIRTIO_BLK_S_OK;
         let mut written = 0;
         if let Err(error) = &completion.result {
-            tracing::error!(volume = %self.volume.name(), %error, "request failed");
+            tracing::error!(volume = %self.name, %error, "request failed");
             code = VIRTIO_BLK_S_IOERR;
         } else if pending.read_len > 0 {
             if writer.write_all(data).is_ok() {

@@ -10,5 +10,5 @@ pub mod device;
 pub mod request;
 pub mod server;
 
-pub use device::{BlkBackend, BlkCounters, BlkOptions};
+pub use device::{BlkBackend, BlkCounters, BlkOptions, DeviceInfo};
 pub use server::{BlkServer, ServerError};

@@ -65,7 +65,7 @@ impl BlkServer {
         let thread = {
             let backend = backend.clone();
             let shared = shared.clone();
-            let name = format!("vhost-blk-{}", backend.volume().name());
+            let name = format!("vhost-blk-{}", backend.name());
             std::thread::Builder::new()
                 .name(name.clone())
                 .spawn(move || serve(name, backend, listener, &shared))
