@@ -75,6 +75,10 @@ pub enum Error {
         #[source]
         source: io::Error,
     },
+    /// A replicated request failed: the replicas could not take it, or a
+    /// newer attachment fenced this one.
+    #[error("volume {volume}: {reason}")]
+    Replication { volume: String, reason: String },
     /// Setting up or driving the io_uring instance failed.
     #[error("io_uring error: {0}")]
     Ring(#[source] io::Error),

@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::cluster::metadata::VolumeMeta;
+use crate::cluster::runtime::Consistency;
 use crate::cluster_api::ClusterHandle;
 use crate::node::{Node, NodeError};
 
@@ -227,6 +228,26 @@ async fn show_volume(
         let runtime = crate::cluster_api::read_runtime(&cluster, params).await?;
         if let Some(volume) = runtime.metadata().volumes.get(&name) {
             value["placement"] = json!(volume.replicas);
+            if volume.replicas.len() > 1 {
+                let mut replication = json!({
+                    "generation": volume.generation,
+                    "frontend": volume.frontend,
+                    "stale": volume.stale,
+                    "min_replicas": volume.min_replicas,
+                });
+                if let Some(driver) = node.driver(&name) {
+                    let status = driver.status();
+                    let lower = |text: String| text.to_lowercase();
+                    replication["phase"] = json!(lower(format!("{:?}", status.phase)));
+                    replication["states"] = json!(status
+                        .states
+                        .iter()
+                        .map(|state| lower(format!("{state:?}")))
+                        .collect::<Vec<_>>());
+                    replication["dirty_regions"] = json!(status.dirty);
+                }
+                value["replication"] = replication;
+            }
         }
     }
     Ok(Json(value))
@@ -249,9 +270,220 @@ async fn delete_volume(
 
 async fn attach_volume(
     State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(blocking(&node, move |node| node.attach(&name)).await?))
+    let replicated = match cluster.runtime.read().await.as_ref() {
+        Some(runtime) => {
+            runtime.read_barrier(Consistency::Current).await?;
+            runtime
+                .metadata()
+                .volumes
+                .get(&name)
+                .filter(|volume| volume.replicas.len() > 1)
+                .cloned()
+        }
+        None => None,
+    };
+    let view = match replicated {
+        Some(volume) => attach_replicated(node, cluster, volume).await?,
+        None => blocking(&node, move |node| node.attach(&name)).await?,
+    };
+    Ok(Json(view))
+}
+
+/// Attaches a replicated volume here: a new generation through Raft (which
+/// fences any earlier attachment), a replication driver over its replicas,
+/// and a vhost-user-blk device whose queues go through the driver.
+async fn attach_replicated(
+    node: Arc<Node>,
+    cluster: Arc<ClusterHandle>,
+    volume: VolumeMeta,
+) -> Result<crate::node::VolumeView, ApiError> {
+    use crate::cluster::metadata::{Command, Response};
+    use crate::replication::driver::{self, ReplicaEndpoint};
+    use blockstore::replication::frontend::{Config, MetaChange, MetaOutcome, Phase, ReplicaState};
+
+    let name = volume.name.clone();
+    if node.driver(&name).is_some() {
+        return blocking(&node, move |node| node.show(&name)).await;
+    }
+    let guard = cluster.runtime.read().await;
+    let runtime = guard
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("not in a cluster".into()))?;
+    let me = runtime.id();
+    if !volume.replicas.contains(&me) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_a_replica",
+            format!(
+                "volume {name:?} has its replicas on nodes {:?}; attach it on one of them",
+                volume.replicas
+            ),
+        ));
+    }
+    match runtime
+        .write_retrying(Command::AttachVolume {
+            name: name.clone(),
+            node: me,
+        })
+        .await?
+    {
+        Response::Applied => {}
+        Response::Rejected { reason } => {
+            return Err(crate::cluster::runtime::ClusterError::Rejected(reason).into())
+        }
+    }
+    runtime.read_barrier(Consistency::Current).await?;
+    let metadata = runtime.metadata();
+    let volume = metadata
+        .volumes
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| ApiError::bad_request(format!("volume {name:?} was deleted")))?;
+    let id = crate::replication::volume_id(&volume).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "volume {name:?} has a malformed id {:?}",
+            volume.id
+        ))
+    })?;
+    let service = cluster
+        .replication
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("this node serves no replicas".into()))?;
+    let mut endpoints = Vec::new();
+    for replica in &volume.replicas {
+        if *replica == me {
+            let local = service.replica(id).map_err(|reason| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "replica_unavailable",
+                    reason,
+                )
+            })?;
+            endpoints.push(ReplicaEndpoint::Local(local));
+        } else {
+            let record = metadata.nodes.get(replica).ok_or_else(|| {
+                ApiError::bad_request(format!("replica node {replica} is not a member"))
+            })?;
+            endpoints.push(ReplicaEndpoint::Remote {
+                node: *replica,
+                member: crate::cluster::raft::Member {
+                    name: record.name.clone(),
+                    address: record.cluster_address.clone(),
+                },
+            });
+        }
+    }
+    let states = volume
+        .replicas
+        .iter()
+        .map(|replica| {
+            if volume.stale.contains(replica) {
+                ReplicaState::Stale
+            } else {
+                ReplicaState::InSync
+            }
+        })
+        .collect();
+    let config = Config {
+        volume_blocks: volume.size_bytes / blockstore::BLOCK_SIZE,
+        region_blocks: crate::replication::REGION_BLOCKS,
+        min_replicas: volume.min_replicas as usize,
+        replica_timeout: std::time::Duration::from_secs(3),
+        probe_interval: std::time::Duration::from_millis(500),
+    };
+    let replicas = volume.replicas.clone();
+    let handle = cluster.clone();
+    let changes_of = name.clone();
+    let metadata_fn: driver::MetadataFn = Arc::new(move |generation, change| {
+        let handle = handle.clone();
+        let name = changes_of.clone();
+        let replicas = replicas.clone();
+        Box::pin(async move {
+            let command = match change {
+                MetaChange::MarkStale { replica } => Command::MarkStale {
+                    name,
+                    generation,
+                    node: replicas[replica],
+                },
+                MetaChange::MarkInSync { replica } => Command::MarkInSync {
+                    name,
+                    generation,
+                    node: replicas[replica],
+                },
+            };
+            let guard = handle.runtime.read().await;
+            let Some(runtime) = guard.as_ref() else {
+                return MetaOutcome::Retry;
+            };
+            match runtime.write(command.clone()).await {
+                Ok(Response::Applied) => {
+                    tracing::info!(?command, "replica state recorded");
+                    MetaOutcome::Committed
+                }
+                Ok(Response::Rejected { reason }) if reason.starts_with("fenced") => {
+                    tracing::warn!(%reason, "this attachment is fenced");
+                    MetaOutcome::Fenced
+                }
+                Ok(Response::Rejected { reason }) => {
+                    tracing::warn!(%reason, ?command, "replica state change refused; retrying");
+                    MetaOutcome::Retry
+                }
+                Err(error) => {
+                    tracing::warn!(%error, ?command, "replica state change not committed; retrying");
+                    MetaOutcome::Retry
+                }
+            }
+        })
+    });
+    let (handle, _task) = driver::spawn(
+        config,
+        id,
+        volume.generation,
+        states,
+        endpoints,
+        runtime.network().clone(),
+        metadata_fn,
+    );
+    drop(guard);
+    if handle
+        .wait_for(std::time::Duration::from_secs(10), |s| {
+            s.phase == Phase::Serving
+        })
+        .await
+        .is_err()
+    {
+        tracing::warn!(volume = %name, "replicas not ready yet; guest I/O waits for them");
+    }
+    let runtime_handle = tokio::runtime::Handle::current();
+    let engines = (0..node.queues().max(1))
+        .map(|_| {
+            crate::replication::engine::ReplicatedEngine::new(
+                &name,
+                volume.size_bytes,
+                blockstore::vhost_user::device::QUEUE_SIZE_MAX,
+                handle.clone(),
+                runtime_handle.clone(),
+            )
+            .map(|engine| Box::new(engine) as Box<dyn blockstore::BlockEngine>)
+        })
+        .collect::<std::io::Result<Vec<_>>>()
+        .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "engine", e.to_string()))?;
+    let backend = blockstore::vhost_user::BlkBackend::with_engines(
+        blockstore::vhost_user::DeviceInfo {
+            name: name.clone(),
+            capacity: volume.size_bytes,
+            serial: volume.id.clone(),
+        },
+        engines,
+    );
+    tracing::info!(volume = %name, generation = volume.generation, "attached, replicated");
+    blocking(&node, move |node| {
+        node.attach_replicated(&name, backend, handle)
+    })
+    .await
 }
 
 async fn detach_volume(

@@ -25,6 +25,8 @@ pub struct ClusterHandle {
     pub data_dir: PathBuf,
     pub settings: ClusterSettings,
     pub runtime: RwLock<Option<ClusterRuntime>>,
+    /// This node's replicas, served to frontends on the cluster transport.
+    pub replication: Option<crate::replication::service::ReplicaService>,
 }
 
 impl From<ClusterError> for ApiError {
@@ -108,7 +110,12 @@ async fn init(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoRespo
     if slot.is_some() {
         return Err(ClusterError::AlreadyMember(handle.data_dir.join("cluster/node.json")).into());
     }
-    let runtime = ClusterRuntime::init(&handle.data_dir, &handle.settings).await?;
+    let runtime = ClusterRuntime::init(
+        &handle.data_dir,
+        &handle.settings,
+        handle.replication.clone(),
+    )
+    .await?;
     let status = runtime.status();
     *slot = Some(runtime);
     Ok((StatusCode::CREATED, Json(status)))
@@ -171,6 +178,7 @@ async fn join_complete(
     let runtime = ClusterRuntime::complete_join(
         &handle.data_dir,
         &handle.settings,
+        handle.replication.clone(),
         &request.token,
         request.grant,
     )

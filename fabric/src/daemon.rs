@@ -88,6 +88,24 @@ impl Drop for RemoveOnDrop {
     }
 }
 
+/// A random number that differs at every start of the process: replicas
+/// tell frontends they restarted (and lost what they had not committed).
+fn incarnation() -> u32 {
+    let mut bytes = [0u8; 4];
+    // SAFETY: getrandom writes at most 4 bytes into the local buffer.
+    let filled = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), 4, 0) };
+    if filled == 4 {
+        u32::from_ne_bytes(bytes)
+    } else {
+        // Time and pid differ between two starts well enough.
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or(0);
+        nanos ^ std::process::id()
+    }
+}
+
 /// Runs the daemon until SIGTERM or SIGINT.
 pub async fn run(config: Config) -> anyhow::Result<()> {
     config.validate()?;
@@ -98,12 +116,18 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     };
     let node = Arc::new(node);
     let settings = config.cluster.settings();
-    let membership = ClusterRuntime::resume(&config.data_dir, &settings).await?;
+    let handle_slot: Arc<std::sync::OnceLock<std::sync::Weak<ClusterHandle>>> = Arc::default();
+    let replication =
+        crate::replication::node_service(node.clone(), handle_slot.clone(), incarnation());
+    let membership =
+        ClusterRuntime::resume(&config.data_dir, &settings, Some(replication.clone())).await?;
     let cluster = Arc::new(ClusterHandle {
         data_dir: config.data_dir.clone(),
         settings,
         runtime: tokio::sync::RwLock::new(membership),
+        replication: Some(replication),
     });
+    let _ = handle_slot.set(Arc::downgrade(&cluster));
     let router =
         api::router(node.clone(), cluster.clone()).merge(cluster_api::router(cluster.clone()));
 

@@ -81,6 +81,8 @@ pub struct Node {
     socket_dir: PathBuf,
     options: BlkOptions,
     servers: Mutex<HashMap<String, BlkServer>>,
+    /// Replication drivers of replicated volumes attached here.
+    drivers: Mutex<HashMap<String, crate::replication::driver::DriverHandle>>,
 }
 
 /// The QEMU arguments for a volume served on `socket`.
@@ -126,6 +128,7 @@ impl Node {
                 queues_max: config.queues_max,
             },
             servers: Mutex::new(HashMap::new()),
+            drivers: Mutex::new(HashMap::new()),
         };
         for record in node.store.list()? {
             if let Some(socket) = &record.attached_socket {
@@ -276,6 +279,7 @@ impl Node {
                 _ => servers.remove(name),
             }
         };
+        self.drivers().remove(name);
         if let Some(server) = server {
             let volume = server.backend().volume().cloned();
             server.stop();
@@ -285,6 +289,86 @@ impl Node {
         }
         self.store.set_attachment(name, None)?;
         self.show(name)
+    }
+
+    /// This node's copy of a replicated volume, created (empty, thin) the
+    /// first time a frontend reaches it; and the highest generation it has
+    /// seen.
+    pub fn replica_volume(
+        &self,
+        name: &str,
+        size_bytes: u64,
+    ) -> Result<(std::sync::Arc<blockstore::Volume>, u64), NodeError> {
+        let record = match self.store.get(name) {
+            Ok(record) => record,
+            Err(blockstore::Error::NoSuchVolume(_)) => {
+                tracing::info!(volume = name, size_bytes, "creating this node's replica");
+                self.store.create(name, size_bytes)?
+            }
+            Err(error) => return Err(error.into()),
+        };
+        if record.size_bytes != size_bytes {
+            return Err(NodeError::Store(blockstore::Error::InvalidSize {
+                size: record.size_bytes,
+                reason: "the local volume of this name has another size than the cluster's",
+            }));
+        }
+        Ok((self.store.volume(name)?, record.replica_generation))
+    }
+
+    /// Records the highest generation a replica has seen, durably.
+    pub fn set_replica_generation(&self, name: &str, generation: u64) -> Result<(), NodeError> {
+        self.store.set_replica_generation(name, generation)?;
+        Ok(())
+    }
+
+    /// Serves a replicated volume on `socket` through `backend` (its
+    /// queues go to the replication driver). The attachment is not
+    /// recorded for a restart: attaching again takes a new generation.
+    pub fn attach_replicated(
+        &self,
+        name: &str,
+        backend: BlkBackend,
+        driver: crate::replication::driver::DriverHandle,
+    ) -> Result<VolumeView, NodeError> {
+        let socket = self.socket_dir.join(format!("{name}.sock"));
+        let serve_error = |reason: String| NodeError::Serve {
+            name: name.to_owned(),
+            reason,
+        };
+        std::fs::create_dir_all(&self.socket_dir).map_err(|e| {
+            serve_error(format!(
+                "cannot create socket directory {}: {e}",
+                self.socket_dir.display()
+            ))
+        })?;
+        {
+            let mut servers = self.servers();
+            if servers.contains_key(name) {
+                return Err(NodeError::Attached(name.to_owned()));
+            }
+            let server =
+                BlkServer::start(backend, &socket).map_err(|e| serve_error(e.to_string()))?;
+            servers.insert(name.to_owned(), server);
+        }
+        self.drivers().insert(name.to_owned(), driver);
+        self.show(name)
+    }
+
+    /// Virtqueues each attached volume offers.
+    pub fn queues(&self) -> u16 {
+        self.options.queues_max
+    }
+
+    /// The replication driver of a volume attached here, if replicated.
+    pub fn driver(&self, name: &str) -> Option<crate::replication::driver::DriverHandle> {
+        self.drivers().get(name).cloned()
+    }
+
+    fn drivers(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<String, crate::replication::driver::DriverHandle>> {
+        self.drivers.lock().expect("driver table lock poisoned")
     }
 
     /// Commits completed writes of every open volume.

@@ -32,6 +32,7 @@ use super::transport::{
     KIND_ADD_MEMBER, KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_INSTALL_CA, KIND_READ_INDEX,
     KIND_REMOVE_NODE,
 };
+use crate::replication::service::ReplicaService;
 
 /// How this node takes part in a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +248,7 @@ impl ClusterRuntime {
     pub async fn resume(
         data_dir: &Path,
         settings: &ClusterSettings,
+        replication: Option<ReplicaService>,
     ) -> Result<Option<ClusterRuntime>, ClusterError> {
         let path = cluster_dir(data_dir).join("node.json");
         let text = match std::fs::read_to_string(&path) {
@@ -258,7 +260,7 @@ impl ClusterRuntime {
             .map_err(|e| ClusterError::Storage(format!("{} is not valid: {e}", path.display())))?;
         let identity = NodeIdentity::load(&cluster_dir(data_dir).join("tls"))?;
         Ok(Some(
-            ClusterRuntime::start(data_dir, settings, &node, &identity).await?,
+            ClusterRuntime::start(data_dir, settings, &node, &identity, replication).await?,
         ))
     }
 
@@ -266,6 +268,7 @@ impl ClusterRuntime {
     pub async fn init(
         data_dir: &Path,
         settings: &ClusterSettings,
+        replication: Option<ReplicaService>,
     ) -> Result<ClusterRuntime, ClusterError> {
         let dir = cluster_dir(data_dir);
         let node_path = dir.join("node.json");
@@ -290,7 +293,8 @@ impl ClusterRuntime {
             name: settings.node_name.clone(),
             address,
         };
-        let runtime = ClusterRuntime::start(data_dir, settings, &node, &identity).await?;
+        let runtime =
+            ClusterRuntime::start(data_dir, settings, &node, &identity, replication).await?;
         let members = BTreeMap::from([(
             1,
             Member {
@@ -362,6 +366,7 @@ impl ClusterRuntime {
     pub async fn complete_join(
         data_dir: &Path,
         settings: &ClusterSettings,
+        replication: Option<ReplicaService>,
         token: &str,
         grant: JoinGrant,
     ) -> Result<ClusterRuntime, ClusterError> {
@@ -392,7 +397,8 @@ impl ClusterRuntime {
             name: settings.node_name.clone(),
             address: advertised(settings)?,
         };
-        let runtime = ClusterRuntime::start(data_dir, settings, &node, &identity).await?;
+        let runtime =
+            ClusterRuntime::start(data_dir, settings, &node, &identity, replication).await?;
         let text = serde_json::to_string_pretty(&node).expect("node file serializes");
         std::fs::write(&node_path, text).map_err(|e| file_error("write", &node_path, e))?;
         let _ = std::fs::remove_file(&key_path);
@@ -404,6 +410,7 @@ impl ClusterRuntime {
         settings: &ClusterSettings,
         node: &NodeFile,
         identity: &NodeIdentity,
+        replication: Option<ReplicaService>,
     ) -> Result<ClusterRuntime, ClusterError> {
         let config = openraft::Config {
             cluster_name: "fabric".into(),
@@ -450,7 +457,7 @@ impl ClusterRuntime {
             origin,
             faults: faults.clone(),
             admissions: admissions.clone(),
-            replication: None,
+            replication,
         };
         let mut runtime = ClusterRuntime {
             id: node.node_id,
@@ -684,6 +691,11 @@ impl ClusterRuntime {
         self.faults.block(peers);
     }
 
+    /// The cluster transport's view of the other members.
+    pub fn network(&self) -> &QuicNetwork {
+        &self.network
+    }
+
     /// This node's id.
     pub fn id(&self) -> NodeId {
         self.id
@@ -715,31 +727,48 @@ impl ClusterRuntime {
     }
 
     async fn read_barrier_once(&self) -> Result<(), ClusterError> {
-        let (leader, member) = loop {
-            match self.raft.ensure_linearizable().await {
+        loop {
+            let (leader, member) = match self.raft.ensure_linearizable().await {
                 Ok(_) => return Ok(()),
                 Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(forward))) => {
-                    if let (Some(leader), Some(member)) = (forward.leader_id, forward.leader_node) {
-                        break (leader, member);
+                    match (forward.leader_id, forward.leader_node) {
+                        (Some(leader), Some(member)) => (leader, member),
+                        // An election is under way: wait for its outcome.
+                        _ => {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                            continue;
+                        }
                     }
-                    // An election is under way: wait for its outcome.
-                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
                 Err(error) => return Err(ClusterError::Read(error.to_string())),
-            }
-        };
-        let link = QuicConnection::to(&self.network, leader, member);
-        let reply: Result<Option<u64>, String> = link
-            .request(KIND_READ_INDEX, &())
-            .await
-            .map_err(|e| ClusterError::Read(e.to_string()))?;
-        let index = reply.map_err(ClusterError::Read)?;
-        self.raft
-            .wait(None)
-            .applied_index_at_least(index, "read index")
-            .await
-            .map_err(|e| ClusterError::Read(e.to_string()))?;
-        Ok(())
+            };
+            // The leader this node knows of may be gone: bound the attempt
+            // and ask again (the outer timeout bounds the whole read).
+            let link = QuicConnection::to(&self.network, leader, member);
+            let asked = tokio::time::timeout(
+                Duration::from_secs(1),
+                link.request::<_, Result<Option<u64>, String>>(KIND_READ_INDEX, &()),
+            )
+            .await;
+            let index = match asked {
+                Ok(Ok(Ok(index))) => index,
+                Ok(Ok(Err(reason))) => {
+                    tracing::debug!(%reason, "the leader refused a read index; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+                Ok(Err(_)) | Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            self.raft
+                .wait(None)
+                .applied_index_at_least(index, "read index")
+                .await
+                .map_err(|e| ClusterError::Read(e.to_string()))?;
+            return Ok(());
+        }
     }
 
     /// Commits a metadata change, forwarding it to the leader if this
@@ -767,6 +796,19 @@ impl ClusterRuntime {
                 reply.map_err(ClusterError::Write)
             }
             Err(error) => Err(ClusterError::Write(error.to_string())),
+        }
+    }
+
+    /// Commits a metadata change, retrying for up to 10 s while no leader
+    /// can take it (an election, a leader that just died).
+    pub async fn write_retrying(&self, command: Command) -> Result<Response, ClusterError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            match self.write(command.clone()).await {
+                Ok(response) => return Ok(response),
+                Err(error) if Instant::now() > deadline => return Err(error),
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
         }
     }
 
@@ -1084,7 +1126,7 @@ mod tests {
     async fn init_then_resume_from_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Port 0 is fine for a single node: only other nodes use the port.
-        let runtime = ClusterRuntime::init(dir.path(), &settings("alpha"))
+        let runtime = ClusterRuntime::init(dir.path(), &settings("alpha"), None)
             .await
             .expect("init");
         let nodes = runtime.nodes();
@@ -1093,14 +1135,14 @@ mod tests {
         assert_eq!(nodes[0].state, NodeState::Up);
         assert!(nodes[0].record.resources.cpu_cores >= 1);
         assert!(nodes[0].voter && nodes[0].leader);
-        let again = ClusterRuntime::init(dir.path(), &settings("alpha")).await;
+        let again = ClusterRuntime::init(dir.path(), &settings("alpha"), None).await;
         assert!(
             matches!(again, Err(ClusterError::AlreadyMember(_))),
             "{again:?}"
         );
         runtime.shutdown().await;
 
-        let resumed = ClusterRuntime::resume(dir.path(), &settings("alpha"))
+        let resumed = ClusterRuntime::resume(dir.path(), &settings("alpha"), None)
             .await
             .expect("resume")
             .expect("member");
@@ -1123,7 +1165,7 @@ mod tests {
             listen: "0.0.0.0:0".parse().expect("address"),
             ..settings("b")
         };
-        let error = ClusterRuntime::init(dir.path(), &wildcard)
+        let error = ClusterRuntime::init(dir.path(), &wildcard, None)
             .await
             .expect_err("no advertise address");
         assert!(error.to_string().contains("advertise"), "{error}");

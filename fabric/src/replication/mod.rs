@@ -13,9 +13,78 @@
 //! little-endian length, then the frame.
 
 pub mod driver;
+pub mod engine;
 pub mod service;
 
+use std::sync::{Arc, OnceLock, Weak};
+
+use blockstore::replication::replica_volume::ReplicaVolume;
 use bytes::Bytes;
+
+use crate::cluster::metadata::VolumeMeta;
+use crate::cluster_api::ClusterHandle;
+use crate::node::Node;
+use service::ReplicaService;
+
+/// Blocks per dirty-tracking region: 1 MiB.
+pub const REGION_BLOCKS: u64 = 256;
+
+/// A volume's id on the wire (its 16 hex digits).
+pub fn volume_id(volume: &VolumeMeta) -> Option<u64> {
+    u64::from_str_radix(&volume.id, 16).ok()
+}
+
+/// The replica service of this node: a frontend's stream for a volume in
+/// the cluster metadata that places a replica here reaches this node's
+/// copy, created the first time.
+pub fn node_service(
+    node: Arc<Node>,
+    cluster: Arc<OnceLock<Weak<ClusterHandle>>>,
+    incarnation: u32,
+) -> ReplicaService {
+    ReplicaService::new(Arc::new(move |id| {
+        let handle = cluster
+            .get()
+            .and_then(Weak::upgrade)
+            .ok_or("this node is starting")?;
+        let guard = handle
+            .runtime
+            .try_read()
+            .map_err(|_| "this node's cluster membership is changing")?;
+        let runtime = guard.as_ref().ok_or("this node is not in a cluster")?;
+        let metadata = runtime.metadata();
+        let volume = metadata
+            .volumes
+            .values()
+            .find(|volume| volume_id(volume) == Some(id))
+            .ok_or_else(|| format!("no volume with id {id:016x} in the cluster metadata here"))?;
+        if !volume.replicas.contains(&runtime.id()) {
+            return Err(format!(
+                "this node holds no replica of volume {:?}",
+                volume.name
+            ));
+        }
+        let (store_volume, highest) = node
+            .replica_volume(&volume.name, volume.size_bytes)
+            .map_err(|e| e.to_string())?;
+        let name = volume.name.clone();
+        let keeper = node.clone();
+        Ok(ReplicaVolume::new(
+            store_volume,
+            highest,
+            incarnation,
+            REGION_BLOCKS,
+            Box::new(move |generation| {
+                keeper
+                    .set_replica_generation(&name, generation)
+                    .map_err(|e| blockstore::Error::Replication {
+                        volume: name.clone(),
+                        reason: e.to_string(),
+                    })
+            }),
+        ))
+    }))
+}
 
 /// Largest frame accepted: a 4 MiB write with its checksums and header.
 pub const FRAME_BYTES_MAX: usize = (4 << 20) + (64 << 10);

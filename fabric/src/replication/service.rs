@@ -34,7 +34,9 @@ impl ReplicaService {
         }
     }
 
-    fn replica(&self, volume: u64) -> Result<Arc<Mutex<ReplicaVolume>>, String> {
+    /// This node's replica of `volume`, shared by every stream and by a
+    /// frontend on this node.
+    pub fn replica(&self, volume: u64) -> Result<Arc<Mutex<ReplicaVolume>>, String> {
         let mut replicas = self.replicas.lock().expect("replica table poisoned");
         if let Some(replica) = replicas.get(&volume) {
             return Ok(replica.clone());

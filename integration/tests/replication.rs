@@ -1,0 +1,239 @@
+//! A replicated volume across `fabricd` processes, driven at the
+//! vhost-user level by our own frontend: a replica killed mid-write goes
+//! stale while the writes go on, comes back and resyncs only what it
+//! missed; then the frontend's node is killed and the volume, attached on
+//! the surviving replica, holds every acknowledged block.
+
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use integration::fabricd::{form_cluster, start_cluster_member, ClusterMember, Fabricd};
+use integration::vhost_blk::{BlkClient, Buffer, ClientConfig, Completion, Request, RequestType};
+
+const WAIT: Duration = Duration::from_secs(30);
+const BLOCK: u64 = 4096;
+/// Blocks per request.
+const CHUNK: u64 = 16;
+
+fn wait_for<T>(
+    what: &str,
+    seconds: u64,
+    mut check: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    for _ in 0..seconds * 10 {
+        if let Some(value) = check()? {
+            return Ok(value);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    anyhow::bail!("timed out waiting for {what}")
+}
+
+/// A block's contents: its lba and a version, then a filler from both.
+fn block(lba: u64, version: u8) -> Vec<u8> {
+    let mut data = vec![version; BLOCK as usize];
+    data[..8].copy_from_slice(&lba.to_le_bytes());
+    data
+}
+
+fn one(client: &mut BlkClient, request: &Request<'_>) -> Result<Completion> {
+    client.submit(request)?;
+    let mut done = Vec::new();
+    while done.is_empty() {
+        client.wait_completions(&mut done, WAIT)?;
+    }
+    Ok(done[0])
+}
+
+/// Writes `blocks` blocks from `lba` at `version`, then flushes; every
+/// request must succeed.
+fn write_range(
+    client: &mut BlkClient,
+    buffer: Buffer,
+    lba: u64,
+    blocks: u64,
+    version: u8,
+) -> Result<()> {
+    for start in (lba..lba + blocks).step_by(CHUNK as usize) {
+        let data: Vec<u8> = (start..start + CHUNK)
+            .flat_map(|b| block(b, version))
+            .collect();
+        client.write_data(buffer, &data)?;
+        let done = one(
+            client,
+            &Request {
+                kind: RequestType::Out,
+                sector: start * BLOCK / 512,
+                data: &[buffer],
+                token: start,
+            },
+        )?;
+        ensure!(done.is_ok(), "write at block {start}: {done:?}");
+    }
+    let done = one(
+        client,
+        &Request {
+            kind: RequestType::Flush,
+            sector: 0,
+            data: &[],
+            token: 0,
+        },
+    )?;
+    ensure!(done.is_ok(), "flush: {done:?}");
+    Ok(())
+}
+
+fn check_range(
+    client: &mut BlkClient,
+    buffer: Buffer,
+    lba: u64,
+    blocks: u64,
+    version: u8,
+) -> Result<()> {
+    for start in (lba..lba + blocks).step_by(CHUNK as usize) {
+        let done = one(
+            client,
+            &Request {
+                kind: RequestType::In,
+                sector: start * BLOCK / 512,
+                data: &[buffer],
+                token: start,
+            },
+        )?;
+        ensure!(done.is_ok(), "read at block {start}: {done:?}");
+        let mut data = vec![0u8; (CHUNK * BLOCK) as usize];
+        client.read_data(buffer, &mut data)?;
+        for (i, got) in data.chunks(BLOCK as usize).enumerate() {
+            let expected = block(start + i as u64, version);
+            ensure!(
+                got == expected,
+                "block {} does not hold version {version}",
+                start + i as u64
+            );
+        }
+    }
+    Ok(())
+}
+
+fn replication(node: &Fabricd) -> Result<serde_json::Value> {
+    let shown = node.fabctl_json(&["volume", "show", "rv"])?;
+    Ok(shown["replication"].clone())
+}
+
+#[test]
+fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("fabricd.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let mut nodes = (1..=3)
+        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&nodes)?;
+    for ClusterMember { node, .. } in &nodes {
+        wait_for("three voters", 30, || {
+            let status = node.fabctl_json(&["cluster", "status"])?;
+            Ok((status["voters"].as_array().map(Vec::len) == Some(3)).then_some(()))
+        })?;
+    }
+    nodes[0]
+        .node
+        .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
+    let placement: Vec<usize> = wait_for("the placement", 30, || {
+        let shown = nodes[0].node.fabctl_json(&["volume", "show", "rv"])?;
+        Ok(shown["placement"].as_array().map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_u64())
+                .map(|id| id as usize - 1)
+                .collect()
+        }))
+    })?;
+    ensure!(placement.len() == 2, "{placement:?}");
+    let (front, other) = (placement[0], placement[1]);
+
+    // Attach on the first replica: it runs the frontend.
+    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let socket = attached["socket"]
+        .as_str()
+        .context("attach names a socket")?
+        .to_owned();
+    let shown = replication(&nodes[front].node)?;
+    ensure!(shown["phase"] == "serving", "{shown}");
+    ensure!(
+        shown["states"] == serde_json::json!(["insync", "insync"]),
+        "{shown}"
+    );
+    ensure!(shown["generation"] == 1, "{shown}");
+
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    write_range(&mut client, buffer, 0, 256, 1)?;
+
+    // Kill the other replica: the writes go on once it is marked stale.
+    nodes[other].node.kill9()?;
+    write_range(&mut client, buffer, 10 * 256, 256, 2)?;
+    let shown = replication(&nodes[front].node)?;
+    ensure!(
+        shown["states"] == serde_json::json!(["insync", "stale"]),
+        "{shown}"
+    );
+    ensure!(
+        shown["dirty_regions"] == serde_json::json!([0, 1]),
+        "only the region written meanwhile: {shown}"
+    );
+    ensure!(shown["stale"] == serde_json::json!([other + 1]), "{shown}");
+
+    // Back: it copies that one region and is in sync again.
+    nodes[other].node.restart()?;
+    wait_for("the replica back in sync", 60, || {
+        let shown = replication(&nodes[front].node)?;
+        Ok((shown["states"] == serde_json::json!(["insync", "insync"])
+            && shown["stale"] == serde_json::json!([]))
+        .then_some(()))
+    })?;
+    check_range(&mut client, buffer, 0, 256, 1)?;
+    check_range(&mut client, buffer, 10 * 256, 256, 2)?;
+    drop(client);
+
+    // Kill the frontend's node; attach on the other replica, which then
+    // serves alone: every acknowledged block is there.
+    nodes[front].node.kill9()?;
+    let attached = nodes[other].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let socket = attached["socket"]
+        .as_str()
+        .context("attach names a socket")?
+        .to_owned();
+    let shown = wait_for("the new frontend serving", 60, || {
+        let shown = replication(&nodes[other].node)?;
+        Ok((shown["phase"] == "serving").then_some(shown))
+    })?;
+    ensure!(
+        shown["generation"] == 2,
+        "a new attachment, a new generation: {shown}"
+    );
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    check_range(&mut client, buffer, 0, 256, 1)?;
+    check_range(&mut client, buffer, 10 * 256, 256, 2)?;
+    // Never-written blocks read as zeros.
+    let done = one(
+        &mut client,
+        &Request {
+            kind: RequestType::In,
+            sector: 256 * BLOCK / 512,
+            data: &[buffer],
+            token: 1,
+        },
+    )?;
+    ensure!(done.is_ok(), "{done:?}");
+    let mut data = vec![1u8; (CHUNK * BLOCK) as usize];
+    client.read_data(buffer, &mut data)?;
+    ensure!(
+        data.iter().all(|&b| b == 0),
+        "unwritten blocks read as zeros"
+    );
+    Ok(())
+}
