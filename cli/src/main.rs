@@ -576,6 +576,47 @@ fn print_volume(v: &Value) {
     if !v["placement"].is_null() {
         println!("placement:   nodes {}", v["placement"]);
     }
+    let r = &v["replication"];
+    if !r.is_null() {
+        let frontend = match r["frontend"].as_u64() {
+            Some(node) => format!("node {node}"),
+            None => "none".into(),
+        };
+        println!(
+            "replication: generation {}, frontend {frontend}, at least {} in sync",
+            r["generation"], r["min_replicas"]
+        );
+        let stale = r["stale"].as_array().map_or(0, Vec::len);
+        println!(
+            "replicas:    {}",
+            if stale == 0 {
+                "all in sync".to_owned()
+            } else {
+                format!("stale on nodes {}", r["stale"])
+            }
+        );
+        if let (Some(states), Some(dirty)) = (r["states"].as_array(), r["dirty_regions"].as_array())
+        {
+            let rows: Vec<String> = v["placement"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .zip(states.iter().zip(dirty))
+                .map(|(node, (state, dirty))| {
+                    let left = match dirty.as_u64() {
+                        Some(0) | None => String::new(),
+                        Some(regions) => format!(", {regions} MiB to resync"),
+                    };
+                    format!("node {node}: {}{left}", state.as_str().unwrap_or("?"))
+                })
+                .collect();
+            println!(
+                "resync:      {} ({})",
+                rows.join("; "),
+                r["phase"].as_str().unwrap_or("?")
+            );
+        }
+    }
     let a = &v["attachment"];
     if a.is_null() {
         println!(
