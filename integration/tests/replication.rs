@@ -237,3 +237,107 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     );
     Ok(())
 }
+
+/// The frontend's node is cut off from the cluster while its guest keeps
+/// writing. The volume is attached on the other replica (a new
+/// generation); when the links heal, the old frontend's replica requests
+/// are refused as fenced and its guest sees I/O errors, never a write
+/// acknowledged that the new attachment does not have.
+#[test]
+fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("fabricd.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nfault_injection = true\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let nodes = (1..=3)
+        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&nodes)?;
+    for ClusterMember { node, .. } in &nodes {
+        wait_for("three voters", 30, || {
+            let status = node.fabctl_json(&["cluster", "status"])?;
+            Ok((status["voters"].as_array().map(Vec::len) == Some(3)).then_some(()))
+        })?;
+    }
+    nodes[0]
+        .node
+        .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
+    let placement: Vec<usize> = wait_for("the placement", 30, || {
+        let shown = nodes[0].node.fabctl_json(&["volume", "show", "rv"])?;
+        Ok(shown["placement"].as_array().map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_u64())
+                .map(|id| id as usize - 1)
+                .collect()
+        }))
+    })?;
+    let (front, other) = (placement[0], placement[1]);
+    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    write_range(&mut client, buffer, 0, 256, 1)?;
+
+    // Cut the frontend's node off from both others, both ways.
+    let addresses: Vec<String> = nodes.iter().map(|member| member.cluster.clone()).collect();
+    let mut cut = vec!["cluster", "faults"];
+    for (index, address) in addresses.iter().enumerate() {
+        if index != front {
+            cut.extend(["--block", address.as_str()]);
+        }
+    }
+    nodes[front].node.fabctl(&cut)?;
+    for (index, member) in nodes.iter().enumerate() {
+        if index != front {
+            member
+                .node
+                .fabctl(&["cluster", "faults", "--block", &addresses[front]])?;
+        }
+    }
+    // The old frontend's guest writes version 9 over region 0: it cannot
+    // complete (its replica is unreachable and it cannot commit that).
+    let data: Vec<u8> = (0..CHUNK).flat_map(|b| block(b, 9)).collect();
+    client.write_data(buffer, &data)?;
+    client.submit(&Request {
+        kind: RequestType::Out,
+        sector: 0,
+        data: &[buffer],
+        token: 99,
+    })?;
+    let mut done = Vec::new();
+    client.wait_completions(&mut done, Duration::from_secs(5))?;
+    ensure!(
+        done.is_empty(),
+        "a cut-off frontend completed a write: {done:?}"
+    );
+
+    // The majority attaches the volume on the other replica.
+    let attached = nodes[other].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let new_socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let shown = wait_for("the new frontend serving", 60, || {
+        let shown = replication(&nodes[other].node)?;
+        Ok((shown["phase"] == "serving").then_some(shown))
+    })?;
+    ensure!(shown["generation"] == 2, "{shown}");
+
+    // Heal: the old frontend's pending write fails; nothing it did lands.
+    for member in &nodes {
+        member.node.fabctl(&["cluster", "faults"])?;
+    }
+    while done.is_empty() {
+        client.wait_completions(&mut done, WAIT)?;
+    }
+    ensure!(
+        !done[0].is_ok(),
+        "the fenced frontend's write must fail: {done:?}"
+    );
+    let mut fresh = BlkClient::connect(&new_socket, &ClientConfig::default())?;
+    let buffer = fresh.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    check_range(&mut fresh, buffer, 0, 256, 1)?;
+    write_range(&mut fresh, buffer, 0, CHUNK, 3)?;
+    check_range(&mut fresh, buffer, 0, CHUNK, 3)?;
+    Ok(())
+}

@@ -140,12 +140,30 @@ pub fn bind(
 #[derive(Debug, Default)]
 pub struct Faults {
     blocked: Mutex<std::collections::HashSet<SocketAddr>>,
+    /// Connections open now, so that cutting a link also ends the streams
+    /// already running on it (replication streams live long).
+    connections: Mutex<Vec<quinn::Connection>>,
 }
 
 impl Faults {
-    /// Replaces the set of blocked peers.
+    /// Replaces the set of blocked peers, and closes connections to them.
     pub fn block(&self, peers: impl IntoIterator<Item = SocketAddr>) {
-        *self.blocked.lock().expect("faults lock poisoned") = peers.into_iter().collect();
+        let blocked: std::collections::HashSet<SocketAddr> = peers.into_iter().collect();
+        let mut connections = self.connections.lock().expect("faults lock poisoned");
+        connections.retain(|connection| {
+            if blocked.contains(&connection.remote_address()) {
+                connection.close(3u32.into(), b"link cut by fault injection");
+            }
+            connection.close_reason().is_none()
+        });
+        *self.blocked.lock().expect("faults lock poisoned") = blocked;
+    }
+
+    /// Remembers a connection, if fault injection may cut it.
+    fn track(&self, connection: &quinn::Connection) {
+        let mut connections = self.connections.lock().expect("faults lock poisoned");
+        connections.retain(|connection| connection.close_reason().is_none());
+        connections.push(connection.clone());
     }
 
     fn is_blocked(&self, peer: &SocketAddr) -> bool {
@@ -201,6 +219,7 @@ pub async fn serve(endpoint: quinn::Endpoint, handler: Handler) {
                     return;
                 }
             };
+            handler.faults.track(&connection);
             while let Ok((send, recv)) = connection.accept_bi().await {
                 tokio::spawn(answer(send, recv, handler.clone(), remote));
             }
@@ -409,6 +428,7 @@ impl QuicConnection {
             .connect(address, &self.member.name)
             .map_err(|e| unreachable(&e))?;
         let connection = connecting.await.map_err(|e| unreachable(&e))?;
+        self.network.faults.track(&connection);
         self.network
             .connections
             .lock()
