@@ -77,6 +77,12 @@ impl ReplicaVolume {
         }
     }
 
+    /// Whether flushes are held for earlier writes (a write may then run
+    /// one).
+    pub fn holds_flushes(&self) -> bool {
+        !self.held.is_empty()
+    }
+
     /// Applies one request; returns the replies it produces (none for a
     /// flush held back for earlier writes, more than one when a write
     /// releases held flushes).

@@ -186,12 +186,8 @@ async fn run(
                     Route::Local(local) => {
                         let local = local.clone();
                         let replies = reply_tx.clone();
-                        tokio::task::spawn_blocking(move || {
-                            let handled = local
-                                .lock()
-                                .expect("replica volume poisoned")
-                                .handle(request);
-                            match handled {
+                        tokio::spawn(async move {
+                            match super::service::handle(local, request).await {
                                 Ok(answers) => {
                                     for answer in answers {
                                         let _ = replies.send((replica, answer));

@@ -77,16 +77,8 @@ impl ReplicaService {
                 Ok(replica) => replica,
                 Err(reason) => return refuse(&mut send, &reason),
             };
-            let handled = tokio::task::spawn_blocking(move || {
-                replica
-                    .lock()
-                    .expect("replica volume poisoned")
-                    .handle(request)
-            })
-            .await;
-            let replies = match handled {
-                Ok(Ok(replies)) => replies,
-                Ok(Err(error)) => return refuse(&mut send, &error),
+            let replies = match handle(replica, request).await {
+                Ok(replies) => replies,
                 Err(error) => return refuse(&mut send, &error),
             };
             for reply in replies {
@@ -96,4 +88,35 @@ impl ReplicaService {
             }
         }
     }
+}
+
+/// Applies a request to a replica. Writes, reads and copies of a few MiB
+/// into the page cache take microseconds and run here; a FLUSH (which
+/// syncs the data file) and any request that may release one (a write
+/// completing a held FLUSH) go to a blocking thread.
+pub async fn handle(
+    replica: Arc<Mutex<ReplicaVolume>>,
+    request: blockstore::replication::Request<blockstore::replication::wire::Blocks>,
+) -> Result<Vec<blockstore::replication::Reply<blockstore::replication::wire::Blocks>>, String> {
+    let quick = !matches!(request, blockstore::replication::Request::Flush { .. })
+        && !replica
+            .lock()
+            .expect("replica volume poisoned")
+            .holds_flushes();
+    if quick {
+        return replica
+            .lock()
+            .expect("replica volume poisoned")
+            .handle(request)
+            .map_err(|e| e.to_string());
+    }
+    tokio::task::spawn_blocking(move || {
+        replica
+            .lock()
+            .expect("replica volume poisoned")
+            .handle(request)
+            .map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
