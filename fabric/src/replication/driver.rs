@@ -68,7 +68,25 @@ pub struct DriverStatus {
     pub dirty: Vec<u64>,
 }
 
-type GuestRequest = (GuestOp<Blocks>, oneshot::Sender<Outcome<Blocks>>);
+/// Where a request's outcome goes.
+enum Done {
+    Channel(oneshot::Sender<Outcome<Blocks>>),
+    /// Called on the driver's task: it must not block.
+    Callback(Box<dyn FnOnce(Outcome<Blocks>) + Send>),
+}
+
+impl Done {
+    fn deliver(self, outcome: Outcome<Blocks>) {
+        match self {
+            Done::Channel(sender) => {
+                let _ = sender.send(outcome);
+            }
+            Done::Callback(callback) => callback(outcome),
+        }
+    }
+}
+
+type GuestRequest = (GuestOp<Blocks>, Done);
 
 /// Submits guest requests to a running driver.
 #[derive(Debug, Clone)]
@@ -82,12 +100,29 @@ impl DriverHandle {
     /// answers as fenced.
     pub async fn submit(&self, op: GuestOp<Blocks>) -> Outcome<Blocks> {
         let (done, outcome) = oneshot::channel();
-        if self.requests.send((op, done)).is_err() {
+        if self.requests.send((op, Done::Channel(done))).is_err() {
             return Outcome::Failed(blockstore::replication::frontend::Failure::Fenced);
         }
         outcome.await.unwrap_or(Outcome::Failed(
             blockstore::replication::frontend::Failure::Fenced,
         ))
+    }
+
+    /// Starts a guest request; `done` gets its outcome, called on the
+    /// driver's task (it must not block). A stopped driver answers as
+    /// fenced, at once.
+    pub fn submit_with(
+        &self,
+        op: GuestOp<Blocks>,
+        done: impl FnOnce(Outcome<Blocks>) + Send + 'static,
+    ) {
+        if let Err(mpsc::error::SendError((_, done))) =
+            self.requests.send((op, Done::Callback(Box::new(done))))
+        {
+            done.deliver(Outcome::Failed(
+                blockstore::replication::frontend::Failure::Fenced,
+            ));
+        }
     }
 
     /// The latest status.
@@ -175,7 +210,7 @@ async fn run(
             }
         })
         .collect();
-    let mut waiting: HashMap<GuestId, oneshot::Sender<Outcome<Blocks>>> = HashMap::new();
+    let mut waiting: HashMap<GuestId, Done> = HashMap::new();
     let mut next_guest: GuestId = 1;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -207,7 +242,7 @@ async fn run(
                 },
                 Effect::Complete { guest, outcome } => {
                     if let Some(done) = waiting.remove(&guest) {
-                        let _ = done.send(outcome);
+                        done.deliver(outcome);
                     }
                 }
                 Effect::Metadata { generation, change } => {

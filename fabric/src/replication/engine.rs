@@ -243,15 +243,13 @@ impl BlockEngine for ReplicatedEngine {
 
     fn submit(&mut self) -> Result<()> {
         for (index, op) in self.unsubmitted.drain(..) {
-            let driver = self.driver.clone();
             let done = self.done_tx.clone();
             let eventfd = self.eventfd.clone();
-            self.runtime.spawn(async move {
-                let outcome = driver.submit(op).await;
+            self.driver.submit_with(op, move |outcome| {
                 if done.send((index, outcome)).is_ok() {
                     let one = 1u64;
                     // SAFETY: writes 8 bytes from a local u64 to an eventfd
-                    // this task keeps open through its Arc.
+                    // the closure keeps open through its Arc.
                     unsafe {
                         libc::write(eventfd.as_raw_fd(), (&one as *const u64).cast(), 8);
                     }

@@ -90,6 +90,19 @@ impl ReplicaService {
     }
 }
 
+/// Whether a request can run on an async task: anything but a FLUSH, when
+/// no FLUSH is held (a write could release one, which syncs).
+pub fn quick(
+    replica: &Mutex<ReplicaVolume>,
+    request: &blockstore::replication::Request<blockstore::replication::wire::Blocks>,
+) -> bool {
+    !matches!(request, blockstore::replication::Request::Flush { .. })
+        && !replica
+            .lock()
+            .expect("replica volume poisoned")
+            .holds_flushes()
+}
+
 /// Applies a request to a replica. Writes, reads and copies of a few MiB
 /// into the page cache take microseconds and run here; a FLUSH (which
 /// syncs the data file) and any request that may release one (a write
@@ -98,12 +111,7 @@ pub async fn handle(
     replica: Arc<Mutex<ReplicaVolume>>,
     request: blockstore::replication::Request<blockstore::replication::wire::Blocks>,
 ) -> Result<Vec<blockstore::replication::Reply<blockstore::replication::wire::Blocks>>, String> {
-    let quick = !matches!(request, blockstore::replication::Request::Flush { .. })
-        && !replica
-            .lock()
-            .expect("replica volume poisoned")
-            .holds_flushes();
-    if quick {
+    if quick(&replica, &request) {
         return replica
             .lock()
             .expect("replica volume poisoned")
