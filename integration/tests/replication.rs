@@ -440,3 +440,107 @@ fn replication_of(node: &Fabricd, volume: &str) -> Result<serde_json::Value> {
     let shown = node.fabctl_json(&["volume", "show", volume])?;
     Ok(shown["replication"].clone())
 }
+
+/// Bits flip in the data file of the replica reads are served from: the
+/// guest still reads what it wrote (from the other replica), the damaged
+/// replica is marked stale and resynced, and then serves correct data on
+/// its own.
+#[test]
+fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("fabricd.toml");
+    std::fs::write(
+        &config,
+        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    )?;
+    let config = config.to_string_lossy().into_owned();
+    let mut nodes = (1..=3)
+        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&nodes)?;
+    wait_for_three_up(&nodes)?;
+    nodes[0]
+        .node
+        .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
+    let placement: Vec<usize> = wait_for("the placement", 30, || {
+        let shown = nodes[0].node.fabctl_json(&["volume", "show", "rv"])?;
+        Ok(shown["placement"].as_array().map(|ids| {
+            ids.iter()
+                .filter_map(|id| id.as_u64())
+                .map(|id| id as usize - 1)
+                .collect()
+        }))
+    })?;
+    let (front, other) = (placement[0], placement[1]);
+    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    write_range(&mut client, buffer, 0, 256, 1)?;
+
+    // Damage the first MiB of the frontend's own copy, where those blocks
+    // landed: one byte of every block.
+    let local_id = nodes[front].node.fabctl_json(&["volume", "show", "rv"])?["id"]
+        .as_str()
+        .context("an id")?
+        .to_owned();
+    let path = nodes[front]
+        .node
+        .data_dir
+        .join("volumes")
+        .join(format!("{local_id}.data"));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)?;
+    let length = file.metadata()?.len();
+    let mut damaged = 0;
+    let mut data = vec![0u8; BLOCK as usize];
+    for physical in 0..length / BLOCK {
+        file.seek(SeekFrom::Start(physical * BLOCK))?;
+        file.read_exact(&mut data)?;
+        let lba = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+        if lba < 256 && data == block(lba, 1) {
+            data[100] ^= 0xff;
+            file.seek(SeekFrom::Start(physical * BLOCK))?;
+            file.write_all(&data)?;
+            damaged += 1;
+        }
+    }
+    ensure!(
+        damaged == 256,
+        "found {damaged} of the 256 blocks written in {}",
+        path.display()
+    );
+    file.sync_all()?;
+
+    check_range(&mut client, buffer, 0, 256, 1)?;
+    // The damaged replica was marked stale and resynced (see the log).
+    let stale = format!(
+        "MarkStale {{ name: \"rv\", generation: 1, node: {} }}",
+        front + 1
+    );
+    let in_sync = format!(
+        "MarkInSync {{ name: \"rv\", generation: 1, node: {} }}",
+        front + 1
+    );
+    wait_for("the damaged replica resynced", 60, || {
+        let log = nodes[front].node.log_text();
+        let repaired = log
+            .find(&stale)
+            .is_some_and(|at| log[at..].contains(&in_sync));
+        Ok(repaired.then_some(()))
+    })?;
+    let shown = replication(&nodes[front].node)?;
+    ensure!(
+        shown["states"] == serde_json::json!(["insync", "insync"]),
+        "{shown}"
+    );
+    // With the other replica gone, the repaired copy serves alone.
+    nodes[other].node.kill9()?;
+    write_range(&mut client, buffer, 512, CHUNK, 2)?;
+    check_range(&mut client, buffer, 0, 256, 1)?;
+    Ok(())
+}

@@ -66,6 +66,8 @@ pub enum Failure {
     CacheLost,
     /// The request is outside the volume.
     OutOfRange,
+    /// The only in-sync copy of a block read fails its checksum.
+    Damaged,
 }
 
 /// How a guest request ended.
@@ -423,6 +425,7 @@ impl<P: Clone> Frontend<P> {
             Reply::Done { op } => self.on_done(replica, op, now),
             Reply::Data { op, data } => self.on_data(replica, op, data, now),
             Reply::Digests { op, digests } => self.on_digests(replica, op, digests, now),
+            Reply::Damaged { op, lba } => self.on_damaged(replica, op, lba),
         }
         self.advance(now);
     }
@@ -775,6 +778,46 @@ impl<P: Clone> Frontend<P> {
             _ => {}
         }
         let _ = now;
+    }
+
+    /// A replica's stored copy of block `lba` is damaged: the read goes to
+    /// another replica, and this one lacks the block's region (marked
+    /// stale and resynced, unless it is the last in-sync replica).
+    fn on_damaged(&mut self, replica: usize, id: OpId, lba: u64) {
+        let Some(op) = self.ops.get(&id) else {
+            return;
+        };
+        if op.replica != replica {
+            return;
+        }
+        let op = self.ops.remove(&id).expect("checked");
+        let last = self.last_in_sync(replica);
+        match op.kind {
+            OpKind::Read { guest } if last => {
+                // No other copy to read it from, or to repair it with.
+                if self.pending.remove(&guest).is_some() {
+                    self.complete(guest, Outcome::Failed(Failure::Damaged));
+                }
+                return;
+            }
+            OpKind::Read { guest } => {
+                if let Some(Pending::Read { waiting, .. }) = self.pending.get_mut(&guest) {
+                    *waiting = true;
+                }
+            }
+            OpKind::CopyOut { target, .. } => self.replicas[target].copy = None,
+            _ => return,
+        }
+        if lba >= self.config.volume_blocks || last {
+            return;
+        }
+        let region_blocks = self.config.region_blocks;
+        let track = &mut self.replicas[replica];
+        track.mark_dirty(lba, 1, region_blocks);
+        if track.state == ReplicaState::InSync && !track.demoting {
+            track.demoting = true;
+            self.meta_queue.push_back(MetaChange::MarkStale { replica });
+        }
     }
 
     fn on_data(&mut self, replica: usize, id: OpId, data: P, now: Instant) {

@@ -137,4 +137,11 @@ pub enum Reply<P> {
         op: OpId,
         digests: Vec<u64>,
     },
+    /// A read or copy-out found stored data that fails its checksum, at
+    /// block `lba`: the frontend reads from another replica and has this
+    /// one resynced.
+    Damaged {
+        op: OpId,
+        lba: u64,
+    },
 }

@@ -159,10 +159,7 @@ impl ReplicaVolume {
             }
             Request::Read { lba, blocks, .. } => {
                 self.check(op, lba, blocks)?;
-                Reply::Data {
-                    op,
-                    data: self.read(lba, blocks)?,
-                }
+                self.read_reply(op, lba, blocks)?
             }
             Request::Digests { .. } => Reply::Digests {
                 op,
@@ -170,10 +167,7 @@ impl ReplicaVolume {
             },
             Request::CopyOut { region, .. } => {
                 let (lba, blocks) = self.region(op, region)?;
-                Reply::Data {
-                    op,
-                    data: self.read(lba, blocks)?,
-                }
+                self.read_reply(op, lba, blocks)?
             }
             Request::CopyIn { region, data, .. } => {
                 let (lba, blocks) = self.region(op, region)?;
@@ -298,6 +292,30 @@ impl ReplicaVolume {
         data: &Blocks,
     ) -> std::result::Result<(), ReplicaError> {
         self.write(op, lba, data)
+    }
+
+    /// The data, or `Damaged` when a stored block fails its checksum (an
+    /// error the replica survives: another replica has the data).
+    fn read_reply(&mut self, op: OpId, lba: u64, blocks: u64) -> Result<Reply<Blocks>> {
+        match self.read(lba, blocks) {
+            Ok(data) => Ok(Reply::Data { op, data }),
+            Err(Error::ChecksumMismatch {
+                volume,
+                offset,
+                expected,
+                found,
+            }) => {
+                tracing::error!(
+                    %volume, offset, expected, found,
+                    "a replica block fails its checksum; reading it from another replica"
+                );
+                Ok(Reply::Damaged {
+                    op,
+                    lba: offset / BLOCK_SIZE,
+                })
+            }
+            Err(error) => Err(error),
+        }
     }
 
     /// Reads mapped blocks, checking each against its checksum.

@@ -56,6 +56,7 @@ const KIND_NOT_OPEN: u8 = 0x83;
 const KIND_DONE: u8 = 0x84;
 const KIND_DATA: u8 = 0x85;
 const KIND_DIGEST_LIST: u8 = 0x86;
+const KIND_DAMAGED: u8 = 0x87;
 
 /// Blocks as they travel: which are present (mapped), their checksums and
 /// their bytes. An absent block reads as zeros and takes no space.
@@ -482,6 +483,17 @@ pub fn encode_reply(volume: u64, reply: &Reply<Blocks>) -> Bytes {
             data.body_len(),
             |out| data.put(out),
         ),
+        Reply::Damaged { op, lba } => frame(
+            Fixed {
+                kind: KIND_DAMAGED,
+                volume,
+                op: *op,
+                lba: *lba,
+                ..Fixed::default()
+            },
+            0,
+            |_| {},
+        ),
         Reply::Digests { op, digests } => frame(
             fixed(KIND_DIGEST_LIST, *op, 0, 0, digests.len() as u32),
             digests.len() * 8,
@@ -547,6 +559,18 @@ pub fn decode_reply(frame: Bytes) -> Result<(u64, Reply<Blocks>), WireError> {
             Reply::Digests {
                 op: fixed.op,
                 digests,
+            }
+        }
+        KIND_DAMAGED => {
+            if fixed.generation != 0 || fixed.blocks != 0 || !body.is_empty() {
+                return Err(WireError::Unused {
+                    kind: "damaged",
+                    field: "generation, blocks or body",
+                });
+            }
+            Reply::Damaged {
+                op: fixed.op,
+                lba: fixed.lba,
             }
         }
         other => return Err(WireError::Kind(other)),
@@ -633,6 +657,7 @@ mod tests {
                 op: 6,
                 digests: vec![1, 2, u64::MAX],
             },
+            Reply::Damaged { op: 7, lba: 12345 },
         ]
     }
 

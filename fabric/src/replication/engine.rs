@@ -49,6 +49,9 @@ fn failure(name: &str, outcome: &Outcome<Blocks>) -> Error {
             "the only in-sync replica lost writes from its cache before this flush".into()
         }
         Outcome::Failed(Failure::OutOfRange) => "outside the volume".into(),
+        Outcome::Failed(Failure::Damaged) => {
+            "the only in-sync copy of a block read fails its checksum".into()
+        }
         other => format!("unexpected outcome {other:?}"),
     };
     Error::Replication {
