@@ -488,6 +488,7 @@ async fn attach_replicated(
 
 async fn detach_volume(
     State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
     Path(name): Path<String>,
     body: Result<Json<DetachVolume>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
@@ -497,7 +498,31 @@ async fn detach_volume(
         Err(JsonRejection::MissingJsonContentType(_)) => false,
         Err(rejection) => return Err(rejection.into()),
     };
-    Ok(Json(
-        blocking(&node, move |node| node.detach(&name, force)).await?,
-    ))
+    let replicated = node.driver(&name).is_some();
+    let local = name.clone();
+    let view = blocking(&node, move |node| node.detach(&local, force)).await?;
+    if replicated {
+        // Let the metadata know no frontend serves it here any more. A
+        // newer attachment elsewhere has already taken over if this is
+        // refused as fenced.
+        if let Some(runtime) = cluster.runtime.read().await.as_ref() {
+            let me = runtime.id();
+            let attached_here = runtime
+                .metadata()
+                .volumes
+                .get(&name)
+                .filter(|volume| volume.frontend == Some(me))
+                .map(|volume| volume.generation);
+            if let Some(generation) = attached_here {
+                let command = crate::cluster::metadata::Command::DetachVolume {
+                    name: name.clone(),
+                    generation,
+                };
+                if let Err(error) = runtime.write_retrying(command).await {
+                    tracing::warn!(volume = %name, %error, "detach not recorded in the metadata");
+                }
+            }
+        }
+    }
+    Ok(Json(view))
 }

@@ -542,5 +542,12 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
     nodes[other].node.kill9()?;
     write_range(&mut client, buffer, 512, CHUNK, 2)?;
     check_range(&mut client, buffer, 0, 256, 1)?;
+    // A detach is recorded: no frontend serves the volume any more.
+    drop(client);
+    nodes[front]
+        .node
+        .fabctl(&["volume", "detach", "rv", "--force"])?;
+    let shown = replication(&nodes[front].node)?;
+    ensure!(shown["frontend"].is_null(), "{shown}");
     Ok(())
 }
