@@ -111,6 +111,10 @@ enum VolumeCommand {
         /// Replicas on distinct nodes (in a cluster; 1 to 3).
         #[arg(long)]
         replicas: Option<usize>,
+        /// In-sync replicas a write needs, at least (default: 1 of 1 or 2,
+        /// 2 of 3).
+        #[arg(long)]
+        min_replicas: Option<u32>,
     },
     /// List volumes.
     List,
@@ -120,7 +124,13 @@ enum VolumeCommand {
     Delete { name: String },
     /// Serve a volume on a vhost-user-blk socket and print the QEMU
     /// arguments that attach it.
-    Attach { name: String },
+    Attach {
+        name: String,
+        /// Take a replicated volume over from the node serving it now,
+        /// even if that node is up (its guest then sees I/O errors).
+        #[arg(long)]
+        force: bool,
+    },
     /// Stop serving a volume.
     Detach {
         name: String,
@@ -379,10 +389,14 @@ fn run(args: &Args) -> Result<(), CliError> {
                 name,
                 size,
                 replicas,
+                min_replicas,
             } => {
                 let mut body = json!({ "name": name, "size_bytes": size });
                 if let Some(replicas) = replicas {
                     body["replicas"] = json!(replicas);
+                }
+                if let Some(min_replicas) = min_replicas {
+                    body["min_replicas"] = json!(min_replicas);
                 }
                 let value = call(&endpoint, "POST", "/v1/volumes", Some(body))?;
                 if json {
@@ -429,12 +443,12 @@ fn run(args: &Args) -> Result<(), CliError> {
                     println!("deleted volume {name}");
                 }
             }
-            VolumeCommand::Attach { name } => {
+            VolumeCommand::Attach { name, force } => {
                 let value = call(
                     &endpoint,
                     "POST",
                     &format!("/v1/volumes/{}/attach", segment(name)),
-                    None,
+                    force.then(|| json!({ "force": true })),
                 )?;
                 if json {
                     print_json(&json!({

@@ -102,6 +102,18 @@ pub struct CreateVolume {
     /// Replicas to place (in a cluster); 1 if absent.
     #[serde(default)]
     pub replicas: Option<usize>,
+    /// In-sync replicas a write needs, at least; the default for the
+    /// replica count if absent.
+    #[serde(default)]
+    pub min_replicas: Option<u32>,
+}
+
+/// Body of `POST /v1/volumes/{name}/attach`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AttachVolume {
+    /// Take a replicated volume over from a frontend that is up.
+    pub force: bool,
 }
 
 /// What the volume routes need: the node, and its cluster membership.
@@ -182,6 +194,13 @@ async fn create_volume(
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(request) = body?;
     let replicas = request.replicas.unwrap_or(1);
+    if let Some(min) = request.min_replicas {
+        if min == 0 || min as usize > replicas {
+            return Err(ApiError::bad_request(format!(
+                "min_replicas {min} must be 1 to the replica count ({replicas})"
+            )));
+        }
+    }
     let runtime = cluster.runtime.read().await;
     // In a cluster, the name must be free cluster-wide and the replicas
     // are placed first; the volume is then created here and recorded
@@ -198,13 +217,16 @@ async fn create_volume(
     let (name, size) = (request.name.clone(), request.size_bytes);
     let view = blocking(&node, move |node| node.create(&name, size)).await?;
     if let (Some(runtime), Some(replicas)) = (runtime.as_ref(), placement) {
-        let volume = VolumeMeta::new(
+        let mut volume = VolumeMeta::new(
             view.id.clone(),
             view.name.clone(),
             view.size_bytes,
             replicas,
             view.created_unix,
         );
+        if let Some(min) = request.min_replicas {
+            volume.min_replicas = min;
+        }
         if let Err(error) = runtime.record_volume(volume).await {
             let name = view.name.clone();
             let _ = blocking(&node, move |node| node.delete(&name)).await;
@@ -272,7 +294,13 @@ async fn attach_volume(
     State(node): State<Arc<Node>>,
     State(cluster): State<Arc<ClusterHandle>>,
     Path(name): Path<String>,
+    body: Result<Json<AttachVolume>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    let force = match body {
+        Ok(Json(request)) => request.force,
+        Err(JsonRejection::MissingJsonContentType(_)) => false,
+        Err(rejection) => return Err(rejection.into()),
+    };
     let replicated = match cluster.runtime.read().await.as_ref() {
         Some(runtime) => {
             runtime.read_barrier(Consistency::Current).await?;
@@ -286,7 +314,7 @@ async fn attach_volume(
         None => None,
     };
     let view = match replicated {
-        Some(volume) => attach_replicated(node, cluster, volume).await?,
+        Some(volume) => attach_replicated(node, cluster, volume, force).await?,
         None => blocking(&node, move |node| node.attach(&name)).await?,
     };
     Ok(Json(view))
@@ -299,6 +327,7 @@ async fn attach_replicated(
     node: Arc<Node>,
     cluster: Arc<ClusterHandle>,
     volume: VolumeMeta,
+    force: bool,
 ) -> Result<crate::node::VolumeView, ApiError> {
     use crate::cluster::metadata::{Command, Response};
     use crate::replication::driver::{self, ReplicaEndpoint};
@@ -322,6 +351,21 @@ async fn attach_replicated(
                 volume.replicas
             ),
         ));
+    }
+    // Another node serving it now, and up: taking over fences its guest.
+    if let Some(frontend) = volume.frontend.filter(|&frontend| frontend != me) {
+        let up = runtime.nodes().iter().any(|view| {
+            view.record.id == frontend && view.state == crate::cluster::metadata::NodeState::Up
+        });
+        if up && !force {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "attached_elsewhere",
+                format!(
+                    "volume {name:?} is attached on node {frontend}, which is up; detach it there, or attach with --force to take it over (that guest then sees I/O errors)"
+                ),
+            ));
+        }
     }
     match runtime
         .write_retrying(Command::AttachVolume {

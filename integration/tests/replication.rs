@@ -151,6 +151,22 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     form_cluster(&nodes)?;
     wait_for_three_up(&nodes)?;
+    let bad = nodes[0].node.fabctl_output(&[
+        "volume",
+        "create",
+        "bad",
+        "--size",
+        "64M",
+        "--replicas",
+        "2",
+        "--min-replicas",
+        "3",
+    ])?;
+    ensure!(
+        String::from_utf8_lossy(&bad.stderr)
+            .contains("min_replicas 3 must be 1 to the replica count"),
+        "{bad:?}"
+    );
     nodes[0]
         .node
         .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
@@ -210,10 +226,22 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     check_range(&mut client, buffer, 10 * 256, 256, 2)?;
     drop(client);
 
+    // While the frontend's node is up, attaching elsewhere is refused
+    // unless forced.
+    let refused = nodes[other]
+        .node
+        .fabctl_output(&["volume", "attach", "rv"])?;
+    ensure!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("--force"),
+        "{refused:?}"
+    );
+
     // Kill the frontend's node; attach on the other replica, which then
     // serves alone: every acknowledged block is there.
     nodes[front].node.kill9()?;
-    let attached = nodes[other].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let attached = nodes[other]
+        .node
+        .fabctl_json(&["volume", "attach", "rv", "--force"])?;
     let socket = attached["socket"]
         .as_str()
         .context("attach names a socket")?
@@ -322,7 +350,9 @@ fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
     );
 
     // The majority attaches the volume on the other replica.
-    let attached = nodes[other].node.fabctl_json(&["volume", "attach", "rv"])?;
+    let attached = nodes[other]
+        .node
+        .fabctl_json(&["volume", "attach", "rv", "--force"])?;
     let new_socket = attached["socket"].as_str().context("a socket")?.to_owned();
     let shown = wait_for("the new frontend serving", 60, || {
         let shown = replication(&nodes[other].node)?;
