@@ -16,6 +16,9 @@ use bytes::Bytes;
 
 use super::driver::DriverHandle;
 
+/// How long a drain waits for the driver's answers.
+const DRAIN_WAIT: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, Default)]
 struct Slot {
     tag: u64,
@@ -273,9 +276,19 @@ impl BlockEngine for ReplicatedEngine {
         self.submit()?;
         self.reap(out);
         while self.in_flight > 0 {
-            match self.done_rx.recv() {
+            // The driver answers every request, with a failure at worst; a
+            // bound keeps a driver that died from hanging the device.
+            match self.done_rx.recv_timeout(DRAIN_WAIT) {
                 Ok((index, outcome)) => self.collect(index, outcome, out),
-                Err(_) => break,
+                Err(_) => {
+                    return Err(Error::Replication {
+                        volume: self.name.clone(),
+                        reason: format!(
+                            "{} requests got no answer from the replication driver within {DRAIN_WAIT:?}",
+                            self.in_flight
+                        ),
+                    })
+                }
             }
         }
         self.clear_eventfd();
