@@ -201,6 +201,12 @@ async fn create_volume(
             )));
         }
     }
+    if replicas > 1 && request.size_bytes > crate::replication::REPLICATED_BYTES_MAX {
+        return Err(ApiError::bad_request(format!(
+            "a replicated volume holds at most {} bytes (8 TiB)",
+            crate::replication::REPLICATED_BYTES_MAX
+        )));
+    }
     let runtime = cluster.runtime.read().await;
     // In a cluster, the name must be free cluster-wide and the replicas
     // are placed first; the volume is then created here and recorded
@@ -386,6 +392,16 @@ async fn attach_replicated(
         .get(&name)
         .cloned()
         .ok_or_else(|| ApiError::bad_request(format!("volume {name:?} was deleted")))?;
+    if volume.frontend != Some(me) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "attached_elsewhere",
+            format!(
+                "volume {name:?} was attached on node {:?} at the same time; it serves it now",
+                volume.frontend
+            ),
+        ));
+    }
     let id = crate::replication::volume_id(&volume).ok_or_else(|| {
         ApiError::bad_request(format!(
             "volume {name:?} has a malformed id {:?}",
@@ -467,16 +483,20 @@ async fn attach_replicated(
                     tracing::info!(?command, "replica state recorded");
                     MetaOutcome::Committed
                 }
-                Ok(Response::Rejected { reason }) if reason.starts_with("fenced") => {
+                Ok(Response::Rejected { reason })
+                    if reason.starts_with("fenced") || reason.contains("does not exist") =>
+                {
                     tracing::warn!(%reason, "this attachment is fenced");
                     MetaOutcome::Fenced
                 }
                 Ok(Response::Rejected { reason }) => {
                     tracing::warn!(%reason, ?command, "replica state change refused; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     MetaOutcome::Retry
                 }
                 Err(error) => {
                     tracing::warn!(%error, ?command, "replica state change not committed; retrying");
+                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
                     MetaOutcome::Retry
                 }
             }

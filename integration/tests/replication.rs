@@ -200,6 +200,40 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
     write_range(&mut client, buffer, 0, 256, 1)?;
 
+    // A discard reaches both replicas (it reads back as zeros, and neither
+    // replica refuses it); then the blocks are written again.
+    let done = one(
+        &mut client,
+        &Request {
+            kind: RequestType::Discard {
+                sectors: (CHUNK * BLOCK / 512) as u32,
+            },
+            sector: 0,
+            data: &[],
+            token: 7,
+        },
+    )?;
+    ensure!(done.is_ok(), "discard: {done:?}");
+    let done = one(
+        &mut client,
+        &Request {
+            kind: RequestType::In,
+            sector: 0,
+            data: &[buffer],
+            token: 8,
+        },
+    )?;
+    ensure!(done.is_ok(), "read after discard: {done:?}");
+    let mut data = vec![1u8; (CHUNK * BLOCK) as usize];
+    client.read_data(buffer, &mut data)?;
+    ensure!(
+        data.iter().all(|&b| b == 0),
+        "discarded blocks read as zeros"
+    );
+    let shown = replication(&nodes[front].node)?;
+    ensure!(shown["stale"] == serde_json::json!([]), "{shown}");
+    write_range(&mut client, buffer, 0, CHUNK, 1)?;
+
     // Kill the other replica: the writes go on once it is marked stale.
     nodes[other].node.kill9()?;
     write_range(&mut client, buffer, 10 * 256, 256, 2)?;

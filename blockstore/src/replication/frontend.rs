@@ -269,7 +269,13 @@ pub struct Frontend<P> {
     effects: Vec<Effect<P>>,
 }
 
-impl<P: Clone> Frontend<P> {
+/// Block data as the frontend carries it: it checks that a replica's
+/// answer holds as many blocks as were asked for.
+pub trait Payload: Clone {
+    fn blocks(&self) -> u64;
+}
+
+impl<P: Payload> Frontend<P> {
     /// A frontend for `generation` (just issued through Raft) over
     /// replicas in the given recorded states. It starts by opening them.
     pub fn new(
@@ -825,6 +831,27 @@ impl<P: Clone> Frontend<P> {
             return;
         };
         if op.replica != replica {
+            return;
+        }
+        let expected = match &op.kind {
+            OpKind::Read { guest } => match self.pending.get(guest) {
+                Some(Pending::Read { blocks, .. }) => Some(*blocks),
+                _ => None,
+            },
+            OpKind::CopyOut { region, .. } => {
+                let start = region * self.config.region_blocks;
+                Some(
+                    self.config
+                        .region_blocks
+                        .min(self.config.volume_blocks.saturating_sub(start)),
+                )
+            }
+            _ => None,
+        };
+        if expected.is_some_and(|blocks| blocks != data.blocks()) {
+            // A replica that answers with the wrong amount of data is a
+            // failed one; the read goes elsewhere.
+            self.fail(replica, now);
             return;
         }
         let op = self.ops.remove(&id).expect("checked");

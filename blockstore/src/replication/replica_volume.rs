@@ -115,14 +115,14 @@ impl ReplicaVolume {
         let head = match &request {
             Request::Open { generation, op } => {
                 self.held.clear();
+                // Stored before anything changes: a replica that failed to
+                // store a new generation must not act on it.
+                if *generation > self.gate.highest() {
+                    (self.persist)(*generation)?;
+                }
                 return Ok(Some(match self.gate.open(*generation) {
                     Opened::Fenced { highest } => Reply::Fenced { highest },
-                    Opened::Session { session, persist } => {
-                        if let Some(generation) = persist {
-                            (self.persist)(generation)?;
-                        }
-                        Reply::Opened { op: *op, session }
-                    }
+                    Opened::Session { session, .. } => Reply::Opened { op: *op, session },
                 }));
             }
             other => *other.head().expect("every request but open has a header"),

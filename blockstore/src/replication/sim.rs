@@ -65,6 +65,12 @@ const STEP: Duration = Duration::from_millis(1);
 /// Block contents: a write's version in every block it covers.
 type Data = Vec<u64>;
 
+impl super::frontend::Payload for Data {
+    fn blocks(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
 #[derive(Debug)]
 struct SimReplica {
     up: bool,

@@ -67,6 +67,12 @@ pub struct Blocks {
     data: Bytes,
 }
 
+impl super::frontend::Payload for Blocks {
+    fn blocks(&self) -> u64 {
+        self.len() as u64
+    }
+}
+
 /// A block that fails its checksum.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error("block {index} of the request fails its checksum")]
@@ -398,10 +404,8 @@ pub fn decode_request(frame: Bytes) -> Result<(u64, Request<Blocks>), WireError>
         }
         KIND_WRITE => {
             check_blocks(fixed.blocks)?;
+            // Absent blocks unmap (DISCARD, WRITE_ZEROES).
             let data = Blocks::take(fixed.blocks, body)?;
-            if data.present.iter().any(|&p| !p) {
-                return Err(WireError::Body("a write carries every block".into()));
-            }
             Request::Write {
                 head: head(&fixed),
                 lba: fixed.lba,

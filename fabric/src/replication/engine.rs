@@ -37,10 +37,13 @@ pub struct ReplicatedEngine {
     slots: Vec<Slot>,
     free: Vec<usize>,
     unsubmitted: Vec<(usize, GuestOp<Blocks>)>,
-    done_tx: mpsc::Sender<(usize, Outcome<Blocks>)>,
-    done_rx: mpsc::Receiver<(usize, Outcome<Blocks>)>,
+    done_tx: mpsc::Sender<(usize, u64, Outcome<Blocks>)>,
+    done_rx: mpsc::Receiver<(usize, u64, Outcome<Blocks>)>,
     eventfd: std::sync::Arc<OwnedFd>,
     in_flight: usize,
+    /// Raised when a drain gives up on requests: their late answers carry
+    /// the old epoch and are dropped, never matched to newer requests.
+    epoch: u64,
 }
 
 fn failure(name: &str, outcome: &Outcome<Blocks>) -> Error {
@@ -94,6 +97,7 @@ impl ReplicatedEngine {
             done_rx,
             eventfd,
             in_flight: 0,
+            epoch: 0,
         })
     }
 
@@ -248,11 +252,12 @@ impl BlockEngine for ReplicatedEngine {
     }
 
     fn submit(&mut self) -> Result<()> {
+        let epoch = self.epoch;
         for (index, op) in self.unsubmitted.drain(..) {
             let done = self.done_tx.clone();
             let eventfd = self.eventfd.clone();
             self.driver.submit_with(op, move |outcome| {
-                if done.send((index, outcome)).is_ok() {
+                if done.send((index, epoch, outcome)).is_ok() {
                     let one = 1u64;
                     // SAFETY: writes 8 bytes from a local u64 to an eventfd
                     // the closure keeps open through its Arc.
@@ -267,8 +272,10 @@ impl BlockEngine for ReplicatedEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.clear_eventfd();
-        while let Ok((index, outcome)) = self.done_rx.try_recv() {
-            self.collect(index, outcome, out);
+        while let Ok((index, epoch, outcome)) = self.done_rx.try_recv() {
+            if epoch == self.epoch {
+                self.collect(index, outcome, out);
+            }
         }
     }
 
@@ -279,15 +286,28 @@ impl BlockEngine for ReplicatedEngine {
             // The driver answers every request, with a failure at worst; a
             // bound keeps a driver that died from hanging the device.
             match self.done_rx.recv_timeout(DRAIN_WAIT) {
-                Ok((index, outcome)) => self.collect(index, outcome, out),
+                Ok((index, epoch, outcome)) if epoch == self.epoch => {
+                    self.collect(index, outcome, out)
+                }
+                Ok(_) => {}
                 Err(_) => {
+                    let abandoned = self.in_flight;
+                    // Forget them: their slots are free again, and answers
+                    // that come later belong to an epoch that is over.
+                    self.epoch += 1;
+                    self.in_flight = 0;
+                    self.unsubmitted.clear();
+                    self.free.clear();
+                    for (index, slot) in self.slots.iter_mut().enumerate() {
+                        slot.in_use = false;
+                        self.free.push(index);
+                    }
                     return Err(Error::Replication {
                         volume: self.name.clone(),
                         reason: format!(
-                            "{} requests got no answer from the replication driver within {DRAIN_WAIT:?}",
-                            self.in_flight
+                            "{abandoned} requests got no answer from the replication driver within {DRAIN_WAIT:?}"
                         ),
-                    })
+                    });
                 }
             }
         }

@@ -86,8 +86,13 @@ pub fn node_service(
     }))
 }
 
-/// Largest frame accepted: a 4 MiB write with its checksums and header.
-pub const FRAME_BYTES_MAX: usize = (4 << 20) + (64 << 10);
+/// Largest frame accepted: the digest list of an 8 TiB volume (8 Mi
+/// regions of 1 MiB, 8 bytes each) with its header; a 4 MiB write with its
+/// checksums is far smaller.
+pub const FRAME_BYTES_MAX: usize = (64 << 20) + (64 << 10);
+
+/// Largest replicated volume: its digest list fits in one frame.
+pub const REPLICATED_BYTES_MAX: u64 = 8 << 40;
 
 /// Reads one length-prefixed frame; `None` at a clean end of stream.
 pub async fn read_frame(recv: &mut quinn::RecvStream) -> std::io::Result<Option<Bytes>> {
