@@ -625,7 +625,7 @@ fn print_volume(v: &Value) {
                 })
                 .collect();
             println!(
-                "resync:      {} ({})",
+                "states:      {} ({})",
                 rows.join("; "),
                 r["phase"].as_str().unwrap_or("?")
             );
