@@ -459,7 +459,7 @@ impl<P: Payload> Frontend<P> {
                     // in-sync replica that failed, like any other.
                     if track.session.is_none() || !track.dirty.is_empty() {
                         track.demoting = true;
-                        self.meta_queue.push_back(MetaChange::MarkStale { replica });
+                        self.want_meta(MetaChange::MarkStale { replica });
                     } else {
                         // Writes and flushes started while it was stale
                         // now wait for it too.
@@ -576,6 +576,55 @@ impl<P: Payload> Frontend<P> {
         }
     }
 
+    /// Sends a guest write to `replica`; a copy to it of a region the
+    /// write touches no longer clears that region.
+    fn send_write(
+        &mut self,
+        replica: usize,
+        guest: GuestId,
+        lba: u64,
+        blocks: u64,
+        data: P,
+        now: Instant,
+    ) {
+        let region_blocks = self.config.region_blocks;
+        if let Some(copy) = &mut self.replicas[replica].copy {
+            if regions_of(lba, blocks, region_blocks).contains(&copy.region) {
+                copy.overtaken = true;
+            }
+        }
+        self.send_op(replica, OpKind::Write { guest, lba, blocks }, now, |head| {
+            Request::Write {
+                head,
+                lba,
+                blocks,
+                data,
+            }
+        });
+    }
+
+    /// Sends a flush to `replica`, after every write and copy sent to it
+    /// so far; it covers the regions the replica acknowledged until now.
+    fn send_flush(&mut self, replica: usize, guest: Option<GuestId>, now: Instant) -> OpId {
+        let covered = self.replicas[replica].unflushed.take();
+        let after = self.replicas[replica].sent_mutations;
+        self.send_op(replica, OpKind::Flush { guest, covered }, now, |head| {
+            Request::Flush { head, after }
+        })
+    }
+
+    /// Whether `change` is committing or waiting to.
+    fn meta_wanted(&self, change: MetaChange) -> bool {
+        self.meta_inflight == Some(change) || self.meta_queue.contains(&change)
+    }
+
+    /// Asks for `change`, unless it is already asked for.
+    fn want_meta(&mut self, change: MetaChange) {
+        if !self.meta_wanted(change) {
+            self.meta_queue.push_back(change);
+        }
+    }
+
     /// Sends `replica` every pending write and flush it has not
     /// acknowledged.
     fn resend_pending(&mut self, replica: usize, now: Instant) {
@@ -591,34 +640,11 @@ impl<P: Payload> Frontend<P> {
                 }) if !acked.contains(&replica) => {
                     let (lba, blocks, data) = (*lba, *blocks, data.clone());
                     sent.insert(replica);
-                    let region_blocks = self.config.region_blocks;
-                    if let Some(copy) = &mut self.replicas[replica].copy {
-                        if regions_of(lba, blocks, region_blocks).contains(&copy.region) {
-                            copy.overtaken = true;
-                        }
-                    }
-                    self.send_op(replica, OpKind::Write { guest, lba, blocks }, now, |head| {
-                        Request::Write {
-                            head,
-                            lba,
-                            blocks,
-                            data,
-                        }
-                    });
+                    self.send_write(replica, guest, lba, blocks, data, now);
                 }
                 Some(Pending::Flush { sent, acked }) if !acked.contains(&replica) => {
                     sent.insert(replica);
-                    let covered = self.replicas[replica].unflushed.take();
-                    let after = self.replicas[replica].sent_mutations;
-                    self.send_op(
-                        replica,
-                        OpKind::Flush {
-                            guest: Some(guest),
-                            covered,
-                        },
-                        now,
-                        |head| Request::Flush { head, after },
-                    );
+                    self.send_flush(replica, Some(guest), now);
                 }
                 _ => {}
             }
@@ -688,11 +714,7 @@ impl<P: Payload> Frontend<P> {
                 }
                 self.replicas[replica].dirty.union_with(&lost);
                 self.replicas[replica].demoting = true;
-                let queued = self.meta_inflight == Some(MetaChange::MarkStale { replica })
-                    || self.meta_queue.contains(&MetaChange::MarkStale { replica });
-                if !queued {
-                    self.meta_queue.push_back(MetaChange::MarkStale { replica });
-                }
+                self.want_meta(MetaChange::MarkStale { replica });
             } else {
                 // The last in-sync replica: it stays in sync, and what it
                 // lost from its cache is what every other copy must take
@@ -766,8 +788,7 @@ impl<P: Payload> Frontend<P> {
                         && track.copy.is_none()
                         && track.state == ReplicaState::Stale
                     {
-                        self.meta_queue
-                            .push_back(MetaChange::MarkInSync { replica });
+                        self.want_meta(MetaChange::MarkInSync { replica });
                     }
                 }
             }
@@ -822,7 +843,7 @@ impl<P: Payload> Frontend<P> {
         track.mark_dirty(lba, 1, region_blocks);
         if track.state == ReplicaState::InSync && !track.demoting {
             track.demoting = true;
-            self.meta_queue.push_back(MetaChange::MarkStale { replica });
+            self.want_meta(MetaChange::MarkStale { replica });
         }
     }
 
@@ -966,10 +987,7 @@ impl<P: Payload> Frontend<P> {
                     && !self.last_in_sync(replica)
                 {
                     self.replicas[replica].demoting = true;
-                    let change = MetaChange::MarkStale { replica };
-                    if self.meta_inflight != Some(change) && !self.meta_queue.contains(&change) {
-                        self.meta_queue.push_back(change);
-                    }
+                    self.want_meta(MetaChange::MarkStale { replica });
                 }
             }
         }
@@ -1108,23 +1126,9 @@ impl<P: Payload> Frontend<P> {
                 continue;
             };
             if track.dirty.is_empty() {
-                let waiting = self.meta_inflight
-                    == Some(MetaChange::MarkInSync { replica: target })
-                    || self
-                        .meta_queue
-                        .contains(&MetaChange::MarkInSync { replica: target });
+                let waiting = self.meta_wanted(MetaChange::MarkInSync { replica: target });
                 if track.state == ReplicaState::Stale && !waiting && self.phase == Phase::Serving {
-                    let covered = self.replicas[target].unflushed.take();
-                    let after = self.replicas[target].sent_mutations;
-                    let op = self.send_op(
-                        target,
-                        OpKind::Flush {
-                            guest: None,
-                            covered,
-                        },
-                        now,
-                        |head| Request::Flush { head, after },
-                    );
+                    let op = self.send_flush(target, None, now);
                     self.replicas[target].sync_flush = Some(op);
                 }
                 continue;
@@ -1238,21 +1242,8 @@ impl<P: Payload> Frontend<P> {
                         track.mark_dirty(lba, blocks, region_blocks);
                         continue;
                     }
-                    if let Some(copy) = &mut track.copy {
-                        if regions_of(lba, blocks, region_blocks).contains(&copy.region) {
-                            copy.overtaken = true;
-                        }
-                    }
                     sent.insert(replica);
-                    let data = data.clone();
-                    self.send_op(replica, OpKind::Write { guest, lba, blocks }, now, |head| {
-                        Request::Write {
-                            head,
-                            lba,
-                            blocks,
-                            data,
-                        }
-                    });
+                    self.send_write(replica, guest, lba, blocks, data.clone(), now);
                 }
                 self.pending.insert(
                     guest,
@@ -1276,17 +1267,7 @@ impl<P: Payload> Frontend<P> {
                         continue;
                     }
                     sent.insert(replica);
-                    let covered = self.replicas[replica].unflushed.take();
-                    let after = self.replicas[replica].sent_mutations;
-                    self.send_op(
-                        replica,
-                        OpKind::Flush {
-                            guest: Some(guest),
-                            covered,
-                        },
-                        now,
-                        |head| Request::Flush { head, after },
-                    );
+                    self.send_flush(replica, Some(guest), now);
                 }
                 self.pending.insert(
                     guest,
