@@ -272,3 +272,61 @@ pub fn form_cluster(members: &[ClusterMember]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Waits (up to 30 s) until every member sees `count` voters that are up.
+pub fn wait_for_voters_up(members: &[ClusterMember], count: usize) -> Result<()> {
+    for member in members {
+        let mut ready = false;
+        for _ in 0..300 {
+            let rows = member.node.fabctl_json(&["node", "list"])?;
+            let rows = rows.as_array().cloned().unwrap_or_default();
+            ready = rows.len() == count
+                && rows.iter().all(|n| {
+                    n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true)
+                });
+            if ready {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        anyhow::ensure!(ready, "{count} voters that are up were not seen in 30 s");
+    }
+    Ok(())
+}
+
+/// Starts `count` members under `root` with the `[cluster]` settings
+/// `cluster_config` (TOML lines), forms the cluster and waits until every
+/// member sees them all as voters that are up.
+pub fn start_cluster(
+    root: &Path,
+    count: usize,
+    cluster_config: &str,
+) -> Result<Vec<ClusterMember>> {
+    let config = root.join("fabricd.toml");
+    std::fs::write(&config, format!("[cluster]\n{cluster_config}"))?;
+    let config = config.to_string_lossy().into_owned();
+    let members = (1..=count)
+        .map(|i| start_cluster_member(root, &format!("n{i}"), &["--config", &config]))
+        .collect::<Result<Vec<_>>>()?;
+    form_cluster(&members)?;
+    wait_for_voters_up(&members, count)?;
+    Ok(members)
+}
+
+/// The members holding `volume`'s replicas, in placement order (indexes
+/// into the members of a cluster formed by [`form_cluster`], whose node ids
+/// are 1, 2, ...), as `node` has applied it.
+pub fn placement(node: &Fabricd, volume: &str) -> Result<Vec<usize>> {
+    for _ in 0..300 {
+        let shown = node.fabctl_json(&["volume", "show", volume])?;
+        if let Some(ids) = shown["placement"].as_array() {
+            return Ok(ids
+                .iter()
+                .filter_map(|id| id.as_u64())
+                .map(|id| id as usize - 1)
+                .collect());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    anyhow::bail!("no placement of volume {volume:?} in 30 s")
+}

@@ -2,7 +2,7 @@
 
 use anyhow::Result;
 use integration::fabricd::{
-    form_cluster, free_udp_port, start_cluster_member, ClusterMember, Fabricd,
+    form_cluster, free_udp_port, start_cluster, start_cluster_member, ClusterMember, Fabricd,
 };
 
 #[test]
@@ -188,30 +188,11 @@ fn three_node_cluster_joins_and_survives_the_leader() -> Result<()> {
 #[test]
 fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    let mut nodes = start_cluster(
+        dir.path(),
+        5,
+        "heartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
     )?;
-    let config = config.to_string_lossy().into_owned();
-    let mut nodes = (1..=5)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
-    for ClusterMember { node, .. } in &nodes {
-        wait_for("five voters up", || {
-            let rows = node
-                .fabctl_json(&["node", "list"])?
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            Ok((rows.len() == 5
-                && rows.iter().all(|n| {
-                    n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true)
-                }))
-            .then_some(()))
-        })?;
-    }
     let mut stopped = nodes.pop().expect("five nodes");
     stopped.node.terminate()?;
     for ClusterMember { node, .. } in &nodes {
@@ -240,16 +221,16 @@ fn five_nodes_see_a_stopped_node_go_down() -> Result<()> {
 #[test]
 fn a_dead_first_node_is_replaced_through_the_survivors() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    let mut nodes = start_cluster(
+        dir.path(),
+        3,
+        "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
     )?;
-    let config = config.to_string_lossy().into_owned();
-    let mut nodes = (1..=3)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
+    let config = dir
+        .path()
+        .join("fabricd.toml")
+        .to_string_lossy()
+        .into_owned();
     for ClusterMember { node, .. } in &nodes {
         wait_for("three voters, each holding the CA", || {
             let status = node.fabctl_json(&["cluster", "status"])?;

@@ -7,7 +7,7 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use integration::fabricd::{form_cluster, start_cluster_member, ClusterMember, Fabricd};
+use integration::fabricd::{placement, start_cluster, Fabricd};
 use integration::vhost_blk::{BlkClient, Buffer, ClientConfig, Completion, Request, RequestType};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -115,42 +115,15 @@ fn check_range(
     Ok(())
 }
 
-/// Waits until every node sees three voters that are up (placement
-/// picks only nodes that are up).
-fn wait_for_three_up(nodes: &[ClusterMember]) -> Result<()> {
-    for ClusterMember { node, .. } in nodes {
-        wait_for("three voters that are up", 30, || {
-            let rows = node.fabctl_json(&["node", "list"])?;
-            let rows = rows.as_array().cloned().unwrap_or_default();
-            Ok((rows.len() == 3
-                && rows.iter().all(|n| {
-                    n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true)
-                }))
-            .then_some(()))
-        })?;
-    }
-    Ok(())
-}
-
-fn replication(node: &Fabricd) -> Result<serde_json::Value> {
-    let shown = node.fabctl_json(&["volume", "show", "rv"])?;
+fn replication(node: &Fabricd, volume: &str) -> Result<serde_json::Value> {
+    let shown = node.fabctl_json(&["volume", "show", volume])?;
     Ok(shown["replication"].clone())
 }
 
 #[test]
 fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
-    )?;
-    let config = config.to_string_lossy().into_owned();
-    let mut nodes = (1..=3)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
-    wait_for_three_up(&nodes)?;
+    let mut nodes = start_cluster(dir.path(), 3, "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n")?;
     let bad = nodes[0].node.fabctl_output(&[
         "volume",
         "create",
@@ -170,15 +143,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     nodes[0]
         .node
         .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
-    let placement: Vec<usize> = wait_for("the placement", 30, || {
-        let shown = nodes[0].node.fabctl_json(&["volume", "show", "rv"])?;
-        Ok(shown["placement"].as_array().map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_u64())
-                .map(|id| id as usize - 1)
-                .collect()
-        }))
-    })?;
+    let placement = placement(&nodes[0].node, "rv")?;
     ensure!(placement.len() == 2, "{placement:?}");
     let (front, other) = (placement[0], placement[1]);
 
@@ -188,7 +153,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
         .as_str()
         .context("attach names a socket")?
         .to_owned();
-    let shown = replication(&nodes[front].node)?;
+    let shown = replication(&nodes[front].node, "rv")?;
     ensure!(shown["phase"] == "serving", "{shown}");
     ensure!(
         shown["states"] == serde_json::json!(["insync", "insync"]),
@@ -230,14 +195,14 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
         data.iter().all(|&b| b == 0),
         "discarded blocks read as zeros"
     );
-    let shown = replication(&nodes[front].node)?;
+    let shown = replication(&nodes[front].node, "rv")?;
     ensure!(shown["stale"] == serde_json::json!([]), "{shown}");
     write_range(&mut client, buffer, 0, CHUNK, 1)?;
 
     // Kill the other replica: the writes go on once it is marked stale.
     nodes[other].node.kill9()?;
     write_range(&mut client, buffer, 10 * 256, 256, 2)?;
-    let shown = replication(&nodes[front].node)?;
+    let shown = replication(&nodes[front].node, "rv")?;
     ensure!(
         shown["states"] == serde_json::json!(["insync", "stale"]),
         "{shown}"
@@ -251,7 +216,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     // Back: it copies that one region and is in sync again.
     nodes[other].node.restart()?;
     wait_for("the replica back in sync", 60, || {
-        let shown = replication(&nodes[front].node)?;
+        let shown = replication(&nodes[front].node, "rv")?;
         Ok((shown["states"] == serde_json::json!(["insync", "insync"])
             && shown["stale"] == serde_json::json!([]))
         .then_some(()))
@@ -281,7 +246,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
         .context("attach names a socket")?
         .to_owned();
     let shown = wait_for("the new frontend serving", 60, || {
-        let shown = replication(&nodes[other].node)?;
+        let shown = replication(&nodes[other].node, "rv")?;
         Ok((shown["phase"] == "serving").then_some(shown))
     })?;
     ensure!(
@@ -320,29 +285,11 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
 #[test]
 fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nfault_injection = true\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
-    )?;
-    let config = config.to_string_lossy().into_owned();
-    let nodes = (1..=3)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
-    wait_for_three_up(&nodes)?;
+    let nodes = start_cluster(dir.path(), 3, "fault_injection = true\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n")?;
     nodes[0]
         .node
         .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
-    let placement: Vec<usize> = wait_for("the placement", 30, || {
-        let shown = nodes[0].node.fabctl_json(&["volume", "show", "rv"])?;
-        Ok(shown["placement"].as_array().map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_u64())
-                .map(|id| id as usize - 1)
-                .collect()
-        }))
-    })?;
+    let placement = placement(&nodes[0].node, "rv")?;
     let (front, other) = (placement[0], placement[1]);
     let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
     let socket = attached["socket"].as_str().context("a socket")?.to_owned();
@@ -389,7 +336,7 @@ fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
         .fabctl_json(&["volume", "attach", "rv", "--force"])?;
     let new_socket = attached["socket"].as_str().context("a socket")?.to_owned();
     let shown = wait_for("the new frontend serving", 60, || {
-        let shown = replication(&nodes[other].node)?;
+        let shown = replication(&nodes[other].node, "rv")?;
         Ok((shown["phase"] == "serving").then_some(shown))
     })?;
     ensure!(shown["generation"] == 2, "{shown}");
@@ -422,17 +369,7 @@ fn a_guest_keeps_writing_through_the_loss_of_a_replica() -> Result<()> {
 
     let image = GuestImage::ensure()?;
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
-    )?;
-    let config = config.to_string_lossy().into_owned();
-    let mut nodes = (1..=3)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
-    wait_for_three_up(&nodes)?;
+    let mut nodes = start_cluster(dir.path(), 3, "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n")?;
     nodes[0].node.fabctl(&[
         "volume",
         "create",
@@ -442,15 +379,7 @@ fn a_guest_keeps_writing_through_the_loss_of_a_replica() -> Result<()> {
         "--replicas",
         "2",
     ])?;
-    let placement: Vec<usize> = wait_for("the placement", 30, || {
-        let shown = nodes[0].node.fabctl_json(&["volume", "show", "gv"])?;
-        Ok(shown["placement"].as_array().map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_u64())
-                .map(|id| id as usize - 1)
-                .collect()
-        }))
-    })?;
+    let placement = placement(&nodes[0].node, "gv")?;
     let (front, other) = (placement[0], placement[1]);
     let attached = nodes[front].node.fabctl_json(&["volume", "attach", "gv"])?;
     let socket = attached["socket"].as_str().context("a socket")?.to_owned();
@@ -486,7 +415,7 @@ status=$?
         shown["attachment"]["counters"]["io_errors"] == 0,
         "the guest saw I/O errors: {shown}"
     );
-    let stale = replication_of(&nodes[front].node, "gv")?;
+    let stale = replication(&nodes[front].node, "gv")?;
     ensure!(
         stale["states"] == serde_json::json!(["insync", "stale"]),
         "{stale}"
@@ -494,15 +423,10 @@ status=$?
 
     nodes[other].node.restart()?;
     wait_for("the replica back in sync", 120, || {
-        let shown = replication_of(&nodes[front].node, "gv")?;
+        let shown = replication(&nodes[front].node, "gv")?;
         Ok((shown["states"] == serde_json::json!(["insync", "insync"])).then_some(()))
     })?;
     Ok(())
-}
-
-fn replication_of(node: &Fabricd, volume: &str) -> Result<serde_json::Value> {
-    let shown = node.fabctl_json(&["volume", "show", volume])?;
-    Ok(shown["replication"].clone())
 }
 
 /// Bits flip in the data file of the replica reads are served from: the
@@ -514,29 +438,11 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
     use std::io::{Read, Seek, SeekFrom, Write};
 
     let dir = tempfile::tempdir()?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nraft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
-    )?;
-    let config = config.to_string_lossy().into_owned();
-    let mut nodes = (1..=3)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
-    wait_for_three_up(&nodes)?;
+    let mut nodes = start_cluster(dir.path(), 3, "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n")?;
     nodes[0]
         .node
         .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
-    let placement: Vec<usize> = wait_for("the placement", 30, || {
-        let shown = nodes[0].node.fabctl_json(&["volume", "show", "rv"])?;
-        Ok(shown["placement"].as_array().map(|ids| {
-            ids.iter()
-                .filter_map(|id| id.as_u64())
-                .map(|id| id as usize - 1)
-                .collect()
-        }))
-    })?;
+    let placement = placement(&nodes[0].node, "rv")?;
     let (front, other) = (placement[0], placement[1]);
     let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
     let socket = attached["socket"].as_str().context("a socket")?.to_owned();
@@ -597,7 +503,7 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
             .is_some_and(|at| log[at..].contains(&in_sync));
         Ok(repaired.then_some(()))
     })?;
-    let shown = replication(&nodes[front].node)?;
+    let shown = replication(&nodes[front].node, "rv")?;
     ensure!(
         shown["states"] == serde_json::json!(["insync", "insync"]),
         "{shown}"
@@ -611,7 +517,7 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
     nodes[front]
         .node
         .fabctl(&["volume", "detach", "rv", "--force"])?;
-    let shown = replication(&nodes[front].node)?;
+    let shown = replication(&nodes[front].node, "rv")?;
     ensure!(shown["frontend"].is_null(), "{shown}");
     Ok(())
 }

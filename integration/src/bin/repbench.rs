@@ -13,10 +13,10 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{Context, Result};
 use clap::Parser;
 use integration::blk_workload::{self, CompletionMode, RunOptions, Workload, WorkloadReport};
-use integration::fabricd::{form_cluster, start_cluster_member, ClusterMember};
+use integration::fabricd::{placement, start_cluster};
 use integration::vhost_blk::{BlkClient, ClientConfig};
 
 #[derive(Debug, Parser)]
@@ -45,17 +45,11 @@ fn main() -> Result<()> {
         .prefix("repbench-")
         .tempdir_in(&args.dir)
         .with_context(|| format!("cannot make a directory in {}", args.dir.display()))?;
-    let config = dir.path().join("fabricd.toml");
-    std::fs::write(
-        &config,
-        "[cluster]\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+    let nodes = start_cluster(
+        dir.path(),
+        3,
+        "heartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
     )?;
-    let config = config.to_string_lossy().into_owned();
-    let nodes = (1..=3)
-        .map(|i| start_cluster_member(dir.path(), &format!("n{i}"), &["--config", &config]))
-        .collect::<Result<Vec<_>>>()?;
-    form_cluster(&nodes)?;
-    wait_up(&nodes)?;
 
     let mut sockets = Vec::new();
     for replicas in 1..=3usize {
@@ -74,7 +68,9 @@ fn main() -> Result<()> {
         let on = if replicas == 1 {
             0
         } else {
-            placement(&nodes, &name)?[0]
+            *placement(&nodes[0].node, &name)?
+                .first()
+                .context("a placement")?
         };
         let attached = nodes[on].node.fabctl_json(&["volume", "attach", &name])?;
         let socket = attached["socket"].as_str().context("a socket")?.to_owned();
@@ -108,39 +104,6 @@ fn main() -> Result<()> {
     }
     println!("{}", markdown(&args, &results));
     Ok(())
-}
-
-fn wait_up(nodes: &[ClusterMember]) -> Result<()> {
-    for _ in 0..300 {
-        let rows = nodes[0].node.fabctl_json(&["node", "list"])?;
-        let rows = rows.as_array().cloned().unwrap_or_default();
-        if rows.len() == 3
-            && rows
-                .iter()
-                .all(|n| n["state"].as_str() == Some("up") && n["voter"].as_bool() == Some(true))
-        {
-            return Ok(());
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("the cluster did not reach three voters that are up")
-}
-
-fn placement(nodes: &[ClusterMember], name: &str) -> Result<Vec<usize>> {
-    for _ in 0..100 {
-        let shown = nodes[0].node.fabctl_json(&["volume", "show", name])?;
-        if let Some(ids) = shown["placement"].as_array() {
-            let placed: Vec<usize> = ids
-                .iter()
-                .filter_map(|id| id.as_u64())
-                .map(|id| id as usize - 1)
-                .collect();
-            ensure!(!placed.is_empty(), "no placement for {name}");
-            return Ok(placed);
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    anyhow::bail!("no placement for {name}")
 }
 
 /// A figure taken from a report.
