@@ -604,17 +604,7 @@ impl ClusterRuntime {
         let result = if metrics.current_leader == Some(self.id) {
             remove_member(&self.raft, id).await
         } else {
-            let leader = metrics.current_leader.ok_or_else(|| {
-                ClusterError::Write("no leader is elected right now; retry shortly".into())
-            })?;
-            let member = metrics
-                .membership_config
-                .membership()
-                .get_node(&leader)
-                .cloned()
-                .ok_or_else(|| {
-                    ClusterError::Write(format!("the leader {leader} has no address"))
-                })?;
+            let (leader, member) = self.leader()?;
             let link = QuicConnection::to(&self.network, leader, member);
             link.request::<_, Result<(), String>>(KIND_REMOVE_NODE, &id)
                 .await
@@ -812,15 +802,11 @@ impl ClusterRuntime {
         }
     }
 
+    /// [`ClusterRuntime::write_retrying`], with a rejection as an error.
     async fn write_with_retry(&self, command: Command) -> Result<(), ClusterError> {
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            match self.write(command.clone()).await {
-                Ok(Response::Applied) => return Ok(()),
-                Ok(Response::Rejected { reason }) => return Err(ClusterError::Rejected(reason)),
-                Err(error) if Instant::now() > deadline => return Err(error),
-                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
-            }
+        match self.write_retrying(command).await? {
+            Response::Applied => Ok(()),
+            Response::Rejected { reason } => Err(ClusterError::Rejected(reason)),
         }
     }
 
