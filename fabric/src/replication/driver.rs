@@ -214,6 +214,7 @@ async fn run(
     let mut next_guest: GuestId = 1;
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut completed = Vec::new();
     loop {
         for effect in frontend.take_effects() {
             match effect {
@@ -240,11 +241,7 @@ async fn run(
                         let _ = link.send(request);
                     }
                 },
-                Effect::Complete { guest, outcome } => {
-                    if let Some(done) = waiting.remove(&guest) {
-                        done.deliver(outcome);
-                    }
-                }
+                Effect::Complete { guest, outcome } => completed.push((guest, outcome)),
                 Effect::Metadata { generation, change } => {
                     let metadata = metadata.clone();
                     let outcomes = meta_tx.clone();
@@ -260,6 +257,13 @@ async fn run(
             *status = now;
             changed
         });
+        // After the status: whoever sees a completion sees the state that
+        // allowed it (a replica marked stale, say).
+        for (guest, outcome) in completed.drain(..) {
+            if let Some(done) = waiting.remove(&guest) {
+                done.deliver(outcome);
+            }
+        }
         let now = Instant::now();
         tokio::select! {
             request = guest_rx.recv() => match request {
