@@ -462,6 +462,17 @@ impl Volume {
         digests
     }
 
+    /// The digest of one region's block map, as in [`Self::region_digests`].
+    pub fn region_digest(&self, region: u64, region_blocks: u64) -> u64 {
+        let blocks = self.capacity() / BLOCK_SIZE;
+        let start = region.saturating_mul(region_blocks).min(blocks);
+        let end = start.saturating_add(region_blocks).min(blocks);
+        let state = self.state();
+        (start..end)
+            .filter_map(|lba| state.map.get(&lba).map(|extent| mix(lba, extent.crc)))
+            .fold(0u64, u64::wrapping_add)
+    }
+
     /// Usage figures.
     pub fn usage(&self) -> VolumeUsage {
         let state = self.state();

@@ -4,6 +4,7 @@
 //! for people or JSON (`-o json`) for scripts.
 
 mod http;
+mod progress;
 mod size;
 
 use std::process::ExitCode;
@@ -12,6 +13,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use serde_json::{json, Value};
 
 use http::{request, Endpoint};
+use progress::Progress;
 use size::{format_size, parse_size};
 
 /// Manage a Fabric node: volumes served to VMs over vhost-user-blk.
@@ -131,6 +133,23 @@ enum VolumeCommand {
         #[arg(long)]
         force: bool,
     },
+    /// Verify every block of every in-sync replica against its checksum
+    /// and compare the replicas; damaged or differing copies are copied
+    /// again from a good one. Runs on the node the volume is attached to.
+    Scrub {
+        name: String,
+        /// Start it and return; `volume show` has its progress.
+        #[arg(long)]
+        no_wait: bool,
+    },
+    /// Wait until every replica of a volume is in sync, showing resync
+    /// progress (on the node the volume is attached to).
+    Wait {
+        name: String,
+        /// Give up after this many seconds (default: no limit).
+        #[arg(long)]
+        timeout: Option<u64>,
+    },
     /// Stop serving a volume.
     Detach {
         name: String,
@@ -208,12 +227,6 @@ fn call(
 fn run(args: &Args) -> Result<(), CliError> {
     let endpoint = Endpoint::parse(&args.api);
     let json = args.output == Output::Json;
-    let print_json = |value: &Value| {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(value).unwrap_or_default()
-        )
-    };
     match &args.command {
         Command::Status => {
             let value = call(&endpoint, "GET", "/v1/health", None)?;
@@ -461,6 +474,18 @@ fn run(args: &Args) -> Result<(), CliError> {
                     print_attachment(&value);
                 }
             }
+            VolumeCommand::Scrub { name, no_wait } => scrub(&endpoint, name, *no_wait, json)?,
+            VolumeCommand::Wait { name, timeout } => {
+                let deadline = timeout.map(|seconds| {
+                    std::time::Instant::now() + std::time::Duration::from_secs(seconds)
+                });
+                let value = wait_in_sync(&endpoint, name, deadline)?;
+                if json {
+                    print_json(&value["replication"]);
+                } else {
+                    println!("volume {name}: every replica in sync");
+                }
+            }
             VolumeCommand::Detach { name, force } => {
                 let body = json!({ "force": force });
                 call(
@@ -478,6 +503,154 @@ fn run(args: &Args) -> Result<(), CliError> {
         },
     }
     Ok(())
+}
+
+fn print_json(value: &Value) {
+    println!(
+        "{}",
+        serde_json::to_string_pretty(value).unwrap_or_default()
+    )
+}
+
+/// How often progress is polled.
+const POLL: std::time::Duration = std::time::Duration::from_millis(250);
+
+/// Starts a scrub and, unless `no_wait`, follows it to the end and then
+/// follows the repairs it handed to resync.
+fn scrub(endpoint: &Endpoint, name: &str, no_wait: bool, json: bool) -> Result<(), CliError> {
+    let path = format!("/v1/volumes/{}", segment(name));
+    let started = call(endpoint, "POST", &format!("{path}/scrub"), None)?;
+    if started["started"].as_bool() == Some(false) && !json {
+        eprintln!("a scrub of {name} is already running; following it");
+    }
+    if no_wait {
+        if json {
+            print_json(&started);
+        } else {
+            println!(
+                "scrub of volume {name} started; `fabctl volume show {name}` has its progress"
+            );
+        }
+        return Ok(());
+    }
+    let mut progress = Progress::new("scrub");
+    let report = loop {
+        let value = call(endpoint, "GET", &path, None)?;
+        let report = value["replication"]["scrub"].clone();
+        if report.is_null() {
+            progress.finish();
+            return Err(CliError::Api {
+                message: format!(
+                    "volume {name} is no longer served by this node; the scrub stopped"
+                ),
+            });
+        }
+        let count = |key: &str| report[key].as_u64().unwrap_or(0);
+        if !json {
+            progress.show(
+                count("checked") + count("skipped"),
+                count("regions"),
+                &format!(
+                    "regions, {} damaged blocks, {} differing",
+                    count("damaged_blocks"),
+                    count("differing")
+                ),
+            );
+        }
+        if report["finished"].as_bool() == Some(true) {
+            progress.finish();
+            break report;
+        }
+        std::thread::sleep(POLL);
+    };
+    let count = |key: &str| report[key].as_u64().unwrap_or(0);
+    if count("repairing") > 0 {
+        wait_in_sync(endpoint, name, None)?;
+    }
+    if json {
+        print_json(&report);
+    } else {
+        println!(
+            "scrub of volume {name}: {} of {} regions compared on every in-sync replica",
+            count("checked"),
+            count("regions")
+        );
+        println!(
+            "found: {} damaged blocks, {} differing replica regions",
+            count("damaged_blocks"),
+            count("differing")
+        );
+        println!(
+            "repaired: {} replica regions copied again from a good replica",
+            count("repairing")
+        );
+        if count("skipped") > 0 {
+            println!(
+                "skipped: {} regions busy with writes on every try; run the scrub again",
+                count("skipped")
+            );
+        }
+    }
+    if count("unrepairable") > 0 {
+        return Err(CliError::Api {
+            message: format!(
+                "{} regions of volume {name} have no copy that verifies; reads of their damaged blocks fail",
+                count("unrepairable")
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Follows resync until every replica is in sync; returns the last
+/// `volume show`.
+fn wait_in_sync(
+    endpoint: &Endpoint,
+    name: &str,
+    deadline: Option<std::time::Instant>,
+) -> Result<Value, CliError> {
+    let path = format!("/v1/volumes/{}", segment(name));
+    let mut progress = Progress::new("resync");
+    let mut most = 0;
+    loop {
+        let value = call(endpoint, "GET", &path, None)?;
+        let r = &value["replication"];
+        if r["states"].is_null() {
+            progress.finish();
+            return Err(CliError::Api {
+                message: format!(
+                    "volume {name} is not replicated, or not served by this node (ask the node it is attached to)"
+                ),
+            });
+        }
+        let in_sync = r["states"]
+            .as_array()
+            .is_some_and(|states| states.iter().all(|s| s.as_str() == Some("insync")));
+        let left: u64 = r["dirty_regions"]
+            .as_array()
+            .map_or(0, |dirty| dirty.iter().filter_map(Value::as_u64).sum());
+        most = most.max(left);
+        let region_bytes = r["region_bytes"].as_u64().unwrap_or(1 << 20);
+        progress.show(
+            most - left,
+            most,
+            &format!("regions copied, {} left", format_size(left * region_bytes)),
+        );
+        if in_sync && left == 0 {
+            progress.finish();
+            return Ok(value);
+        }
+        if deadline.is_some_and(|deadline| std::time::Instant::now() >= deadline) {
+            progress.finish();
+            return Err(CliError::Api {
+                message: format!(
+                    "volume {name} is not in sync yet: {} left to copy",
+                    format_size(left * region_bytes)
+                ),
+            });
+        }
+        std::thread::sleep(POLL);
+    }
 }
 
 fn bytes(value: &Value) -> String {
@@ -628,6 +801,20 @@ fn print_volume(v: &Value) {
                 "states:      {} ({})",
                 rows.join("; "),
                 r["phase"].as_str().unwrap_or("?")
+            );
+        }
+        let scrub = &r["scrub"];
+        if !scrub.is_null() {
+            let count = |key: &str| scrub[key].as_u64().unwrap_or(0);
+            println!(
+                "scrub:       {} {}/{} regions; {} damaged blocks, {} differing, {} repaired, {} unrepairable",
+                if scrub["finished"].as_bool() == Some(true) { "done," } else { "running," },
+                count("checked") + count("skipped"),
+                count("regions"),
+                count("damaged_blocks"),
+                count("differing"),
+                count("repairing"),
+                count("unrepairable")
             );
         }
     }

@@ -166,6 +166,7 @@ pub fn router(node: Arc<Node>, cluster: Arc<ClusterHandle>) -> Router {
         .route("/v1/volumes/{name}", get(show_volume).delete(delete_volume))
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
+        .route("/v1/volumes/{name}/scrub", post(scrub_volume))
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .with_state(ApiState { node, cluster })
@@ -273,12 +274,66 @@ async fn show_volume(
                         .map(|state| lower(format!("{state:?}")))
                         .collect::<Vec<_>>());
                     replication["dirty_regions"] = json!(status.dirty);
+                    replication["region_bytes"] = json!(crate::replication::REGION_BYTES);
+                    if let Some(scrub) = status.scrub {
+                        replication["scrub"] = json!(scrub);
+                    }
                 }
                 value["replication"] = replication;
             }
         }
     }
     Ok(Json(value))
+}
+
+/// Starts a scrub of a replicated volume attached on this node; its
+/// progress and result are in `GET /v1/volumes/{name}`.
+async fn scrub_volume(
+    State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Some(driver) = node.driver(&name) else {
+        let lookup = name.clone();
+        blocking(&node, move |node| node.show(&lookup)).await?;
+        let guard = cluster.runtime.read().await;
+        let volume = guard
+            .as_ref()
+            .and_then(|runtime| runtime.metadata().volumes.get(&name).cloned());
+        let message = match volume {
+            Some(volume) if volume.replicas.len() > 1 => match volume.frontend {
+                Some(frontend) => format!(
+                    "volume {name:?} is attached on node {frontend}; a scrub runs where the volume is attached: ask that node's API"
+                ),
+                None => format!(
+                    "volume {name:?} is not attached; attach it on a node holding a replica, then scrub it there"
+                ),
+            },
+            _ => format!(
+                "volume {name:?} has one replica: nothing to compare it with (its reads verify every block's checksum)"
+            ),
+        };
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_attached_here",
+            message,
+        ));
+    };
+    let fenced = || {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "fenced",
+            format!("volume {name:?} is no longer served here (fenced by a newer attachment)"),
+        )
+    };
+    let (started, report) = driver.scrub().await.ok_or_else(fenced)?;
+    if !started && report.as_ref().is_none_or(|scrub| scrub.finished) {
+        return Err(fenced());
+    }
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({ "started": started, "scrub": report })),
+    ))
 }
 
 async fn delete_volume(

@@ -141,6 +141,19 @@ impl Fabricd {
             .context("cannot run fabctl")
     }
 
+    /// Runs `fabctl`, which must fail; returns its stderr.
+    pub fn fabctl_fails(&self, args: &[&str]) -> Result<String> {
+        let output = self.fabctl_output(args)?;
+        if output.status.success() {
+            bail!(
+                "fabctl {} succeeded: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        Ok(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+
     /// Runs `fabctl -o json ...` and parses its output.
     pub fn fabctl_json(&self, args: &[&str]) -> Result<serde_json::Value> {
         let mut all = vec!["-o", "json"];

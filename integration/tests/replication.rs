@@ -115,6 +115,39 @@ fn check_range(
     Ok(())
 }
 
+/// Flips one byte in each block of `node`'s copy of `volume` that holds
+/// `version` of an lba in `lbas`; returns how many it flipped.
+fn damage(node: &Fabricd, volume: &str, lbas: std::ops::Range<u64>, version: u8) -> Result<usize> {
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    let id = node.fabctl_json(&["volume", "show", volume])?["id"]
+        .as_str()
+        .context("an id")?
+        .to_owned();
+    let path = node.data_dir.join("volumes").join(format!("{id}.data"));
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    let length = file.metadata()?.len();
+    let mut damaged = 0;
+    let mut data = vec![0u8; BLOCK as usize];
+    for physical in 0..length / BLOCK {
+        file.seek(SeekFrom::Start(physical * BLOCK))?;
+        file.read_exact(&mut data)?;
+        let lba = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
+        if lbas.contains(&lba) && data == block(lba, version) {
+            data[100] ^= 0xff;
+            file.seek(SeekFrom::Start(physical * BLOCK))?;
+            file.write_all(&data)?;
+            damaged += 1;
+        }
+    }
+    file.sync_all()?;
+    Ok(damaged)
+}
+
 fn replication(node: &Fabricd, volume: &str) -> Result<serde_json::Value> {
     let shown = node.fabctl_json(&["volume", "show", volume])?;
     Ok(shown["replication"].clone())
@@ -431,12 +464,11 @@ status=$?
 
 /// Bits flip in the data file of the replica reads are served from: the
 /// guest still reads what it wrote (from the other replica), the damaged
-/// replica is marked stale and resynced, and then serves correct data on
-/// its own.
+/// replica is marked stale and resynced. Bits flip in the other replica,
+/// where nothing reads them: `fabctl volume scrub` finds and repairs them.
+/// Then the first replica serves correct data on its own.
 #[test]
 fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
-    use std::io::{Read, Seek, SeekFrom, Write};
-
     let dir = tempfile::tempdir()?;
     let mut nodes = start_cluster(dir.path(), 3, "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n")?;
     nodes[0]
@@ -452,39 +484,8 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
 
     // Damage the first MiB of the frontend's own copy, where those blocks
     // landed: one byte of every block.
-    let local_id = nodes[front].node.fabctl_json(&["volume", "show", "rv"])?["id"]
-        .as_str()
-        .context("an id")?
-        .to_owned();
-    let path = nodes[front]
-        .node
-        .data_dir
-        .join("volumes")
-        .join(format!("{local_id}.data"));
-    let mut file = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(&path)?;
-    let length = file.metadata()?.len();
-    let mut damaged = 0;
-    let mut data = vec![0u8; BLOCK as usize];
-    for physical in 0..length / BLOCK {
-        file.seek(SeekFrom::Start(physical * BLOCK))?;
-        file.read_exact(&mut data)?;
-        let lba = u64::from_le_bytes(data[..8].try_into().expect("8 bytes"));
-        if lba < 256 && data == block(lba, 1) {
-            data[100] ^= 0xff;
-            file.seek(SeekFrom::Start(physical * BLOCK))?;
-            file.write_all(&data)?;
-            damaged += 1;
-        }
-    }
-    ensure!(
-        damaged == 256,
-        "found {damaged} of the 256 blocks written in {}",
-        path.display()
-    );
-    file.sync_all()?;
+    let damaged = damage(&nodes[front].node, "rv", 0..256, 1)?;
+    ensure!(damaged == 256, "found {damaged} of the 256 blocks written");
 
     check_range(&mut client, buffer, 0, 256, 1)?;
     // The damaged replica was marked stale and resynced (see the log).
@@ -508,6 +509,34 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
         shown["states"] == serde_json::json!(["insync", "insync"]),
         "{shown}"
     );
+    // Bits flip where no guest reads them, in the other replica: a scrub
+    // finds the damaged blocks and has the copy repaired; a second scrub
+    // finds nothing.
+    write_range(&mut client, buffer, 1024, 256, 3)?;
+    let damaged = damage(&nodes[other].node, "rv", 1024 + 8..1024 + 12, 3)?;
+    ensure!(damaged == 4, "found {damaged} of the 4 blocks to damage");
+    let report = nodes[front].node.fabctl_json(&["volume", "scrub", "rv"])?;
+    ensure!(
+        report["damaged_blocks"] == 4
+            && report["repairing"] == 1
+            && report["unrepairable"] == 0
+            && report["checked"] == report["regions"],
+        "{report}"
+    );
+    let shown = replication(&nodes[front].node, "rv")?;
+    ensure!(
+        shown["states"] == serde_json::json!(["insync", "insync"]),
+        "{shown}"
+    );
+    let again = nodes[front].node.fabctl_json(&["volume", "scrub", "rv"])?;
+    ensure!(
+        again["damaged_blocks"] == 0 && again["differing"] == 0 && again["repairing"] == 0,
+        "{again}"
+    );
+    // Scrub runs where the volume is attached; elsewhere it says where.
+    let elsewhere = nodes[other].node.fabctl_fails(&["volume", "scrub", "rv"])?;
+    ensure!(elsewhere.contains("attached on node"), "{elsewhere}");
+
     // With the other replica gone, the repaired copy serves alone.
     nodes[other].node.kill9()?;
     write_range(&mut client, buffer, 512, CHUNK, 2)?;

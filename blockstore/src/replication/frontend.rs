@@ -87,6 +87,54 @@ pub enum MetaChange {
     MarkInSync { replica: usize },
 }
 
+/// What a scrub found: see [`Frontend::scrub`].
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ScrubReport {
+    /// Regions in the volume.
+    pub regions: u64,
+    /// Regions verified on every in-sync replica and compared.
+    pub checked: u64,
+    /// Stored blocks that failed their checksum, on any replica.
+    pub damaged_blocks: u64,
+    /// Replica regions whose block map differed from the reference copy.
+    pub differing: u64,
+    /// Replica regions handed to resync to be copied again.
+    pub repairing: u64,
+    /// Regions with no copy that verifies: they read as IOERR where
+    /// damaged.
+    pub unrepairable: u64,
+    /// Regions that writes kept busy on every try: not compared.
+    pub skipped: u64,
+    pub finished: bool,
+}
+
+/// Regions verified at once.
+const SCRUB_WINDOW: usize = 4;
+/// Times a region overtaken by guest writes is verified again.
+const SCRUB_TRIES: u32 = 8;
+
+#[derive(Debug, Default)]
+struct Scrub {
+    /// The next region not yet started, in disk order.
+    next: u64,
+    /// Regions to verify again (writes overtook them), with their tries.
+    again: BTreeMap<u64, u32>,
+    rounds: BTreeMap<u64, ScrubRound>,
+    report: ScrubReport,
+}
+
+#[derive(Debug)]
+struct ScrubRound {
+    tries: u32,
+    /// The replicas asked, by the op that asked them.
+    asked: BTreeMap<usize, OpId>,
+    /// Their answers: the region's digest and its damaged blocks.
+    answers: BTreeMap<usize, (u64, Vec<u64>)>,
+    /// A guest write touched the region while it was being verified:
+    /// the replicas' digests may differ only by that write.
+    overtaken: bool,
+}
+
 /// What became of a [`MetaChange`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaOutcome {
@@ -211,6 +259,9 @@ enum OpKind {
     CopyIn {
         region: u64,
     },
+    Verify {
+        region: u64,
+    },
 }
 
 #[derive(Debug)]
@@ -266,6 +317,8 @@ pub struct Frontend<P> {
     /// The only in-sync replica lost acknowledged writes from its cache:
     /// the next flush must fail rather than promise them.
     cache_lost: bool,
+    /// The scrub running, or the last one.
+    scrub: Option<Scrub>,
     effects: Vec<Effect<P>>,
 }
 
@@ -321,6 +374,7 @@ impl<P: Payload> Frontend<P> {
             round: 0,
             round_open: false,
             cache_lost: false,
+            scrub: None,
             effects: Vec::new(),
         };
         frontend.tick(now);
@@ -352,6 +406,33 @@ impl<P: Payload> Frontend<P> {
                 }
             })
             .collect()
+    }
+
+    /// Starts a scrub, unless one is running: every region of every
+    /// in-sync replica is read and checked against its checksums, region
+    /// by region in disk order, a few at a time, and the replicas' block
+    /// maps are compared. A replica with damaged blocks, or whose map
+    /// differs from the first replica whose blocks verify, gets that
+    /// region copied again by resync (marked stale first). Returns whether
+    /// a scrub started.
+    pub fn scrub(&mut self, now: Instant) -> bool {
+        if self.phase == Phase::Fenced || self.scrub.as_ref().is_some_and(|s| !s.report.finished) {
+            return false;
+        }
+        self.scrub = Some(Scrub {
+            report: ScrubReport {
+                regions: self.regions,
+                ..ScrubReport::default()
+            },
+            ..Scrub::default()
+        });
+        self.advance(now);
+        true
+    }
+
+    /// The running scrub's progress, or the last scrub's result.
+    pub fn scrub_report(&self) -> Option<ScrubReport> {
+        self.scrub.as_ref().map(|scrub| scrub.report.clone())
     }
 
     /// Guest requests not yet completed.
@@ -432,6 +513,11 @@ impl<P: Payload> Frontend<P> {
             Reply::Data { op, data } => self.on_data(replica, op, data, now),
             Reply::Digests { op, digests } => self.on_digests(replica, op, digests, now),
             Reply::Damaged { op, lba } => self.on_damaged(replica, op, lba),
+            Reply::Verified {
+                op,
+                digest,
+                damaged,
+            } => self.on_verified(replica, op, digest, damaged),
         }
         self.advance(now);
     }
@@ -588,9 +674,17 @@ impl<P: Payload> Frontend<P> {
         now: Instant,
     ) {
         let region_blocks = self.config.region_blocks;
+        let touched = regions_of(lba, blocks, region_blocks);
         if let Some(copy) = &mut self.replicas[replica].copy {
-            if regions_of(lba, blocks, region_blocks).contains(&copy.region) {
+            if touched.contains(&copy.region) {
                 copy.overtaken = true;
+            }
+        }
+        if let Some(scrub) = &mut self.scrub {
+            for region in touched {
+                if let Some(round) = scrub.rounds.get_mut(&region) {
+                    round.overtaken = true;
+                }
             }
         }
         self.send_op(replica, OpKind::Write { guest, lba, blocks }, now, |head| {
@@ -675,7 +769,7 @@ impl<P: Payload> Frontend<P> {
                 OpKind::CopyIn { region } => lost.insert(region),
                 OpKind::CopyOut { target, .. } => self.replicas[target].copy = None,
                 OpKind::Read { guest } => reads.push(guest),
-                OpKind::Open | OpKind::Digests { .. } => {}
+                OpKind::Open | OpKind::Digests { .. } | OpKind::Verify { .. } => {}
             }
         }
         // Copies from it to others stop; copies to it are lost, and so is
@@ -847,6 +941,169 @@ impl<P: Payload> Frontend<P> {
         }
     }
 
+    fn on_verified(&mut self, replica: usize, id: OpId, digest: u64, damaged: Vec<u64>) {
+        let Some(op) = self.ops.get(&id) else {
+            return;
+        };
+        let OpKind::Verify { region } = op.kind else {
+            return;
+        };
+        if op.replica != replica {
+            return;
+        }
+        self.ops.remove(&id);
+        let Some(round) = self
+            .scrub
+            .as_mut()
+            .and_then(|scrub| scrub.rounds.get_mut(&region))
+        else {
+            return;
+        };
+        if round.asked.get(&replica) == Some(&id) {
+            round.answers.insert(replica, (digest, damaged));
+        }
+    }
+
+    /// Finishes scrub rounds every asked replica has answered (or failed
+    /// in), and starts new ones on regions no write is touching.
+    fn step_scrub(&mut self, now: Instant) {
+        let Some(mut scrub) = self.scrub.take() else {
+            return;
+        };
+        if scrub.report.finished {
+            self.scrub = Some(scrub);
+            return;
+        }
+        let answered: Vec<u64> = scrub
+            .rounds
+            .iter()
+            .filter(|(_, round)| {
+                round
+                    .asked
+                    .iter()
+                    .all(|(r, op)| round.answers.contains_key(r) || !self.ops.contains_key(op))
+            })
+            .map(|(&region, _)| region)
+            .collect();
+        for region in answered {
+            let round = scrub.rounds.remove(&region).expect("listed above");
+            self.finish_scrub_round(&mut scrub, region, round);
+        }
+        let busy = self.busy_regions_all();
+        while scrub.rounds.len() < SCRUB_WINDOW {
+            let candidate = scrub
+                .again
+                .iter()
+                .map(|(&region, &tries)| (region, tries))
+                .find(|(region, _)| !busy.contains(region));
+            let (region, tries) = match candidate {
+                Some((region, tries)) => {
+                    scrub.again.remove(&region);
+                    (region, tries)
+                }
+                None if scrub.next < self.regions => {
+                    let region = scrub.next;
+                    scrub.next += 1;
+                    if busy.contains(&region) {
+                        scrub.again.insert(region, 0);
+                        continue;
+                    }
+                    (region, 0)
+                }
+                None => break,
+            };
+            let replicas: Vec<usize> = self
+                .in_sync()
+                .filter(|&r| self.replicas[r].session.is_some() && !self.replicas[r].demoting)
+                .collect();
+            if replicas.is_empty() {
+                // Nothing to verify against now: try again later.
+                scrub.again.insert(region, tries);
+                break;
+            }
+            let mut asked = BTreeMap::new();
+            for replica in replicas {
+                let op = self.send_op(replica, OpKind::Verify { region }, now, |head| {
+                    Request::Verify { head, region }
+                });
+                asked.insert(replica, op);
+            }
+            scrub.rounds.insert(
+                region,
+                ScrubRound {
+                    tries,
+                    asked,
+                    answers: BTreeMap::new(),
+                    overtaken: false,
+                },
+            );
+        }
+        if scrub.next >= self.regions && scrub.again.is_empty() && scrub.rounds.is_empty() {
+            scrub.report.finished = true;
+        }
+        self.scrub = Some(scrub);
+    }
+
+    /// Compares the answers of one region: damaged blocks and differing
+    /// maps make that replica's copy of the region dirty.
+    fn finish_scrub_round(&mut self, scrub: &mut Scrub, region: u64, round: ScrubRound) {
+        // Replicas that went stale meanwhile are being resynced anyway.
+        let answers: Vec<(usize, u64, Vec<u64>)> = round
+            .answers
+            .into_iter()
+            .filter(|(r, _)| self.replicas[*r].state == ReplicaState::InSync)
+            .map(|(r, (digest, damaged))| (r, digest, damaged))
+            .collect();
+        let damaged: u64 = answers.iter().map(|(_, _, d)| d.len() as u64).sum();
+        scrub.report.damaged_blocks += damaged;
+        if answers.is_empty() || (round.overtaken && damaged == 0) {
+            if round.tries + 1 < SCRUB_TRIES {
+                scrub.again.insert(region, round.tries + 1);
+            } else {
+                scrub.report.skipped += 1;
+            }
+            return;
+        }
+        // The reference: the first replica whose blocks all verify.
+        let reference = answers
+            .iter()
+            .find(|(_, _, damaged)| damaged.is_empty())
+            .map(|&(_, digest, _)| digest);
+        let Some(reference) = reference else {
+            scrub.report.unrepairable += 1;
+            scrub.report.checked += 1;
+            return;
+        };
+        for (replica, digest, damaged) in answers {
+            // A write in flight may explain a difference, not damage.
+            let differs = digest != reference && !round.overtaken;
+            if differs {
+                scrub.report.differing += 1;
+            }
+            if !differs && damaged.is_empty() {
+                continue;
+            }
+            scrub.report.repairing += 1;
+            let region_blocks = self.config.region_blocks;
+            let track = &mut self.replicas[replica];
+            track.mark_dirty(region * region_blocks, 1, region_blocks);
+            if !track.demoting && !self.last_in_sync(replica) {
+                self.replicas[replica].demoting = true;
+                self.want_meta(MetaChange::MarkStale { replica });
+            }
+        }
+        if round.overtaken {
+            // Damage was found and handled; the comparison is redone.
+            if round.tries + 1 < SCRUB_TRIES {
+                scrub.again.insert(region, round.tries + 1);
+            } else {
+                scrub.report.skipped += 1;
+            }
+        } else {
+            scrub.report.checked += 1;
+        }
+    }
+
     fn on_data(&mut self, replica: usize, id: OpId, data: P, now: Instant) {
         let Some(op) = self.ops.get(&id) else {
             return;
@@ -993,6 +1250,7 @@ impl<P: Payload> Frontend<P> {
         }
         self.start_copies(now);
         if self.phase == Phase::Serving {
+            self.step_scrub(now);
             self.start_queued(now);
             self.retry_reads(now);
             self.finish_pending();
@@ -1162,6 +1420,20 @@ impl<P: Payload> Frontend<P> {
             Pending::Write {
                 lba, blocks, acked, ..
             } if !acked.contains(&source) => Some(regions_of(*lba, *blocks, region_blocks)),
+            _ => None,
+        });
+        in_flight.chain(pending).flatten().collect()
+    }
+
+    /// Regions a write in flight or pending touches.
+    fn busy_regions_all(&self) -> BTreeSet<u64> {
+        let region_blocks = self.config.region_blocks;
+        let in_flight = self.ops.values().filter_map(|op| match op.kind {
+            OpKind::Write { lba, blocks, .. } => Some(regions_of(lba, blocks, region_blocks)),
+            _ => None,
+        });
+        let pending = self.pending.values().filter_map(|pending| match pending {
+            Pending::Write { lba, blocks, .. } => Some(regions_of(*lba, *blocks, region_blocks)),
             _ => None,
         });
         in_flight.chain(pending).flatten().collect()

@@ -87,6 +87,12 @@ pub enum Request<P> {
         region: u64,
         data: P,
     },
+    /// Read every stored block of a region and check it against its
+    /// checksum (scrub).
+    Verify {
+        head: Header,
+        region: u64,
+    },
 }
 
 impl<P> Request<P> {
@@ -99,7 +105,8 @@ impl<P> Request<P> {
             | Request::Read { head, .. }
             | Request::Digests { head }
             | Request::CopyOut { head, .. }
-            | Request::CopyIn { head, .. } => Some(head),
+            | Request::CopyIn { head, .. }
+            | Request::Verify { head, .. } => Some(head),
         }
     }
 
@@ -143,5 +150,12 @@ pub enum Reply<P> {
     Damaged {
         op: OpId,
         lba: u64,
+    },
+    /// A region verified: its block map's digest, and the blocks whose
+    /// stored data fails its checksum.
+    Verified {
+        op: OpId,
+        digest: u64,
+        damaged: Vec<u64>,
     },
 }

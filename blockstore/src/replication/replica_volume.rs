@@ -183,6 +183,14 @@ impl ReplicaVolume {
                 self.copy_in(op, lba, &data)?;
                 Reply::Done { op }
             }
+            Request::Verify { region, .. } => {
+                let (lba, blocks) = self.region(op, region)?;
+                Reply::Verified {
+                    op,
+                    digest: self.volume.region_digest(region, self.region_blocks),
+                    damaged: self.verify(lba, blocks)?,
+                }
+            }
         }))
     }
 
@@ -316,6 +324,43 @@ impl ReplicaVolume {
             }
             Err(error) => Err(error),
         }
+    }
+
+    /// The mapped blocks of a range whose stored data fails its checksum.
+    fn verify(&mut self, lba: u64, blocks: u64) -> Result<Vec<u64>> {
+        let mut extents = Vec::new();
+        let epoch = self.volume.begin_read(lba, blocks, &mut extents);
+        let mut buf = self.pool.get(BLOCK_BYTES);
+        let volume = &self.volume;
+        let result = (|| {
+            let mut damaged = Vec::new();
+            for (i, extent) in extents.iter().enumerate() {
+                let Some(extent) = extent else { continue };
+                let block = &mut buf.as_mut_slice()[..BLOCK_BYTES];
+                volume
+                    .file()
+                    .read_exact_at(block, extent.physical * BLOCK_SIZE)
+                    .map_err(|source| Error::DataFile {
+                        action: "read",
+                        path: volume.path().to_owned(),
+                        source,
+                    })?;
+                let found = crc32fast::hash(block);
+                if found != extent.crc {
+                    let block_lba = lba + i as u64;
+                    tracing::error!(
+                        volume = %volume.name(), offset = block_lba * BLOCK_SIZE,
+                        expected = extent.crc, found,
+                        "scrub: a replica block fails its checksum"
+                    );
+                    damaged.push(block_lba);
+                }
+            }
+            Ok(damaged)
+        })();
+        self.volume.end_read(epoch);
+        self.pool.put(buf);
+        result
     }
 
     /// Reads mapped blocks, checking each against its checksum.

@@ -210,13 +210,7 @@ impl SimReplica {
             Request::Digests { .. } => Reply::Digests {
                 op: head.op,
                 digests: (0..VOLUME_BLOCKS / REGION_BLOCKS)
-                    .map(|r| {
-                        self.view[region(r)]
-                            .iter()
-                            .fold(0xcbf2_9ce4_8422_2325u64, |hash, &v| {
-                                (hash ^ v).wrapping_mul(0x100_0000_01b3)
-                            })
-                    })
+                    .map(|r| digest(&self.view[region(r)]))
                     .collect(),
             },
             Request::CopyOut { region: r, .. } => Reply::Data {
@@ -230,8 +224,20 @@ impl SimReplica {
                 self.apply(r * REGION_BLOCKS, data);
                 Reply::Done { op: head.op }
             }
+            Request::Verify { region: r, .. } => Reply::Verified {
+                op: head.op,
+                digest: digest(&self.view[region(r)]),
+                damaged: Vec::new(),
+            },
         })
     }
+}
+
+/// A region's digest: FNV-1a over its block versions.
+fn digest(versions: &[u64]) -> u64 {
+    versions.iter().fold(0xcbf2_9ce4_8422_2325u64, |hash, &v| {
+        (hash ^ v).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 /// A message in flight between frontend `frontend` and replica `replica`.
@@ -291,6 +297,8 @@ struct Sim {
     outstanding: Vec<usize>,
     /// The flush that ends a run, and whether it succeeded.
     final_flush: Option<(GuestId, bool)>,
+    /// Whether the scrub after settling has started.
+    final_scrub: bool,
     last_view: String,
 }
 
@@ -320,6 +328,7 @@ impl Sim {
             },
             outstanding: Vec::new(),
             final_flush: None,
+            final_scrub: false,
             last_view: String::new(),
         };
         sim.attach();
@@ -619,6 +628,12 @@ impl Sim {
                 self.submit(zombie, op);
             }
         }
+        // Scrubs run beside everything else; they may only find and
+        // repair, never break anything.
+        if self.faults && self.rng.chance(2) && self.frontends[current].scrub(now) {
+            self.log(|| format!("frontend {current} starts a scrub"));
+            self.drain(current);
+        }
         for frontend in 0..self.frontends.len() {
             self.frontends[frontend].tick(now);
             self.drain(frontend);
@@ -683,8 +698,27 @@ impl Sim {
                 && frontend.dirty_counts().iter().all(|&d| d == 0);
             match self.final_flush {
                 Some((_, true)) if quiet && self.outstanding[current] == 0 => {
-                    self.check_replicas(seed);
-                    return;
+                    // In-sync replicas are identical: a scrub finds nothing.
+                    let report = self.frontends[current].scrub_report();
+                    match report {
+                        Some(report) if report.finished && self.final_scrub => {
+                            assert_eq!(
+                                (report.differing, report.damaged_blocks, report.skipped),
+                                (0, 0, 0),
+                                "seed {seed}: a scrub of settled replicas found {report:?}"
+                            );
+                            self.check_replicas(seed);
+                            return;
+                        }
+                        _ if !self.final_scrub => {
+                            let now = self.instant();
+                            if self.frontends[current].scrub(now) {
+                                self.final_scrub = true;
+                                self.drain(current);
+                            }
+                        }
+                        _ => {}
+                    }
                 }
                 // A flush that failed (a cache was lost) is retried.
                 None if quiet => {

@@ -20,7 +20,9 @@
 //!
 //! A body of blocks is a presence bitmap (one bit per block, rounded up to
 //! bytes), then the crc32 of each present block, then the 4 KiB of each
-//! present block. A `Digests` body is one u64 per region.
+//! present block. A `Digests` body is one u64 per region; a `Verified`
+//! body is the lba (u64) of each damaged block, its digest in the
+//! done_below word.
 //!
 //! [`decode_request`] and [`decode_reply`] check every field before they
 //! build anything: a frame that is not exactly right is an error that
@@ -50,6 +52,7 @@ const KIND_READ: u8 = 4;
 const KIND_DIGESTS: u8 = 5;
 const KIND_COPY_OUT: u8 = 6;
 const KIND_COPY_IN: u8 = 7;
+const KIND_VERIFY: u8 = 8;
 const KIND_OPENED: u8 = 0x81;
 const KIND_FENCED: u8 = 0x82;
 const KIND_NOT_OPEN: u8 = 0x83;
@@ -57,6 +60,7 @@ const KIND_DONE: u8 = 0x84;
 const KIND_DATA: u8 = 0x85;
 const KIND_DIGEST_LIST: u8 = 0x86;
 const KIND_DAMAGED: u8 = 0x87;
+const KIND_VERIFIED: u8 = 0x88;
 
 /// Blocks as they travel: which are present (mapped), their checksums and
 /// their bytes. An absent block reads as zeros and takes no space.
@@ -382,6 +386,11 @@ pub fn encode_request(volume: u64, request: &Request<Blocks>) -> Bytes {
             data.body_len(),
             |out| data.put(out),
         ),
+        Request::Verify { head, region } => frame(
+            with(KIND_VERIFY, head, head.done_below, *region, 0),
+            0,
+            |_| {},
+        ),
     }
 }
 
@@ -461,6 +470,18 @@ pub fn decode_request(frame: Bytes) -> Result<(u64, Request<Blocks>), WireError>
                 data: Blocks::take(fixed.blocks, body)?,
             }
         }
+        KIND_VERIFY => {
+            if fixed.blocks != 0 || !body.is_empty() {
+                return Err(WireError::Unused {
+                    kind: "verify",
+                    field: "blocks or body",
+                });
+            }
+            Request::Verify {
+                head: head(&fixed),
+                region: fixed.lba,
+            }
+        }
         other => return Err(WireError::Kind(other)),
     };
     Ok((fixed.volume, request))
@@ -504,6 +525,19 @@ pub fn encode_reply(volume: u64, reply: &Reply<Blocks>) -> Bytes {
             |out| {
                 for digest in digests {
                     out.put_u64_le(*digest);
+                }
+            },
+        ),
+        Reply::Verified {
+            op,
+            digest,
+            damaged,
+        } => frame(
+            fixed(KIND_VERIFIED, *op, 0, *digest, damaged.len() as u32),
+            damaged.len() * 8,
+            |out| {
+                for lba in damaged {
+                    out.put_u64_le(*lba);
                 }
             },
         ),
@@ -577,6 +611,27 @@ pub fn decode_reply(frame: Bytes) -> Result<(u64, Reply<Blocks>), WireError> {
                 lba: fixed.lba,
             }
         }
+        KIND_VERIFIED => {
+            if fixed.generation != 0 || fixed.lba != 0 {
+                return Err(WireError::Unused {
+                    kind: "verified",
+                    field: "generation or lba",
+                });
+            }
+            if fixed.blocks > BLOCKS_MAX || body.len() != fixed.blocks as usize * 8 {
+                return Err(WireError::Body(format!(
+                    "{} bytes for {} damaged blocks",
+                    body.len(),
+                    fixed.blocks
+                )));
+            }
+            let damaged = (0..fixed.blocks).map(|_| body.get_u64_le()).collect();
+            Reply::Verified {
+                op: fixed.op,
+                digest: fixed.word,
+                damaged,
+            }
+        }
         other => return Err(WireError::Kind(other)),
     };
     Ok((fixed.volume, reply))
@@ -644,6 +699,10 @@ mod tests {
                 region: 17,
                 data: blocks(256, 0b1011, 2),
             },
+            Request::Verify {
+                head: head(8),
+                region: 3,
+            },
         ]
     }
 
@@ -662,6 +721,16 @@ mod tests {
                 digests: vec![1, 2, u64::MAX],
             },
             Reply::Damaged { op: 7, lba: 12345 },
+            Reply::Verified {
+                op: 8,
+                digest: u64::MAX - 1,
+                damaged: vec![],
+            },
+            Reply::Verified {
+                op: 9,
+                digest: 3,
+                damaged: vec![256, 300],
+            },
         ]
     }
 

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use blockstore::replication::frontend::{
     Config, Effect, Frontend, GuestId, GuestOp, MetaChange, MetaOutcome, Outcome, Phase,
-    ReplicaState,
+    ReplicaState, ScrubReport,
 };
 use blockstore::replication::replica_volume::ReplicaVolume;
 use blockstore::replication::wire::{decode_reply, encode_request, Blocks};
@@ -66,6 +66,15 @@ pub struct DriverStatus {
     pub states: Vec<ReplicaState>,
     /// Dirty regions per replica (resync left to do).
     pub dirty: Vec<u64>,
+    /// The running scrub's progress, or the last scrub's result.
+    pub scrub: Option<ScrubReport>,
+}
+
+/// Requests about the volume rather than its data.
+enum Control {
+    /// Start a scrub; answers whether one started (not if one runs), and
+    /// the scrub's report.
+    Scrub(oneshot::Sender<(bool, Option<ScrubReport>)>),
 }
 
 /// Where a request's outcome goes.
@@ -92,6 +101,7 @@ type GuestRequest = (GuestOp<Blocks>, Done);
 #[derive(Debug, Clone)]
 pub struct DriverHandle {
     requests: mpsc::UnboundedSender<GuestRequest>,
+    control: mpsc::UnboundedSender<Control>,
     status: watch::Receiver<DriverStatus>,
 }
 
@@ -123,6 +133,15 @@ impl DriverHandle {
                 blockstore::replication::frontend::Failure::Fenced,
             ));
         }
+    }
+
+    /// Starts a scrub (see `Frontend::scrub`): whether it started (not
+    /// when one is already running), and its report so far; `None` when
+    /// the driver has stopped. Progress is in the status.
+    pub async fn scrub(&self) -> Option<(bool, Option<ScrubReport>)> {
+        let (started, answer) = oneshot::channel();
+        self.control.send(Control::Scrub(started)).ok()?;
+        answer.await.ok()
     }
 
     /// The latest status.
@@ -159,12 +178,26 @@ pub fn spawn(
 ) -> (DriverHandle, tokio::task::JoinHandle<()>) {
     assert_eq!(states.len(), endpoints.len());
     let (requests, guest_rx) = mpsc::unbounded_channel();
+    let (control, control_rx) = mpsc::unbounded_channel();
     let frontend = Frontend::new(config, generation, &states, Instant::now());
     let (status_tx, status) = watch::channel(status_of(&frontend));
     let task = tokio::spawn(run(
-        frontend, volume, endpoints, network, metadata, guest_rx, status_tx,
+        frontend,
+        volume,
+        endpoints,
+        network,
+        metadata,
+        (guest_rx, control_rx),
+        status_tx,
     ));
-    (DriverHandle { requests, status }, task)
+    (
+        DriverHandle {
+            requests,
+            control,
+            status,
+        },
+        task,
+    )
 }
 
 fn status_of(frontend: &Frontend<Blocks>) -> DriverStatus {
@@ -172,6 +205,7 @@ fn status_of(frontend: &Frontend<Blocks>) -> DriverStatus {
         phase: frontend.phase(),
         states: frontend.states(),
         dirty: frontend.dirty_counts(),
+        scrub: frontend.scrub_report(),
     }
 }
 
@@ -187,7 +221,10 @@ async fn run(
     endpoints: Vec<ReplicaEndpoint>,
     network: QuicNetwork,
     metadata: MetadataFn,
-    mut guest_rx: mpsc::UnboundedReceiver<GuestRequest>,
+    (mut guest_rx, mut control_rx): (
+        mpsc::UnboundedReceiver<GuestRequest>,
+        mpsc::UnboundedReceiver<Control>,
+    ),
     status_tx: watch::Sender<DriverStatus>,
 ) {
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<(usize, Reply<Blocks>)>();
@@ -277,6 +314,12 @@ async fn run(
             },
             Some((replica, reply)) = reply_rx.recv() => frontend.on_reply(replica, reply, now),
             Some(outcome) = meta_rx.recv() => frontend.on_metadata(outcome, now),
+            Some(control) = control_rx.recv() => match control {
+                Control::Scrub(answer) => {
+                    let started = frontend.scrub(now);
+                    let _ = answer.send((started, frontend.scrub_report()));
+                }
+            },
             _ = tick.tick() => frontend.tick(now),
         }
     }

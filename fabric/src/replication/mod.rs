@@ -28,6 +28,8 @@ use service::ReplicaService;
 
 /// Blocks per dirty-tracking region: 1 MiB.
 pub const REGION_BLOCKS: u64 = 256;
+/// Bytes per region.
+pub const REGION_BYTES: u64 = REGION_BLOCKS * blockstore::replication::wire::BLOCK_BYTES as u64;
 
 /// A volume's id on the wire (its 16 hex digits).
 pub fn volume_id(volume: &VolumeMeta) -> Option<u64> {

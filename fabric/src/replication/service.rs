@@ -90,17 +90,21 @@ impl ReplicaService {
     }
 }
 
-/// Whether a request can run on an async task: anything but a FLUSH, when
-/// no FLUSH is held (a write could release one, which syncs).
+/// Whether a request can run on an async task: anything but a FLUSH or a
+/// scrub's VERIFY (which reads a whole region from disk), when no FLUSH is
+/// held (a write could release one, which syncs).
 pub fn quick(
     replica: &Mutex<ReplicaVolume>,
     request: &blockstore::replication::Request<blockstore::replication::wire::Blocks>,
 ) -> bool {
-    !matches!(request, blockstore::replication::Request::Flush { .. })
-        && !replica
-            .lock()
-            .expect("replica volume poisoned")
-            .holds_flushes()
+    !matches!(
+        request,
+        blockstore::replication::Request::Flush { .. }
+            | blockstore::replication::Request::Verify { .. }
+    ) && !replica
+        .lock()
+        .expect("replica volume poisoned")
+        .holds_flushes()
 }
 
 /// Applies a request to a replica. Writes, reads and copies of a few MiB
