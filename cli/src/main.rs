@@ -150,12 +150,32 @@ enum VolumeCommand {
         #[arg(long)]
         timeout: Option<u64>,
     },
+    /// A volume's replicas.
+    #[command(subcommand)]
+    Replica(ReplicaCommand),
     /// Stop serving a volume.
     Detach {
         name: String,
         /// Detach even if a VM is connected (its I/O then fails).
         #[arg(long)]
         force: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ReplicaCommand {
+    /// Replace the replica on NODE (id or name) by a full copy on another
+    /// node: `--to`, or one placement picks. Run it on the node the volume
+    /// is attached to (or anywhere when it is not attached).
+    Replace {
+        name: String,
+        node: String,
+        #[arg(long)]
+        to: Option<String>,
+        /// Return once the replacement is asked for, without following
+        /// the copy.
+        #[arg(long)]
+        no_wait: bool,
     },
 }
 
@@ -475,6 +495,70 @@ fn run(args: &Args) -> Result<(), CliError> {
                 }
             }
             VolumeCommand::Scrub { name, no_wait } => scrub(&endpoint, name, *no_wait, json)?,
+            VolumeCommand::Replica(ReplicaCommand::Replace {
+                name,
+                node,
+                to,
+                no_wait,
+            }) => {
+                let value = call(
+                    &endpoint,
+                    "POST",
+                    &format!(
+                        "/v1/volumes/{}/replicas/{}/replace",
+                        segment(name),
+                        segment(node)
+                    ),
+                    to.as_ref().map(|to| json!({ "to": to })),
+                )?;
+                let attached = value["attached"].as_bool() == Some(true);
+                if attached && !no_wait {
+                    // The new node shows up in the placement once the
+                    // replacement commits; then its copy is followed.
+                    let path = format!("/v1/volumes/{}", segment(name));
+                    let old = &value["old"];
+                    for _ in 0..200 {
+                        let shown = call(&endpoint, "GET", &path, None)?;
+                        let moved = shown["placement"]
+                            .as_array()
+                            .is_some_and(|nodes| !nodes.contains(old));
+                        if moved {
+                            break;
+                        }
+                        std::thread::sleep(POLL);
+                    }
+                    wait_in_sync(&endpoint, name, None)?;
+                }
+                let shown = call(
+                    &endpoint,
+                    "GET",
+                    &format!("/v1/volumes/{}", segment(name)),
+                    None,
+                )?;
+                if json {
+                    print_json(&json!({
+                        "volume": name,
+                        "old": value["old"],
+                        "placement": shown["placement"],
+                        "replication": shown["replication"],
+                    }));
+                } else if attached && !no_wait {
+                    println!(
+                        "replica of {name} on node {} replaced; placement now nodes {}, all in sync",
+                        value["old"], shown["placement"]
+                    );
+                } else if attached {
+                    println!(
+                        "replacement of the replica of {name} on node {} asked for; `fabctl volume wait {name}` follows the copy",
+                        value["old"]
+                    );
+                } else {
+                    println!(
+                        "replica of {name} on node {} replaced by node {}; the next attach copies the volume to it",
+                        value["old"], value["to"]
+                    );
+                }
+            }
             VolumeCommand::Wait { name, timeout } => {
                 let deadline = timeout.map(|seconds| {
                     std::time::Instant::now() + std::time::Duration::from_secs(seconds)

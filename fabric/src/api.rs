@@ -135,6 +135,15 @@ impl axum::extract::FromRef<ApiState> for Arc<ClusterHandle> {
     }
 }
 
+/// Body of `POST /v1/volumes/{name}/replicas/{node}/replace`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplaceReplica {
+    /// The node to put the new replica on (id or name); placement picks
+    /// one if absent.
+    pub to: Option<String>,
+}
+
 /// Body of `POST /v1/volumes/{name}/detach`.
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -167,6 +176,10 @@ pub fn router(node: Arc<Node>, cluster: Arc<ClusterHandle>) -> Router {
         .route("/v1/volumes/{name}/attach", post(attach_volume))
         .route("/v1/volumes/{name}/detach", post(detach_volume))
         .route("/v1/volumes/{name}/scrub", post(scrub_volume))
+        .route(
+            "/v1/volumes/{name}/replicas/{node}/replace",
+            post(replace_replica),
+        )
         .fallback(not_found)
         .layer(axum::extract::DefaultBodyLimit::max(REQUEST_BODY_BYTES_MAX))
         .with_state(ApiState { node, cluster })
@@ -286,6 +299,206 @@ async fn show_volume(
     Ok(Json(value))
 }
 
+/// Commits a replication driver's change to its volume's replicas.
+async fn record_replica_change(
+    runtime: &crate::cluster::runtime::ClusterRuntime,
+    name: String,
+    generation: u64,
+    request: crate::replication::driver::MetaRequest,
+) -> crate::replication::driver::MetaReply {
+    use crate::cluster::metadata::{Command, Response};
+    use crate::replication::driver::{MetaReply, MetaRequest};
+    use blockstore::replication::frontend::MetaOutcome;
+
+    let command = match request {
+        MetaRequest::MarkStale { node } => Command::MarkStale {
+            name,
+            generation,
+            node,
+        },
+        MetaRequest::MarkInSync { node } => Command::MarkInSync {
+            name,
+            generation,
+            node,
+        },
+        MetaRequest::Replace { old, to } => {
+            let new = match to.map_or_else(|| runtime.place_replacement(&name), Ok) {
+                Ok(new) => new,
+                Err(error) => {
+                    tracing::warn!(%error, volume = %name, old, "cannot replace the replica");
+                    return MetaReply::Outcome(MetaOutcome::Refused);
+                }
+            };
+            Command::ReplaceReplica {
+                name,
+                generation,
+                old,
+                new,
+            }
+        }
+    };
+    let retry = || async {
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        MetaReply::Outcome(MetaOutcome::Retry)
+    };
+    match runtime.write(command.clone()).await {
+        Ok(Response::Applied) => {
+            tracing::info!(?command, "replica change recorded");
+            let Command::ReplaceReplica { new, .. } = command else {
+                return MetaReply::Outcome(MetaOutcome::Committed);
+            };
+            match runtime.metadata().nodes.get(&new) {
+                Some(record) => MetaReply::Replaced {
+                    node: new,
+                    member: crate::cluster::raft::Member {
+                        name: record.name.clone(),
+                        address: record.cluster_address.clone(),
+                    },
+                },
+                // Removed from the cluster in between: the volume now names a
+                // node that is gone, whose replica a later replacement moves.
+                None => MetaReply::Outcome(MetaOutcome::Committed),
+            }
+        }
+        Ok(Response::Rejected { reason })
+            if reason.starts_with("fenced") || reason.contains("does not exist") =>
+        {
+            tracing::warn!(%reason, "this attachment is fenced");
+            MetaReply::Outcome(MetaOutcome::Fenced)
+        }
+        Ok(Response::Rejected { reason }) if matches!(command, Command::ReplaceReplica { .. }) => {
+            tracing::warn!(%reason, ?command, "replica replacement refused");
+            MetaReply::Outcome(MetaOutcome::Refused)
+        }
+        Ok(Response::Rejected { reason }) => {
+            tracing::warn!(%reason, ?command, "replica state change refused; retrying");
+            retry().await
+        }
+        Err(error) => {
+            tracing::warn!(%error, ?command, "replica change not committed; retrying");
+            retry().await
+        }
+    }
+}
+
+/// Replaces the replica of a volume on one node by a full copy on another
+/// (given, or picked by placement). Attached here: the replication driver
+/// does it and resyncs the new copy at once. Not attached: the metadata
+/// records it, and the next attachment copies to the new node.
+async fn replace_replica(
+    State(node): State<Arc<Node>>,
+    State(cluster): State<Arc<ClusterHandle>>,
+    Path((name, old)): Path<(String, String)>,
+    body: Result<Json<ReplaceReplica>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    use crate::cluster::metadata::{Command, NodeState, Response};
+
+    let to = match body {
+        Ok(Json(request)) => request.to,
+        Err(JsonRejection::MissingJsonContentType(_)) => None,
+        Err(rejection) => return Err(rejection.into()),
+    };
+    let guard = cluster.runtime.read().await;
+    let runtime = guard
+        .as_ref()
+        .ok_or_else(|| ApiError::bad_request("not in a cluster".into()))?;
+    runtime.read_barrier(Consistency::Current).await?;
+    let volume = runtime
+        .metadata()
+        .volumes
+        .get(&name)
+        .cloned()
+        .ok_or_else(|| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                "volume_not_found",
+                format!("no volume named {name:?} in the cluster"),
+            )
+        })?;
+    if volume.replicas.len() < 2 {
+        return Err(ApiError::bad_request(format!(
+            "volume {name:?} has one replica: there is no copy to make a new one from"
+        )));
+    }
+    // The old node may have left the cluster: its id is enough.
+    let old = match old.parse::<u64>() {
+        Ok(id) if volume.replicas.contains(&id) => id,
+        _ => crate::cluster_api::find_node(runtime, &old)?.record.id,
+    };
+    if !volume.replicas.contains(&old) {
+        return Err(ApiError::bad_request(format!(
+            "node {old} holds no replica of {name:?} (its replicas are on nodes {:?})",
+            volume.replicas
+        )));
+    }
+    let to = match to {
+        Some(to) => {
+            let view = crate::cluster_api::find_node(runtime, &to)?;
+            if volume.replicas.contains(&view.record.id) {
+                return Err(ApiError::bad_request(format!(
+                    "node {} already holds a replica of {name:?}",
+                    view.record.id
+                )));
+            }
+            if view.state != NodeState::Up {
+                return Err(ApiError::bad_request(format!(
+                    "node {} is {:?}, not up",
+                    view.record.id, view.state
+                )));
+            }
+            Some(view.record.id)
+        }
+        None => None,
+    };
+    if let Some(driver) = node.driver(&name) {
+        if !driver.replace(old, to).await {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "replacing",
+                format!(
+                    "the replica of {name:?} on node {old} is already being replaced, or this attachment is fenced"
+                ),
+            ));
+        }
+        return Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({ "volume": name, "old": old, "to": to, "attached": true })),
+        ));
+    }
+    if let Some(frontend) = volume.frontend {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_attached_here",
+            format!(
+                "volume {name:?} is attached on node {frontend}; a replica is replaced by the node the volume is attached on: ask that node's API"
+            ),
+        ));
+    }
+    let new = match to {
+        Some(to) => to,
+        None => runtime.place_replacement(&name)?,
+    };
+    match runtime
+        .write_retrying(Command::ReplaceReplica {
+            name: name.clone(),
+            generation: volume.generation,
+            old,
+            new,
+        })
+        .await?
+    {
+        Response::Applied => Ok((
+            StatusCode::OK,
+            Json(json!({ "volume": name, "old": old, "to": new, "attached": false })),
+        )),
+        Response::Rejected { reason } => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "replace_refused",
+            reason,
+        )),
+    }
+}
+
 /// Starts a scrub of a replicated volume attached on this node; its
 /// progress and result are in `GET /v1/volumes/{name}`.
 async fn scrub_volume(
@@ -391,8 +604,8 @@ async fn attach_replicated(
     force: bool,
 ) -> Result<crate::node::VolumeView, ApiError> {
     use crate::cluster::metadata::{Command, Response};
-    use crate::replication::driver::{self, ReplicaEndpoint};
-    use blockstore::replication::frontend::{Config, MetaChange, MetaOutcome, Phase, ReplicaState};
+    use crate::replication::driver::{self, MetaReply, ReplicaEndpoint};
+    use blockstore::replication::frontend::{Config, MetaOutcome, Phase, ReplicaState};
 
     let name = volume.name.clone();
     if node.driver(&name).is_some() {
@@ -477,7 +690,10 @@ async fn attach_replicated(
                     reason,
                 )
             })?;
-            endpoints.push(ReplicaEndpoint::Local(local));
+            endpoints.push(ReplicaEndpoint::Local {
+                node: me,
+                replica: local,
+            });
         } else {
             let record = metadata.nodes.get(replica).ok_or_else(|| {
                 ApiError::bad_request(format!("replica node {replica} is not a member"))
@@ -506,55 +722,22 @@ async fn attach_replicated(
         volume_blocks: volume.size_bytes / blockstore::BLOCK_SIZE,
         region_blocks: crate::replication::REGION_BLOCKS,
         min_replicas: volume.min_replicas as usize,
-        replica_timeout: std::time::Duration::from_secs(3),
-        probe_interval: std::time::Duration::from_millis(500),
+        replica_timeout: cluster.replication_settings.replica_timeout,
+        probe_interval: cluster.replication_settings.retry,
+        resync_bytes_per_second: cluster.replication_settings.resync_bytes_per_second,
+        replace_after: cluster.replication_settings.replace_after,
     };
-    let replicas = volume.replicas.clone();
     let handle = cluster.clone();
     let changes_of = name.clone();
-    let metadata_fn: driver::MetadataFn = Arc::new(move |generation, change| {
+    let metadata_fn: driver::MetadataFn = Arc::new(move |generation, request| {
         let handle = handle.clone();
         let name = changes_of.clone();
-        let replicas = replicas.clone();
         Box::pin(async move {
-            let command = match change {
-                MetaChange::MarkStale { replica } => Command::MarkStale {
-                    name,
-                    generation,
-                    node: replicas[replica],
-                },
-                MetaChange::MarkInSync { replica } => Command::MarkInSync {
-                    name,
-                    generation,
-                    node: replicas[replica],
-                },
-            };
             let guard = handle.runtime.read().await;
             let Some(runtime) = guard.as_ref() else {
-                return MetaOutcome::Retry;
+                return MetaReply::Outcome(MetaOutcome::Retry);
             };
-            match runtime.write(command.clone()).await {
-                Ok(Response::Applied) => {
-                    tracing::info!(?command, "replica state recorded");
-                    MetaOutcome::Committed
-                }
-                Ok(Response::Rejected { reason })
-                    if reason.starts_with("fenced") || reason.contains("does not exist") =>
-                {
-                    tracing::warn!(%reason, "this attachment is fenced");
-                    MetaOutcome::Fenced
-                }
-                Ok(Response::Rejected { reason }) => {
-                    tracing::warn!(%reason, ?command, "replica state change refused; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    MetaOutcome::Retry
-                }
-                Err(error) => {
-                    tracing::warn!(%error, ?command, "replica state change not committed; retrying");
-                    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-                    MetaOutcome::Retry
-                }
-            }
+            record_replica_change(runtime, name, generation, request).await
         })
     });
     let (handle, _task) = driver::spawn(

@@ -27,6 +27,8 @@ pub struct ClusterHandle {
     pub runtime: RwLock<Option<ClusterRuntime>>,
     /// This node's replicas, served to frontends on the cluster transport.
     pub replication: Option<crate::replication::service::ReplicaService>,
+    /// Timings of the replication drivers of volumes attached here.
+    pub replication_settings: crate::replication::ReplicationSettings,
 }
 
 impl From<ClusterError> for ApiError {
@@ -197,7 +199,7 @@ async fn nodes(
 }
 
 /// The node named by `id` (its id or its name).
-fn find_node(runtime: &ClusterRuntime, id: &str) -> Result<NodeView, ApiError> {
+pub(crate) fn find_node(runtime: &ClusterRuntime, id: &str) -> Result<NodeView, ApiError> {
     runtime
         .nodes()
         .into_iter()

@@ -50,6 +50,48 @@ pub struct Config {
     pub log: String,
     /// Cluster membership settings.
     pub cluster: ClusterConfig,
+    /// Replication of volumes with more than one replica.
+    pub replication: ReplicationConfig,
+}
+
+/// The `[replication]` section (see `docs/replication.md`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ReplicationConfig {
+    /// How long a replica may take to answer before it is marked stale.
+    pub replica_timeout_ms: u64,
+    /// How often an unreachable replica is tried again.
+    pub retry_ms: u64,
+    /// Most bytes per second resync copies to one replica (0: no limit).
+    pub resync_bytes_per_second: u64,
+    /// A replica stale this long is replaced by a full copy on a node
+    /// placement picks (0: never automatically).
+    pub replace_after_s: u64,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            replica_timeout_ms: 3000,
+            retry_ms: 500,
+            resync_bytes_per_second: 200 << 20,
+            replace_after_s: 600,
+        }
+    }
+}
+
+impl ReplicationConfig {
+    /// The settings replication drivers take.
+    pub fn settings(&self) -> crate::replication::ReplicationSettings {
+        use std::time::Duration;
+        crate::replication::ReplicationSettings {
+            replica_timeout: Duration::from_millis(self.replica_timeout_ms),
+            retry: Duration::from_millis(self.retry_ms),
+            resync_bytes_per_second: self.resync_bytes_per_second,
+            replace_after: (self.replace_after_s > 0)
+                .then(|| Duration::from_secs(self.replace_after_s)),
+        }
+    }
 }
 
 /// The `[cluster]` section.
@@ -135,6 +177,7 @@ impl Default for Config {
             commit_interval_ms: 5000,
             log: "info".into(),
             cluster: ClusterConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -191,6 +234,33 @@ impl Config {
                     .into(),
             });
         }
+        let replication = &self.replication;
+        if replication.replica_timeout_ms < 10 || replication.retry_ms < 10 {
+            return Err(ConfigError::Invalid {
+                key: "replication",
+                reason: "replica_timeout_ms and retry_ms must be at least 10".into(),
+            });
+        }
+        if replication.resync_bytes_per_second != 0
+            && replication.resync_bytes_per_second < crate::replication::REGION_BYTES
+        {
+            return Err(ConfigError::Invalid {
+                key: "replication.resync_bytes_per_second",
+                reason: format!(
+                    "{} is below one region ({} bytes) per second; use 0 for no limit",
+                    replication.resync_bytes_per_second,
+                    crate::replication::REGION_BYTES
+                ),
+            });
+        }
+        if replication.replace_after_s != 0
+            && replication.replace_after_s * 1000 <= replication.replica_timeout_ms
+        {
+            return Err(ConfigError::Invalid {
+                key: "replication.replace_after_s",
+                reason: "must be longer than replica_timeout_ms (or 0: never)".into(),
+            });
+        }
         // A volume socket is socket_dir/<name>.sock with names up to 63 bytes.
         let longest = self.socket_dir.as_os_str().len() + 1 + 63 + 5;
         if longest > UNIX_SOCKET_PATH_BYTES_MAX {
@@ -241,5 +311,18 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("socket_dir"));
+        let replication = Config::parse(
+            "[replication]\nreplica_timeout_ms = 1000\nresync_bytes_per_second = 0\nreplace_after_s = 0\n",
+        )
+        .unwrap();
+        assert!(replication.validate().is_ok());
+        let settings = replication.replication.settings();
+        assert_eq!(settings.replica_timeout, std::time::Duration::from_secs(1));
+        assert_eq!(settings.replace_after, None);
+        let slow = Config::parse("[replication]\nresync_bytes_per_second = 4096\n").unwrap();
+        let error = slow.validate().unwrap_err().to_string();
+        assert!(error.contains("resync_bytes_per_second"), "{error}");
+        let typo = Config::parse("[replication]\nreplica_timeout = 5\n").unwrap_err();
+        assert!(typo.contains("unknown field"), "{typo}");
     }
 }

@@ -126,6 +126,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         settings,
         runtime: tokio::sync::RwLock::new(membership),
         replication: Some(replication),
+        replication_settings: config.replication.settings(),
     });
     let _ = handle_slot.set(Arc::downgrade(&cluster));
     let router =

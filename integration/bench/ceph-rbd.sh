@@ -15,15 +15,21 @@
 #   seqwrite-1m-qd4    1 MiB sequential writes, 4 in flight MiB/s
 # Each workload runs R times per pool for S seconds, alternating pools; the
 # output is a markdown table of median (min–max) per cell, then every run's
-# figures. librbd keeps its default cache settings (rbd_cache on, write-around
-# policy, writethrough until the first flush); fio sends no flush while it
-# measures, so every write completes only once all replicas have it.
+# figures.
 #
 #   integration/bench/ceph-rbd.sh                                  3 runs x 5 s per pool and workload
 #   integration/bench/ceph-rbd.sh --runs 3 --seconds 4 --dir /var/tmp
 #   integration/bench/ceph-rbd.sh --json results.json              also write every figure as JSON
+#   integration/bench/ceph-rbd.sh --rbd-cache off                  writes complete once every replica has them
 #   integration/bench/ceph-rbd.sh --media ssd                      bluestore and OSD threads as on an SSD
 #
+# --rbd-cache default keeps librbd's cache settings: rbd_cache on, policy
+# writearound, writethrough until the first flush. fio's rbd engine flushes
+# the image right after opening it (unless direct=1), so write-around is on
+# for the whole measurement: librbd completes a write as soon as it has sent
+# it, with up to rbd_cache_max_dirty (24 MiB) in flight, and a flush waits
+# for all of them. --rbd-cache off sets rbd_cache = false (and fio's
+# direct=1): a write completes once every replica's OSD has committed it.
 # --media auto leaves Ceph to pick its HDD or SSD settings from the backing
 # device's rotational flag; ssd or hdd forces one set. Installs ceph-mon,
 # ceph-mgr, ceph-osd, ceph-common and fio with apt-get when they are missing.
@@ -32,7 +38,7 @@
 set -euo pipefail
 
 usage() {
-    echo "usage: $0 [--runs 3] [--seconds 5] [--dir /var/tmp] [--json FILE] [--media auto|ssd|hdd]" >&2
+    echo "usage: $0 [--runs 3] [--seconds 5] [--dir /var/tmp] [--json FILE] [--rbd-cache default|off] [--media auto|ssd|hdd]" >&2
     exit "${1:-2}"
 }
 
@@ -41,6 +47,7 @@ seconds=5
 base=/var/tmp
 json_out=
 media=auto
+rbd_cache=default
 while [ $# -gt 0 ]; do
     case "$1" in
     --runs) runs=${2:?--runs needs a value}; shift 2 ;;
@@ -48,6 +55,7 @@ while [ $# -gt 0 ]; do
     --dir) base=${2:?--dir needs a value}; shift 2 ;;
     --json) json_out=$(realpath -m -- "${2:?--json needs a file}"); shift 2 ;;
     --media) media=${2:?--media needs a value}; shift 2 ;;
+    --rbd-cache) rbd_cache=${2:?--rbd-cache needs a value}; shift 2 ;;
     -h | --help) usage 0 ;;
     *) echo "ceph-rbd: unknown argument $1" >&2; usage ;;
     esac
@@ -55,6 +63,7 @@ done
 [[ "$runs" =~ ^[1-9][0-9]*$ ]] || { echo "ceph-rbd: --runs must be a positive integer" >&2; exit 2; }
 [[ "$seconds" =~ ^[1-9][0-9]*$ ]] || { echo "ceph-rbd: --seconds must be a positive integer" >&2; exit 2; }
 case "$media" in auto | ssd | hdd) ;; *) echo "ceph-rbd: --media is auto, ssd or hdd" >&2; exit 2 ;; esac
+case "$rbd_cache" in default | off) ;; *) echo "ceph-rbd: --rbd-cache is default or off" >&2; exit 2 ;; esac
 
 log() { echo "ceph-rbd: $*" >&2; }
 
@@ -81,7 +90,11 @@ if ! grep -qw rbd <<<"$engines"; then
     exit 1
 fi
 
-fstype=$(stat -f -c %T "$base")
+if [ ! -d "$base" ]; then
+    log "no directory $base"
+    exit 1
+fi
+fstype=$(df --output=fstype "$base" | tail -n 1)
 if [ "$fstype" = tmpfs ] || [ "$fstype" = ramfs ]; then
     log "$base is $fstype; give --dir a directory on a real filesystem"
     exit 1
@@ -94,28 +107,34 @@ names=()
 fio_pid=
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM
+    # Teardown runs to the end: neither a second Ctrl-C nor a closed stderr
+    # (the reader of a pipe gone with the first Ctrl-C) cuts it short.
+    set +e
+    trap '' INT TERM PIPE
+    trap - EXIT
     if [ -n "$fio_pid" ]; then
-        kill -KILL "$fio_pid" 2>/dev/null || true
+        # fio_pid is timeout's; fio is its child.
+        pkill -KILL -P "$fio_pid" 2>/dev/null
+        kill -KILL "$fio_pid" 2>/dev/null
     fi
-    if [ $rc -ne 0 ] && [ -n "$work" ] && [ -d "$work/log" ]; then
+    if [ $rc -ne 0 ] && [ $rc -ne 130 ] && [ $rc -ne 143 ] && [ -n "$work" ] && [ -d "$work/log" ]; then
         for file in "$work"/log/*; do
             [ -s "$file" ] || continue
             echo "---- tail of ${file#"$work"/}" >&2
-            tail -n 20 "$file" >&2 || true
+            tail -n 20 "$file" >&2
         done
     fi
     local pid
     for pid in "${pids[@]}"; do
-        kill -TERM "$pid" 2>/dev/null || true
+        kill -TERM "$pid" 2>/dev/null
     done
     local deadline=$((SECONDS + 15))
     for pid in "${pids[@]}"; do
         while kill -0 "$pid" 2>/dev/null && [ $SECONDS -lt $deadline ]; do
             sleep 0.2
         done
-        kill -KILL "$pid" 2>/dev/null || true
-        wait "$pid" 2>/dev/null || true
+        kill -KILL "$pid" 2>/dev/null
+        wait "$pid" 2>/dev/null
     done
     if [ -n "$work" ]; then
         rm -rf -- "$work"
@@ -168,6 +187,8 @@ wait_until() {
 
 cephc() { timeout 60 ceph -c "$conf" --connect-timeout 30 "$@"; }
 rbdc() { timeout 60 rbd -c "$conf" "$@"; }
+# Runs a command with its output in log/cli.out (shown if the script fails).
+quiet() { "$@" >>"$work/log/cli.out" 2>&1; }
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
@@ -181,6 +202,12 @@ auto) media_conf="" ;;
 ssd) media_conf=$'bluestore_debug_enforce_settings = ssd\nosd_op_num_shards = 8\nosd_op_num_threads_per_shard = 2' ;;
 hdd) media_conf=$'bluestore_debug_enforce_settings = hdd\nosd_op_num_shards = 5\nosd_op_num_threads_per_shard = 1' ;;
 esac
+client_section=""
+fio_direct=()
+if [ "$rbd_cache" = off ]; then
+    client_section="rbd_cache = false"
+    fio_direct=(--direct=1)
+fi
 
 # $name, $id and $cluster are Ceph's own metavariables, expanded per daemon.
 cat >"$conf" <<EOF
@@ -220,6 +247,7 @@ mon_warn_on_pool_no_redundancy = false
 mon_data_avail_warn = 1
 mon_data_avail_crit = 0
 mon_cluster_log_to_file = false
+auth_allow_insecure_global_id_reclaim = false
 mgr_initial_modules = iostat
 osd_memory_target = 1073741824
 $media_conf
@@ -230,9 +258,11 @@ log_file = $work/log/\$name.log
 log_file = $work/log/\$name.log
 [osd]
 log_file = $work/log/\$name.log
+[client]
+$client_section
 EOF
 
-log "cluster in $work (fsid $fsid, mon on 127.0.0.1:$mon_port, media $media)"
+log "cluster in $work (fsid $fsid, mon on 127.0.0.1:$mon_port, media $media, rbd cache $rbd_cache)"
 
 ceph-authtool --create-keyring "$work/keyring" --gen-key -n mon. --cap mon 'allow *' >/dev/null
 ceph-authtool "$work/keyring" --gen-key -n client.admin \
@@ -271,16 +301,15 @@ sys.exit(0 if s["num_up_osds"] == 2 and s["num_in_osds"] == 2 else 1)'
 }
 wait_until "two OSDs up and in" 120 osds_up
 # No scrubbing while measuring.
-cephc osd set noscrub >>"$work/log/cli.out" 2>&1
-cephc osd set nodeep-scrub >>"$work/log/cli.out" 2>&1
-
+quiet cephc osd set noscrub
+quiet cephc osd set nodeep-scrub
 for size in 1 2; do
     pool=size$size
-    cephc osd pool create "$pool" 32 32 replicated >>"$work/log/cli.out" 2>&1
-    cephc osd pool set "$pool" size "$size" --yes-i-really-mean-it >>"$work/log/cli.out" 2>&1
-    cephc osd pool set "$pool" min_size 1 >>"$work/log/cli.out" 2>&1
-    cephc osd pool application enable "$pool" rbd >>"$work/log/cli.out" 2>&1
-    rbdc pool init "$pool" >>"$work/log/cli.out" 2>&1
+    quiet cephc osd pool create "$pool" 32 32 replicated
+    quiet cephc osd pool set "$pool" size "$size" --yes-i-really-mean-it
+    quiet cephc osd pool set "$pool" min_size 1
+    quiet cephc osd pool application enable "$pool" rbd
+    quiet rbdc pool init "$pool"
 done
 
 pgs_clean() {
@@ -293,7 +322,7 @@ sys.exit(0 if pgmap["num_pgs"] >= 64 and states.get("active+clean", 0) == pgmap[
 wait_until "every placement group active+clean" 180 pgs_clean
 
 for size in 1 2; do
-    rbdc create --size 1G "size$size/img" >>"$work/log/cli.out" 2>&1
+    quiet rbdc create --size 1G "size$size/img"
 done
 
 # Every listening socket of every daemon is on 127.0.0.1.
@@ -318,7 +347,8 @@ fio_rbd() {
     shift 3
     CEPH_CONF=$conf timeout "$limit" fio --output-format=json --output="$out" \
         --name=bench --ioengine=rbd --clientname=admin --pool="$pool" --rbdname=img \
-        --size=256m --numjobs=1 --norandommap --randrepeat=1 --lat_percentiles=1 "$@" \
+        --size=256m --numjobs=1 --norandommap --randrepeat=1 --lat_percentiles=1 \
+        ${fio_direct[@]+"${fio_direct[@]}"} "$@" \
         >>"$work/log/fio.out" 2>&1 &
     fio_pid=$!
     wait "$fio_pid"
@@ -369,7 +399,7 @@ META_FS="$fstype ($(df --output=source "$work" | tail -n 1))" \
 META_CEPH=$(ceph --version) \
 META_FIO=$(fio --version) \
 META_MEDIA="$media (OSD rotational: $rotational)" \
-META_RBD_CACHE="rbd_cache=$(client_conf rbd_cache), rbd_cache_policy=$(client_conf rbd_cache_policy), rbd_cache_writethrough_until_flush=$(client_conf rbd_cache_writethrough_until_flush)" \
+META_RBD_CACHE="$rbd_cache: rbd_cache=$(client_conf rbd_cache), rbd_cache_policy=$(client_conf rbd_cache_policy), rbd_cache_writethrough_until_flush=$(client_conf rbd_cache_writethrough_until_flush)" \
 META_RUNS=$runs META_SECONDS=$seconds \
     python3 - "$work/results" "$json_out" <<'EOF'
 import json, os, sys
@@ -379,7 +409,7 @@ runs, seconds = int(os.environ["META_RUNS"]), int(os.environ["META_SECONDS"])
 pools = ["size1", "size2"]
 # workload -> [(measure key, label)]
 measures = {
-    "randwrite-4k-qd1": [("p50_us", "p50 µs"), ("p99_us", "p99 µs")],
+    "randwrite-4k-qd1": [("p50_us", "p50 µs"), ("p99_us", "p99 µs"), ("iops", "IOPS")],
     "randwrite-4k-qd32": [("iops", "IOPS")],
     "seqwrite-1m-qd4": [("mib_s", "MiB/s")],
 }
@@ -438,6 +468,11 @@ meta = {
     "fio": os.environ["META_FIO"],
     "osd_media": os.environ["META_MEDIA"],
     "librbd_cache": os.environ["META_RBD_CACHE"],
+    "write_completes": (
+        "once every replica's OSD has committed it"
+        if os.environ["META_RBD_CACHE"].startswith("off")
+        else "once librbd has sent it (write-around; fio flushes at open)"
+    ),
     "runs": runs,
     "seconds": seconds,
     "span_mib": 256,
@@ -449,6 +484,7 @@ out.append("## ceph-rbd: RBD on pools of size 1 and 2, one mon, two bluestore OS
 out.append(f"- {meta['date']}; {meta['kernel']}; {meta['cpu']}; {meta['filesystem']}")
 out.append(f"- {meta['ceph']}; {meta['fio']} (ioengine=rbd)")
 out.append(f"- OSD media settings: {meta['osd_media']}; librbd: {meta['librbd_cache']}")
+out.append(f"- a write completes {meta['write_completes']}")
 out.append(f"- {runs} runs of {seconds} s per pool and workload, alternating pools; 1 GiB images, 256 MiB span, prefilled\n")
 out.append("| workload | measure | pool size 1 | pool size 2 | 2/1 |")
 out.append("|---|---|---|---|---|")

@@ -550,3 +550,117 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
     ensure!(shown["frontend"].is_null(), "{shown}");
     Ok(())
 }
+
+/// Replicas move: by hand (`fabctl volume replica replace`), from a live
+/// node to one placement picks, and on their own, when a replica's node
+/// stays away longer than `replace_after_s`. Each new copy is a full copy;
+/// in the end the volume, attached on the last new replica after its first
+/// two homes are gone, holds every acknowledged block.
+#[test]
+fn replicas_are_replaced_by_hand_and_after_a_timeout() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nodes = start_cluster(
+        dir.path(),
+        4,
+        "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n[replication]\nreplica_timeout_ms = 1000\nretry_ms = 200\nreplace_after_s = 3\n",
+    )?;
+    nodes[0]
+        .node
+        .fabctl(&["volume", "create", "mv", "--size", "64M", "--replicas", "2"])?;
+    let first = placement(&nodes[0].node, "mv")?;
+    let front = first[0];
+    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "mv"])?;
+    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    write_range(&mut client, buffer, 0, 512, 1)?;
+
+    // Bad requests say what is wrong and change nothing.
+    let not_a_replica = nodes[front].node.fabctl_fails(&[
+        "volume",
+        "replica",
+        "replace",
+        "mv",
+        &(first[0] + 1).to_string(),
+        "--to",
+        &(first[1] + 1).to_string(),
+    ])?;
+    ensure!(
+        not_a_replica.contains("already holds a replica"),
+        "{not_a_replica}"
+    );
+    let unknown =
+        nodes[front]
+            .node
+            .fabctl_fails(&["volume", "replica", "replace", "mv", "no-such-node"])?;
+    ensure!(unknown.contains("no node"), "{unknown}");
+
+    // By hand: the live second replica moves to a node placement picks,
+    // which gets a full copy while the guest keeps writing.
+    let moved = nodes[front].node.fabctl_json(&[
+        "volume",
+        "replica",
+        "replace",
+        "mv",
+        &(first[1] + 1).to_string(),
+    ])?;
+    let second = placement(&nodes[front].node, "mv")?;
+    ensure!(
+        second[0] == front && !first.contains(&second[1]),
+        "{moved} {second:?}"
+    );
+    ensure!(
+        moved["replication"]["states"] == serde_json::json!(["insync", "insync"]),
+        "{moved}"
+    );
+    write_range(&mut client, buffer, 4 * 256, 256, 2)?;
+
+    // On its own: the new replica's node dies and stays away; after
+    // `replace_after_s` its replica is put on a node placement picks, and
+    // copied there in full.
+    let gone = second[1];
+    nodes[gone].node.kill9()?;
+    write_range(&mut client, buffer, 8 * 256, 256, 3)?;
+    let third = wait_for("the dead node's replica replaced", 60, || {
+        let now = placement(&nodes[front].node, "mv")?;
+        Ok((!now.contains(&gone)).then_some(now))
+    })?;
+    // (Possibly the node the first replacement left: its old copy is
+    // overwritten in full.)
+    ensure!(
+        third[0] == front && third[1] != front && third[1] != gone,
+        "{third:?}"
+    );
+    nodes[front]
+        .node
+        .fabctl(&["volume", "wait", "mv", "--timeout", "60"])?;
+    drop(client);
+
+    // The dead node returns (it holds no replica now, and keeps the
+    // cluster's quorum); then the frontend's node dies: the last new
+    // replica holds it all.
+    nodes[gone].node.restart()?;
+    nodes[front].node.kill9()?;
+    let last = third[1];
+    let attached = wait_for("an attach on the last replica", 60, || {
+        let output = nodes[last]
+            .node
+            .fabctl_output(&["-o", "json", "volume", "attach", "mv"])?;
+        Ok(output
+            .status
+            .success()
+            .then(|| serde_json::from_slice::<serde_json::Value>(&output.stdout))
+            .transpose()?)
+    })?;
+    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    wait_for("the new frontend serving", 60, || {
+        let shown = replication(&nodes[last].node, "mv")?;
+        Ok((shown["phase"] == "serving").then_some(()))
+    })?;
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    check_range(&mut client, buffer, 0, 512, 1)?;
+    check_range(&mut client, buffer, 4 * 256, 256, 2)?;
+    check_range(&mut client, buffer, 8 * 256, 256, 3)?;
+    Ok(())
+}

@@ -39,6 +39,12 @@ pub struct Config {
     pub replica_timeout: Duration,
     /// How often an unreachable replica is tried again.
     pub probe_interval: Duration,
+    /// Most bytes per second copied to each resyncing replica (0: no
+    /// limit), so guest I/O keeps priority.
+    pub resync_bytes_per_second: u64,
+    /// A stale replica unreachable this long is replaced (`None`: only on
+    /// request).
+    pub replace_after: Option<Duration>,
 }
 
 /// A replica's state as recorded in the metadata.
@@ -83,8 +89,17 @@ pub enum Outcome<P> {
 /// frontend's generation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum MetaChange {
-    MarkStale { replica: usize },
-    MarkInSync { replica: usize },
+    MarkStale {
+        replica: usize,
+    },
+    MarkInSync {
+        replica: usize,
+    },
+    /// Put the replica on another node (placement picks it): the new copy
+    /// starts stale and empty, and gets every region.
+    Replace {
+        replica: usize,
+    },
 }
 
 /// What a scrub found: see [`Frontend::scrub`].
@@ -143,6 +158,8 @@ pub enum MetaOutcome {
     Fenced,
     /// Not committed (no quorum, timeout): the frontend asks again.
     Retry,
+    /// It cannot be made now (no node to put a replica on, say): dropped.
+    Refused,
 }
 
 /// What the caller must do.
@@ -217,6 +234,36 @@ struct Track {
     /// In sync in the metadata, but failed: being marked stale. It counts
     /// for completions (they wait) but is read from by no one.
     demoting: bool,
+    /// Since when it has had no session.
+    unreachable_since: Option<Instant>,
+    /// Resync bytes it may be sent now (the rate limit's bucket), and when
+    /// the bucket was last filled.
+    copy_allowance: u64,
+    allowance_at: Instant,
+}
+
+impl Track {
+    fn new(state: ReplicaState, regions: u64, now: Instant) -> Track {
+        Track {
+            state,
+            session: None,
+            next_probe: now,
+            dirty: RegionSet::new(regions),
+            dirty_known: false,
+            unflushed: RegionSet::new(regions),
+            flushed_once: false,
+            sent_mutations: 0,
+            copy: None,
+            sync_flush: None,
+            asked_round: None,
+            digests: None,
+            compared: false,
+            demoting: false,
+            unreachable_since: Some(now),
+            copy_allowance: 0,
+            allowance_at: now,
+        }
+    }
 }
 
 impl Track {
@@ -341,22 +388,7 @@ impl<P: Payload> Frontend<P> {
         let regions = config.volume_blocks.div_ceil(config.region_blocks);
         let replicas = states
             .iter()
-            .map(|&state| Track {
-                state,
-                session: None,
-                next_probe: now,
-                dirty: RegionSet::new(regions),
-                dirty_known: false,
-                unflushed: RegionSet::new(regions),
-                flushed_once: false,
-                sent_mutations: 0,
-                copy: None,
-                sync_flush: None,
-                asked_round: None,
-                digests: None,
-                compared: false,
-                demoting: false,
-            })
+            .map(|&state| Track::new(state, regions, now))
             .collect();
         let mut frontend = Frontend {
             config,
@@ -430,6 +462,20 @@ impl<P: Payload> Frontend<P> {
         true
     }
 
+    /// Asks for `replica` to be replaced by a new, empty copy on another
+    /// node (see [`MetaChange::Replace`]). Returns whether it was asked
+    /// (not when it already is, or the frontend is fenced).
+    pub fn replace(&mut self, replica: usize, now: Instant) -> bool {
+        let change = MetaChange::Replace { replica };
+        if self.phase == Phase::Fenced || replica >= self.replicas.len() || self.meta_wanted(change)
+        {
+            return false;
+        }
+        self.want_meta(change);
+        self.advance(now);
+        true
+    }
+
     /// The running scrub's progress, or the last scrub's result.
     pub fn scrub_report(&self) -> Option<ScrubReport> {
         self.scrub.as_ref().map(|scrub| scrub.report.clone())
@@ -478,6 +524,19 @@ impl<P: Payload> Frontend<P> {
         }
         if self.phase == Phase::Fenced {
             return;
+        }
+        if let Some(after) = self.config.replace_after {
+            for replica in 0..self.replicas.len() {
+                let track = &self.replicas[replica];
+                let gone_for = track
+                    .unreachable_since
+                    .map(|since| now.saturating_duration_since(since));
+                if track.state == ReplicaState::Stale && gone_for.is_some_and(|gone| gone >= after)
+                {
+                    self.replicas[replica].unreachable_since = Some(now);
+                    self.want_meta(MetaChange::Replace { replica });
+                }
+            }
         }
         for replica in 0..self.replicas.len() {
             let track = &self.replicas[replica];
@@ -533,7 +592,16 @@ impl<P: Payload> Frontend<P> {
                 return;
             }
             MetaOutcome::Retry => self.meta_queue.push_front(change),
+            MetaOutcome::Refused => {
+                if let MetaChange::Replace { replica } = change {
+                    // Asked again once it has been gone that long again.
+                    if self.replicas[replica].session.is_none() {
+                        self.replicas[replica].unreachable_since = Some(now);
+                    }
+                }
+            }
             MetaOutcome::Committed => match change {
+                MetaChange::Replace { replica } => self.replaced(replica, now),
                 MetaChange::MarkStale { replica } => {
                     self.replicas[replica].state = ReplicaState::Stale;
                     self.replicas[replica].demoting = false;
@@ -555,6 +623,57 @@ impl<P: Payload> Frontend<P> {
             },
         }
         self.advance(now);
+    }
+
+    /// `replica` is now a new, empty copy on another node: nothing in
+    /// flight to or from the old one counts, and every region is copied.
+    fn replaced(&mut self, replica: usize, now: Instant) {
+        let mut reads = Vec::new();
+        let mut copies_from = Vec::new();
+        self.ops.retain(|_, op| {
+            if op.replica == replica {
+                match op.kind {
+                    OpKind::Read { guest } => reads.push(guest),
+                    OpKind::CopyOut { target, .. } => copies_from.push(target),
+                    _ => {}
+                }
+                return false;
+            }
+            !matches!(op.kind, OpKind::CopyOut { target, .. } if target == replica)
+        });
+        for track in &mut self.replicas {
+            if track.copy.as_ref().is_some_and(|c| c.source == replica) {
+                track.copy = None;
+            }
+        }
+        for target in copies_from {
+            self.replicas[target].copy = None;
+        }
+        for pending in self.pending.values_mut() {
+            match pending {
+                Pending::Write { acked, sent, .. } | Pending::Flush { acked, sent } => {
+                    acked.remove(&replica);
+                    sent.remove(&replica);
+                }
+                Pending::Read { .. } => {}
+            }
+        }
+        for guest in reads {
+            if let Some(Pending::Read { waiting, .. }) = self.pending.get_mut(&guest) {
+                *waiting = true;
+            }
+        }
+        let mut track = Track::new(ReplicaState::Stale, self.regions, now);
+        track.dirty = RegionSet::full(self.regions);
+        track.dirty_known = true;
+        self.replicas[replica] = track;
+        // A change asked for the old copy does not apply to the new one.
+        self.meta_queue.retain(|change| match change {
+            MetaChange::MarkStale { replica: r } | MetaChange::MarkInSync { replica: r } => {
+                *r != replica
+            }
+            MetaChange::Replace { .. } => true,
+        });
     }
 
     fn fence(&mut self) {
@@ -651,6 +770,7 @@ impl<P: Payload> Frontend<P> {
         self.ops.remove(&id);
         let track = &mut self.replicas[replica];
         track.session = Some(session);
+        track.unreachable_since = None;
         track.flushed_once = false;
         track.sent_mutations = 0;
         track.digests = None;
@@ -789,6 +909,9 @@ impl<P: Payload> Frontend<P> {
         let lost_known = track.flushed_once || track.session.is_none();
         track.flushed_once = false;
         let had_session = track.session.take().is_some();
+        if had_session {
+            track.unreachable_since = Some(now);
+        }
         track.copy = None;
         track.sync_flush = None;
         track.digests = None;
@@ -1395,6 +1518,9 @@ impl<P: Payload> Frontend<P> {
             let Some(region) = track.dirty.iter().find(|region| !busy.contains(region)) else {
                 continue;
             };
+            if !self.take_allowance(target, now) {
+                continue;
+            }
             let op = self.send_op(source, OpKind::CopyOut { target, region }, now, |head| {
                 Request::CopyOut { head, region }
             });
@@ -1405,6 +1531,30 @@ impl<P: Payload> Frontend<P> {
                 overtaken: false,
             });
         }
+    }
+
+    /// Whether a region may be copied to `target` now, by the resync rate
+    /// limit (a token bucket holding at most a tenth of a second's worth,
+    /// and at least one region); takes the region's bytes if so.
+    fn take_allowance(&mut self, target: usize, now: Instant) -> bool {
+        let rate = self.config.resync_bytes_per_second;
+        if rate == 0 {
+            return true;
+        }
+        let region_bytes = self.config.region_blocks * super::wire::BLOCK_BYTES as u64;
+        let track = &mut self.replicas[target];
+        let elapsed = now.saturating_duration_since(track.allowance_at);
+        let earned = (elapsed.as_nanos() * u128::from(rate) / 1_000_000_000) as u64;
+        if earned > 0 {
+            let cap = (rate / 10).max(region_bytes);
+            track.copy_allowance = track.copy_allowance.saturating_add(earned).min(cap);
+            track.allowance_at = now;
+        }
+        if track.copy_allowance < region_bytes {
+            return false;
+        }
+        track.copy_allowance -= region_bytes;
+        true
     }
 
     /// Regions a copy from `source` must not start on: those a write in

@@ -352,6 +352,9 @@ impl Sim {
             min_replicas: 2,
             replica_timeout: Duration::from_millis(40),
             probe_interval: Duration::from_millis(25),
+            // A region (32 KiB) every 2 ms: resync paced, not instant.
+            resync_bytes_per_second: 16 << 20,
+            replace_after: Some(Duration::from_millis(300)),
         }
     }
 
@@ -602,12 +605,30 @@ impl Sim {
                 match change {
                     MetaChange::MarkStale { replica } => {
                         self.states[replica] = ReplicaState::Stale;
+                        MetaOutcome::Committed
                     }
                     MetaChange::MarkInSync { replica } => {
                         self.states[replica] = ReplicaState::InSync;
+                        MetaOutcome::Committed
+                    }
+                    MetaChange::Replace { replica } => {
+                        let others = (0..REPLICAS)
+                            .any(|r| r != replica && self.states[r] == ReplicaState::InSync);
+                        if others {
+                            // A new, empty node takes the slot; the old
+                            // one is gone for good.
+                            let incarnation = self.replicas[replica].incarnation + 100;
+                            let mut fresh = SimReplica::new();
+                            fresh.incarnation = incarnation;
+                            fresh.gate = ReplicaGate::new(incarnation, 0);
+                            self.replicas[replica] = fresh;
+                            self.states[replica] = ReplicaState::Stale;
+                            MetaOutcome::Committed
+                        } else {
+                            MetaOutcome::Refused
+                        }
                     }
                 }
-                MetaOutcome::Committed
             };
             self.log(|| format!("metadata {change:?} of {frontend}: {outcome:?}"));
             self.frontends[frontend].on_metadata(outcome, now);

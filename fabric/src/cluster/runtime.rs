@@ -630,8 +630,34 @@ impl ClusterRuntime {
                 "a volume named {name:?} already exists in the cluster"
             )));
         }
+        let candidates = self.candidates(&metadata);
+        place(&candidates, replicas, size_bytes).map_err(|e| ClusterError::Rejected(e.to_string()))
+    }
+
+    /// Picks a node for a new replica of volume `name`, on none of the
+    /// nodes holding one now.
+    pub fn place_replacement(&self, name: &str) -> Result<NodeId, ClusterError> {
+        let metadata = self.metadata();
+        let volume = metadata
+            .volumes
+            .get(name)
+            .ok_or_else(|| ClusterError::Rejected(format!("no volume named {name:?}")))?;
         let candidates: Vec<Candidate> = self
-            .nodes()
+            .candidates(&metadata)
+            .into_iter()
+            .filter(|candidate| !volume.replicas.contains(&candidate.id))
+            .collect();
+        place(&candidates, 1, volume.size_bytes)
+            .map(|nodes| nodes[0])
+            .map_err(|e| {
+                ClusterError::Rejected(format!("no node can take a new replica of {name:?}: {e}"))
+            })
+    }
+
+    /// Every node as a placement candidate: its state and the free space
+    /// not yet claimed by the volumes placed on it.
+    fn candidates(&self, metadata: &Metadata) -> Vec<Candidate> {
+        self.nodes()
             .into_iter()
             .map(|node| {
                 let claimed: u64 = metadata
@@ -650,8 +676,7 @@ impl ClusterRuntime {
                         .saturating_sub(claimed),
                 }
             })
-            .collect();
-        place(&candidates, replicas, size_bytes).map_err(|e| ClusterError::Rejected(e.to_string()))
+            .collect()
     }
 
     /// Records a created volume and its placement in the cluster metadata.

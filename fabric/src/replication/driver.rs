@@ -33,9 +33,37 @@ use crate::cluster::transport::{QuicConnection, QuicNetwork, KIND_REPLICATION};
 /// How often the coordinator's clock moves (timeouts, probes, resync).
 const TICK: Duration = Duration::from_millis(10);
 
+/// A change to the volume's replicas in the cluster metadata, by node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetaRequest {
+    MarkStale {
+        node: NodeId,
+    },
+    MarkInSync {
+        node: NodeId,
+    },
+    /// Put the replica on `old` on another node: `to`, or one placement
+    /// picks.
+    Replace {
+        old: NodeId,
+        to: Option<NodeId>,
+    },
+}
+
+/// How a [`MetaRequest`] went.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetaReply {
+    Outcome(MetaOutcome),
+    /// The replica now lives on `node`, reached at `member`.
+    Replaced {
+        node: NodeId,
+        member: Member,
+    },
+}
+
 /// Commits a metadata change for the volume and says how it went.
 pub type MetadataFn = Arc<
-    dyn Fn(Generation, MetaChange) -> Pin<Box<dyn Future<Output = MetaOutcome> + Send>>
+    dyn Fn(Generation, MetaRequest) -> Pin<Box<dyn Future<Output = MetaReply> + Send>>
         + Send
         + Sync,
 >;
@@ -43,15 +71,26 @@ pub type MetadataFn = Arc<
 /// Where a replica is.
 pub enum ReplicaEndpoint {
     /// On this node.
-    Local(Arc<Mutex<ReplicaVolume>>),
+    Local {
+        node: NodeId,
+        replica: Arc<Mutex<ReplicaVolume>>,
+    },
     /// On another node, reached over the cluster transport.
     Remote { node: NodeId, member: Member },
+}
+
+impl ReplicaEndpoint {
+    pub fn node(&self) -> NodeId {
+        match self {
+            ReplicaEndpoint::Local { node, .. } | ReplicaEndpoint::Remote { node, .. } => *node,
+        }
+    }
 }
 
 impl std::fmt::Debug for ReplicaEndpoint {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            ReplicaEndpoint::Local(_) => f.write_str("Local"),
+            ReplicaEndpoint::Local { node, .. } => write!(f, "Local(node {node})"),
             ReplicaEndpoint::Remote { node, member } => {
                 write!(f, "Remote(node {node} at {})", member.address)
             }
@@ -68,6 +107,8 @@ pub struct DriverStatus {
     pub dirty: Vec<u64>,
     /// The running scrub's progress, or the last scrub's result.
     pub scrub: Option<ScrubReport>,
+    /// The node of each replica (a replacement changes one).
+    pub nodes: Vec<NodeId>,
 }
 
 /// Requests about the volume rather than its data.
@@ -75,6 +116,13 @@ enum Control {
     /// Start a scrub; answers whether one started (not if one runs), and
     /// the scrub's report.
     Scrub(oneshot::Sender<(bool, Option<ScrubReport>)>),
+    /// Replace the replica on `old` (by a node placement picks, or `to`);
+    /// answers whether it was asked for.
+    Replace {
+        old: NodeId,
+        to: Option<NodeId>,
+        answer: oneshot::Sender<bool>,
+    },
 }
 
 /// Where a request's outcome goes.
@@ -144,6 +192,22 @@ impl DriverHandle {
         answer.await.ok()
     }
 
+    /// Asks for the replica on node `old` to be replaced by a full copy
+    /// on `to` (or a node placement picks); the status shows when it is.
+    /// False when `old` holds no replica, a replacement of it is already
+    /// asked for, or the driver has stopped or is fenced.
+    pub async fn replace(&self, old: NodeId, to: Option<NodeId>) -> bool {
+        let (answer, answered) = oneshot::channel();
+        if self
+            .control
+            .send(Control::Replace { old, to, answer })
+            .is_err()
+        {
+            return false;
+        }
+        answered.await.unwrap_or(false)
+    }
+
     /// The latest status.
     pub fn status(&self) -> DriverStatus {
         self.status.borrow().clone()
@@ -180,7 +244,8 @@ pub fn spawn(
     let (requests, guest_rx) = mpsc::unbounded_channel();
     let (control, control_rx) = mpsc::unbounded_channel();
     let frontend = Frontend::new(config, generation, &states, Instant::now());
-    let (status_tx, status) = watch::channel(status_of(&frontend));
+    let nodes: Vec<NodeId> = endpoints.iter().map(ReplicaEndpoint::node).collect();
+    let (status_tx, status) = watch::channel(status_of(&frontend, &nodes));
     let task = tokio::spawn(run(
         frontend,
         volume,
@@ -200,12 +265,13 @@ pub fn spawn(
     )
 }
 
-fn status_of(frontend: &Frontend<Blocks>) -> DriverStatus {
+fn status_of(frontend: &Frontend<Blocks>, nodes: &[NodeId]) -> DriverStatus {
     DriverStatus {
         phase: frontend.phase(),
         states: frontend.states(),
         dirty: frontend.dirty_counts(),
         scrub: frontend.scrub_report(),
+        nodes: nodes.to_vec(),
     }
 }
 
@@ -228,25 +294,29 @@ async fn run(
     status_tx: watch::Sender<DriverStatus>,
 ) {
     let (reply_tx, mut reply_rx) = mpsc::unbounded_channel::<(usize, Reply<Blocks>)>();
-    let (meta_tx, mut meta_rx) = mpsc::unbounded_channel::<MetaOutcome>();
-    let routes: Vec<Route> = endpoints
+    let (meta_tx, mut meta_rx) = mpsc::unbounded_channel::<(MetaChange, MetaReply)>();
+    let mut nodes: Vec<NodeId> = endpoints.iter().map(ReplicaEndpoint::node).collect();
+    let route = |index: usize, endpoint: ReplicaEndpoint| match endpoint {
+        ReplicaEndpoint::Local { replica, .. } => Route::Local(replica),
+        ReplicaEndpoint::Remote { node, member } => {
+            let (tx, rx) = mpsc::unbounded_channel();
+            tokio::spawn(link(
+                QuicConnection::to(&network, node, member),
+                volume,
+                index,
+                rx,
+                reply_tx.clone(),
+            ));
+            Route::Remote(tx)
+        }
+    };
+    let mut routes: Vec<Route> = endpoints
         .into_iter()
         .enumerate()
-        .map(|(index, endpoint)| match endpoint {
-            ReplicaEndpoint::Local(replica) => Route::Local(replica),
-            ReplicaEndpoint::Remote { node, member } => {
-                let (tx, rx) = mpsc::unbounded_channel();
-                tokio::spawn(link(
-                    QuicConnection::to(&network, node, member),
-                    volume,
-                    index,
-                    rx,
-                    reply_tx.clone(),
-                ));
-                Route::Remote(tx)
-            }
-        })
+        .map(|(index, endpoint)| route(index, endpoint))
         .collect();
+    // Where a manual replacement asked a replica to go.
+    let mut replace_to: HashMap<usize, NodeId> = HashMap::new();
     let mut waiting: HashMap<GuestId, Done> = HashMap::new();
     let mut next_guest: GuestId = 1;
     let mut tick = tokio::time::interval(TICK);
@@ -280,16 +350,28 @@ async fn run(
                 },
                 Effect::Complete { guest, outcome } => completed.push((guest, outcome)),
                 Effect::Metadata { generation, change } => {
+                    let request = match change {
+                        MetaChange::MarkStale { replica } => MetaRequest::MarkStale {
+                            node: nodes[replica],
+                        },
+                        MetaChange::MarkInSync { replica } => MetaRequest::MarkInSync {
+                            node: nodes[replica],
+                        },
+                        MetaChange::Replace { replica } => MetaRequest::Replace {
+                            old: nodes[replica],
+                            to: replace_to.get(&replica).copied(),
+                        },
+                    };
                     let metadata = metadata.clone();
                     let outcomes = meta_tx.clone();
                     tokio::spawn(async move {
-                        let _ = outcomes.send(metadata(generation, change).await);
+                        let _ = outcomes.send((change, metadata(generation, request).await));
                     });
                 }
             }
         }
         status_tx.send_if_modified(|status| {
-            let now = status_of(&frontend);
+            let now = status_of(&frontend, &nodes);
             let changed = *status != now;
             *status = now;
             changed
@@ -313,11 +395,37 @@ async fn run(
                 None => return,
             },
             Some((replica, reply)) = reply_rx.recv() => frontend.on_reply(replica, reply, now),
-            Some(outcome) = meta_rx.recv() => frontend.on_metadata(outcome, now),
+            Some((change, reply)) = meta_rx.recv() => match reply {
+                MetaReply::Outcome(outcome) => frontend.on_metadata(outcome, now),
+                MetaReply::Replaced { node, member } => {
+                    let MetaChange::Replace { replica } = change else {
+                        unreachable!("only a replacement answers with a new node")
+                    };
+                    tracing::info!(volume, old = nodes[replica], new = node, "replica replaced");
+                    replace_to.remove(&replica);
+                    nodes[replica] = node;
+                    // The old link ends when its sender is dropped.
+                    routes[replica] = route(replica, ReplicaEndpoint::Remote { node, member });
+                    frontend.on_metadata(MetaOutcome::Committed, now);
+                }
+            },
             Some(control) = control_rx.recv() => match control {
                 Control::Scrub(answer) => {
                     let started = frontend.scrub(now);
                     let _ = answer.send((started, frontend.scrub_report()));
+                }
+                Control::Replace { old, to, answer } => {
+                    let asked = match nodes.iter().position(|&node| node == old) {
+                        Some(replica) if frontend.replace(replica, now) => {
+                            match to {
+                                Some(to) => replace_to.insert(replica, to),
+                                None => replace_to.remove(&replica),
+                            };
+                            true
+                        }
+                        _ => false,
+                    };
+                    let _ = answer.send(asked);
                 }
             },
             _ = tick.tick() => frontend.tick(now),

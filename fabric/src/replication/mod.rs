@@ -31,6 +31,23 @@ pub const REGION_BLOCKS: u64 = 256;
 /// Bytes per region.
 pub const REGION_BYTES: u64 = REGION_BLOCKS * blockstore::replication::wire::BLOCK_BYTES as u64;
 
+/// Timings and limits of the replication drivers on this node (the
+/// config file's `[replication]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicationSettings {
+    pub replica_timeout: std::time::Duration,
+    pub retry: std::time::Duration,
+    /// 0: no limit.
+    pub resync_bytes_per_second: u64,
+    pub replace_after: Option<std::time::Duration>,
+}
+
+impl Default for ReplicationSettings {
+    fn default() -> Self {
+        crate::config::ReplicationConfig::default().settings()
+    }
+}
+
 /// A volume's id on the wire (its 16 hex digits).
 pub fn volume_id(volume: &VolumeMeta) -> Option<u64> {
     u64::from_str_radix(&volume.id, 16).ok()

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockstore::replication::frontend::{
-    Config, GuestOp, MetaChange, MetaOutcome, Outcome, Phase, ReplicaState,
+    Config, GuestOp, MetaOutcome, Outcome, Phase, ReplicaState,
 };
 use blockstore::replication::replica_volume::ReplicaVolume;
 use blockstore::replication::wire::{Blocks, BLOCK_BYTES};
@@ -16,7 +16,7 @@ use blockstore::replication::{Header, Reply, Request};
 use blockstore::{Store, StoreOptions};
 use bytes::Bytes;
 
-use super::driver::{spawn, MetadataFn, ReplicaEndpoint};
+use super::driver::{spawn, MetaReply, MetaRequest, MetadataFn, ReplicaEndpoint};
 use super::service::ReplicaService;
 use crate::cluster::raft::Member;
 use crate::cluster::tls::ClusterCa;
@@ -146,11 +146,11 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
     let remote_store = store(dirs[1].path());
     let server = serve(remote_endpoint.clone(), remote_service(&remote_store, 1));
 
-    let changes: Arc<Mutex<Vec<MetaChange>>> = Arc::default();
+    let changes: Arc<Mutex<Vec<MetaRequest>>> = Arc::default();
     let recorded = changes.clone();
     let metadata: MetadataFn = Arc::new(move |_generation, change| {
         recorded.lock().expect("lock").push(change);
-        Box::pin(async { MetaOutcome::Committed })
+        Box::pin(async { MetaReply::Outcome(MetaOutcome::Committed) })
     });
     let config = Config {
         volume_blocks: VOLUME_BLOCKS,
@@ -158,6 +158,8 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
         min_replicas: 1,
         replica_timeout: Duration::from_millis(500),
         probe_interval: Duration::from_millis(200),
+        resync_bytes_per_second: 0,
+        replace_after: None,
     };
     let (driver, _task) = spawn(
         config,
@@ -165,7 +167,10 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
         1,
         vec![ReplicaState::InSync, ReplicaState::InSync],
         vec![
-            ReplicaEndpoint::Local(Arc::new(Mutex::new(replica(&local_store, 1)))),
+            ReplicaEndpoint::Local {
+                node: 1,
+                replica: Arc::new(Mutex::new(replica(&local_store, 1))),
+            },
             ReplicaEndpoint::Remote {
                 node: 2,
                 member: Member {
@@ -210,7 +215,7 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
     assert!(changes
         .lock()
         .expect("lock")
-        .contains(&MetaChange::MarkStale { replica: 1 }));
+        .contains(&MetaRequest::MarkStale { node: 2 }));
     assert_eq!(driver.status().states[1], ReplicaState::Stale);
     assert_eq!(
         driver.status().dirty[1],
@@ -231,7 +236,7 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
     assert!(changes
         .lock()
         .expect("lock")
-        .contains(&MetaChange::MarkInSync { replica: 1 }));
+        .contains(&MetaRequest::MarkInSync { node: 2 }));
 
     // Both stores hold both writes.
     assert_eq!(driver.submit(GuestOp::Flush).await, Outcome::Flushed);
