@@ -299,6 +299,52 @@ async fn show_volume(
     Ok(Json(value))
 }
 
+/// After a restart: attaches again the replicated volumes the cluster
+/// metadata says this node serves (each with a new generation), so guests
+/// that reconnect to their sockets find them. Waits for the cluster to
+/// answer a current read first.
+pub async fn resume_replicated(node: Arc<Node>, cluster: Arc<ClusterHandle>) {
+    let mut tries = 0u32;
+    let volumes = loop {
+        {
+            let guard = cluster.runtime.read().await;
+            let Some(runtime) = guard.as_ref() else {
+                return;
+            };
+            match runtime.read_barrier(Consistency::Current).await {
+                Ok(()) => {
+                    let me = runtime.id();
+                    break runtime
+                        .metadata()
+                        .volumes
+                        .values()
+                        .filter(|volume| volume.replicas.len() > 1 && volume.frontend == Some(me))
+                        .cloned()
+                        .collect::<Vec<_>>();
+                }
+                Err(error) if tries % 20 == 0 => {
+                    tracing::info!(%error, "waiting for the cluster to attach replicated volumes again");
+                }
+                Err(_) => {}
+            }
+        }
+        tries += 1;
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    };
+    for volume in volumes {
+        let name = volume.name.clone();
+        match attach_replicated(node.clone(), cluster.clone(), volume, false).await {
+            Ok(_) => {
+                tracing::info!(volume = %name, "replicated volume attached again after a restart")
+            }
+            Err(error) => tracing::warn!(
+                volume = %name, error = %error.message,
+                "cannot attach a replicated volume again after a restart"
+            ),
+        }
+    }
+}
+
 /// Commits a replication driver's change to its volume's replicas.
 async fn record_replica_change(
     runtime: &crate::cluster::runtime::ClusterRuntime,

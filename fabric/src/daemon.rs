@@ -129,6 +129,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         replication_settings: config.replication.settings(),
     });
     let _ = handle_slot.set(Arc::downgrade(&cluster));
+    tokio::spawn(api::resume_replicated(node.clone(), cluster.clone()));
     let router =
         api::router(node.clone(), cluster.clone()).merge(cluster_api::router(cluster.clone()));
 

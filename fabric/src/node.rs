@@ -324,7 +324,9 @@ impl Node {
 
     /// Serves a replicated volume on `socket` through `backend` (its
     /// queues go to the replication driver). The attachment is not
-    /// recorded for a restart: attaching again takes a new generation.
+    /// recorded here: after a restart, the cluster metadata (which names
+    /// this node the volume's frontend) has it attached again, with a new
+    /// generation (`api::resume_replicated`).
     pub fn attach_replicated(
         &self,
         name: &str,

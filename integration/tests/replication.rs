@@ -664,3 +664,51 @@ fn replicas_are_replaced_by_hand_and_after_a_timeout() -> Result<()> {
     check_range(&mut client, buffer, 8 * 256, 256, 3)?;
     Ok(())
 }
+
+/// The frontend's `fabricd` is killed mid-stream and restarted: it attaches
+/// the volume again by itself (a new generation), on the same socket; the
+/// guest reconnects and finds every acknowledged block.
+#[test]
+fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut nodes = start_cluster(dir.path(), 3, "raft_election_min_ms = 500\nraft_election_max_ms = 1000\nraft_heartbeat_ms = 100\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n")?;
+    nodes[0]
+        .node
+        .fabctl(&["volume", "create", "fv", "--size", "64M", "--replicas", "2"])?;
+    let front = placement(&nodes[0].node, "fv")?[0];
+    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "fv"])?;
+    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    write_range(&mut client, buffer, 0, 512, 1)?;
+    drop(client);
+
+    nodes[front].node.kill9()?;
+    nodes[front].node.restart()?;
+    let shown = wait_for("the volume served again", 60, || {
+        let shown = nodes[front].node.fabctl_json(&["volume", "show", "fv"])?;
+        Ok((shown["replication"]["phase"] == "serving").then_some(shown))
+    })?;
+    ensure!(
+        shown["replication"]["generation"] == 2
+            && shown["attachment"]["socket"] == serde_json::json!(socket),
+        "{shown}"
+    );
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    check_range(&mut client, buffer, 0, 512, 1)?;
+    write_range(&mut client, buffer, 512, 256, 2)?;
+    check_range(&mut client, buffer, 512, 256, 2)?;
+    // A detached volume stays detached across a restart.
+    drop(client);
+    nodes[front].node.fabctl(&["volume", "detach", "fv"])?;
+    nodes[front].node.kill9()?;
+    nodes[front].node.restart()?;
+    std::thread::sleep(Duration::from_secs(3));
+    let shown = nodes[front].node.fabctl_json(&["volume", "show", "fv"])?;
+    ensure!(
+        shown["attachment"].is_null() && shown["replication"]["frontend"].is_null(),
+        "{shown}"
+    );
+    Ok(())
+}

@@ -755,6 +755,13 @@ impl ClusterRuntime {
                         }
                     }
                 }
+                // Not confirmed by a quorum yet (a member just joined, or
+                // one is slow): ask again until the outer timeout.
+                Err(RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(error))) => {
+                    tracing::debug!(%error, "no quorum confirmed leadership yet; retrying");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
                 Err(error) => return Err(ClusterError::Read(error.to_string())),
             };
             // The leader this node knows of may be gone: bound the attempt
