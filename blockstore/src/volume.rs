@@ -144,7 +144,7 @@ pub struct Volume {
     id: u64,
     file: File,
     path: PathBuf,
-    direct_io: bool,
+    direct_io: std::sync::atomic::AtomicBool,
     meta: Arc<MetaStore>,
     commit_signal: Arc<CommitSignal>,
     state: Mutex<State>,
@@ -211,7 +211,7 @@ impl Volume {
             id,
             file,
             path,
-            direct_io,
+            direct_io: std::sync::atomic::AtomicBool::new(direct_io),
             meta,
             commit_signal,
             state: Mutex::new(state),
@@ -246,7 +246,33 @@ impl Volume {
 
     /// Whether data I/O bypasses the page cache.
     pub fn direct_io(&self) -> bool {
+        self.direct_io.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Sends data I/O through the page cache from now on. For a replica's
+    /// copy: it applies writes one at a time, and with O_DIRECT each would
+    /// wait for the disk, while the frontend's FLUSH (and every commit)
+    /// still makes them durable with `fdatasync`.
+    pub fn use_page_cache(&self) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        if !self.direct_io() {
+            return Ok(());
+        }
+        let fd = self.file.as_raw_fd();
+        // SAFETY: fcntl on a descriptor this volume owns; F_GETFL and
+        // F_SETFL pass no memory.
+        let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+        // SAFETY: as above.
+        if flags < 0 || unsafe { libc::fcntl(fd, libc::F_SETFL, flags & !libc::O_DIRECT) } < 0 {
+            return Err(data_file_error(
+                "leave O_DIRECT",
+                &self.path,
+                std::io::Error::last_os_error(),
+            ));
+        }
         self.direct_io
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

@@ -313,7 +313,9 @@ impl Node {
                 reason: "the local volume of this name has another size than the cluster's",
             }));
         }
-        Ok((self.store.volume(name)?, record.replica_generation))
+        let volume = self.store.volume(name)?;
+        volume.use_page_cache()?;
+        Ok((volume, record.replica_generation))
     }
 
     /// Records the highest generation a replica has seen, durably.

@@ -315,8 +315,13 @@ pub fn start_cluster(
     count: usize,
     cluster_config: &str,
 ) -> Result<Vec<ClusterMember>> {
+    start_cluster_with(root, count, &format!("[cluster]\n{cluster_config}"))
+}
+
+/// [`start_cluster`] with a whole config file's text.
+pub fn start_cluster_with(root: &Path, count: usize, text: &str) -> Result<Vec<ClusterMember>> {
     let config = root.join("fabricd.toml");
-    std::fs::write(&config, format!("[cluster]\n{cluster_config}"))?;
+    std::fs::write(&config, text)?;
     let config = config.to_string_lossy().into_owned();
     let members = (1..=count)
         .map(|i| start_cluster_member(root, &format!("n{i}"), &["--config", &config]))

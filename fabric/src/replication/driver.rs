@@ -25,7 +25,8 @@ use blockstore::replication::wire::{decode_reply, encode_request, Blocks};
 use blockstore::replication::{Generation, Reply, Request};
 use tokio::sync::{mpsc, oneshot, watch};
 
-use super::{read_frame, write_frame};
+use super::read_frame;
+use super::service::{push_frame, BATCH_FRAMES_MAX};
 use crate::cluster::metadata::NodeId;
 use crate::cluster::raft::Member;
 use crate::cluster::transport::{QuicConnection, QuicNetwork, KIND_REPLICATION};
@@ -445,17 +446,24 @@ async fn link(
     replies: mpsc::UnboundedSender<(usize, Reply<Blocks>)>,
 ) {
     let mut stream: Option<quinn::SendStream> = None;
+    let mut chunks = Vec::new();
     while let Some(request) = requests.recv().await {
+        // Every request already queued goes out in the same write.
+        chunks.clear();
+        push_frame(&mut chunks, encode_request(volume, &request));
+        while chunks.len() < 2 * BATCH_FRAMES_MAX {
+            match requests.try_recv() {
+                Ok(request) => push_frame(&mut chunks, encode_request(volume, &request)),
+                Err(_) => break,
+            }
+        }
         if stream.is_none() {
             stream = open(&connection, volume, replica, replies.clone()).await;
         }
         let Some(send) = stream.as_mut() else {
             continue;
         };
-        if write_frame(send, &encode_request(volume, &request))
-            .await
-            .is_err()
-        {
+        if send.write_all_chunks(&mut chunks).await.is_err() {
             stream = None;
         }
     }

@@ -134,14 +134,5 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> std::io::Result<Option<
     Ok(Some(Bytes::from(frame)))
 }
 
-/// Writes one length-prefixed frame.
-pub async fn write_frame(send: &mut quinn::SendStream, frame: &Bytes) -> std::io::Result<()> {
-    let length = u32::try_from(frame.len()).expect("frames are bounded");
-    send.write_all(&length.to_le_bytes())
-        .await
-        .map_err(std::io::Error::other)?;
-    send.write_all(frame).await.map_err(std::io::Error::other)
-}
-
 #[cfg(test)]
 mod tests;

@@ -8,7 +8,9 @@ use std::sync::{Arc, Mutex};
 use blockstore::replication::replica_volume::ReplicaVolume;
 use blockstore::replication::wire::{decode_request, encode_reply};
 
-use super::{read_frame, write_frame};
+use bytes::Bytes;
+
+use super::read_frame;
 
 /// Finds (or creates) this node's replica of the volume with a cluster id.
 pub type Resolve = Arc<dyn Fn(u64) -> Result<ReplicaVolume, String> + Send + Sync>;
@@ -56,38 +58,73 @@ impl ReplicaService {
         mut recv: quinn::RecvStream,
         remote: SocketAddr,
     ) {
-        let refuse = |send: &mut quinn::SendStream, reason: &dyn std::fmt::Display| {
-            tracing::warn!(%remote, %reason, "closed a replication stream");
-            let _ = send.reset(1u32.into());
-        };
-        loop {
+        // Replies go out from their own task, every reply ready at once in
+        // one write, so applying the next request never waits on the
+        // network.
+        let (replies_tx, mut replies_rx) = tokio::sync::mpsc::unbounded_channel::<Bytes>();
+        let writer = tokio::spawn(async move {
+            let mut chunks = Vec::new();
+            while let Some(frame) = replies_rx.recv().await {
+                chunks.clear();
+                push_frame(&mut chunks, frame);
+                while chunks.len() < 2 * BATCH_FRAMES_MAX {
+                    match replies_rx.try_recv() {
+                        Ok(frame) => push_frame(&mut chunks, frame),
+                        Err(_) => break,
+                    }
+                }
+                if let Err(error) = send.write_all_chunks(&mut chunks).await {
+                    tracing::warn!(%remote, %error, "cannot answer on a replication stream");
+                    return send;
+                }
+            }
+            let _ = send.finish();
+            send
+        });
+        let refused = loop {
             let frame = match read_frame(&mut recv).await {
                 Ok(Some(frame)) => frame,
-                Ok(None) => {
-                    let _ = send.finish();
-                    return;
-                }
-                Err(error) => return refuse(&mut send, &error),
+                Ok(None) => break None,
+                Err(error) => break Some(error.to_string()),
             };
             let (volume, request) = match decode_request(frame) {
                 Ok(decoded) => decoded,
-                Err(error) => return refuse(&mut send, &error),
+                Err(error) => break Some(error.to_string()),
             };
             let replica = match self.replica(volume) {
                 Ok(replica) => replica,
-                Err(reason) => return refuse(&mut send, &reason),
+                Err(reason) => break Some(reason),
             };
             let replies = match handle(replica, request).await {
                 Ok(replies) => replies,
-                Err(error) => return refuse(&mut send, &error),
+                Err(error) => break Some(error),
             };
-            for reply in replies {
-                if let Err(error) = write_frame(&mut send, &encode_reply(volume, &reply)).await {
-                    return refuse(&mut send, &error);
-                }
+            let sent = replies
+                .iter()
+                .all(|reply| replies_tx.send(encode_reply(volume, reply)).is_ok());
+            if !sent {
+                // The writer stopped: the stream is broken.
+                break None;
+            }
+        };
+        drop(replies_tx);
+        if let Ok(mut send) = writer.await {
+            if let Some(reason) = refused {
+                tracing::warn!(%remote, %reason, "closed a replication stream");
+                let _ = send.reset(1u32.into());
             }
         }
     }
+}
+
+/// Most frames written at once.
+pub const BATCH_FRAMES_MAX: usize = 64;
+
+/// Adds a frame, with its length prefix, to a batch of chunks to write.
+pub fn push_frame(chunks: &mut Vec<Bytes>, frame: Bytes) {
+    let length = u32::try_from(frame.len()).expect("frames are bounded");
+    chunks.push(Bytes::copy_from_slice(&length.to_le_bytes()));
+    chunks.push(frame);
 }
 
 /// Whether a request can run on an async task: anything but a FLUSH or a

@@ -7,7 +7,7 @@
 //! with one replica local to the attaching node and the others over QUIC.
 //!
 //! ```text
-//! repbench [--runs 3] [--seconds 5] [--dir /var/tmp]
+//! repbench [--runs 3] [--seconds 5] [--dir /var/tmp] [--page-cache]
 //! ```
 
 use std::path::PathBuf;
@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use integration::blk_workload::{self, CompletionMode, RunOptions, Workload, WorkloadReport};
-use integration::fabricd::{placement, start_cluster};
+use integration::fabricd::{placement, start_cluster_with};
 use integration::vhost_blk::{BlkClient, ClientConfig};
 
 #[derive(Debug, Parser)]
@@ -30,6 +30,10 @@ struct Args {
     /// Where the nodes keep their data (a real filesystem, not tmpfs).
     #[arg(long, default_value = "/var/tmp")]
     dir: PathBuf,
+    /// Write volume data through the page cache rather than O_DIRECT, to
+    /// see the replication path without the disk.
+    #[arg(long)]
+    page_cache: bool,
 }
 
 const WORKLOADS: [Workload; 3] = [
@@ -45,10 +49,13 @@ fn main() -> Result<()> {
         .prefix("repbench-")
         .tempdir_in(&args.dir)
         .with_context(|| format!("cannot make a directory in {}", args.dir.display()))?;
-    let nodes = start_cluster(
+    let nodes = start_cluster_with(
         dir.path(),
         3,
-        "heartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+        &format!(
+            "direct_io = {}\n[cluster]\nheartbeat_ms = 100\nsuspect_after_ms = 400\ndown_after_ms = 1200\n",
+            !args.page_cache
+        ),
     )?;
 
     let mut sockets = Vec::new();
