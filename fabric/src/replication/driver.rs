@@ -23,6 +23,7 @@ use blockstore::replication::frontend::{
 use blockstore::replication::replica_volume::ReplicaVolume;
 use blockstore::replication::wire::{decode_reply, encode_request, Blocks};
 use blockstore::replication::{Generation, Reply, Request};
+use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use super::read_frame;
@@ -445,28 +446,53 @@ async fn link(
     mut requests: mpsc::UnboundedReceiver<Request<Blocks>>,
     replies: mpsc::UnboundedSender<(usize, Reply<Blocks>)>,
 ) {
-    let mut stream: Option<quinn::SendStream> = None;
-    let mut chunks = Vec::new();
+    // Two streams: guest writes, flushes and their acknowledgements on
+    // one; reads, resync copies, digests and scrubs (bulk data, both
+    // ways) on the other, so an acknowledgement never waits behind a
+    // region of data.
+    let mut streams: [Option<quinn::SendStream>; 2] = [None, None];
+    let mut chunks: [Vec<Bytes>; 2] = [Vec::new(), Vec::new()];
     while let Some(request) = requests.recv().await {
         // Every request already queued goes out in the same write.
-        chunks.clear();
-        push_frame(&mut chunks, encode_request(volume, &request));
-        while chunks.len() < 2 * BATCH_FRAMES_MAX {
-            match requests.try_recv() {
-                Ok(request) => push_frame(&mut chunks, encode_request(volume, &request)),
-                Err(_) => break,
+        let mut queued = 1;
+        let mut next = Some(request);
+        while let Some(request) = next.take() {
+            let lane = usize::from(bulk(&request));
+            push_frame(&mut chunks[lane], encode_request(volume, &request));
+            if queued < BATCH_FRAMES_MAX {
+                next = requests.try_recv().ok();
+                queued += 1;
             }
         }
-        if stream.is_none() {
-            stream = open(&connection, volume, replica, replies.clone()).await;
-        }
-        let Some(send) = stream.as_mut() else {
-            continue;
-        };
-        if send.write_all_chunks(&mut chunks).await.is_err() {
-            stream = None;
+        for lane in 0..2 {
+            if chunks[lane].is_empty() {
+                continue;
+            }
+            if streams[lane].is_none() {
+                streams[lane] = open(&connection, volume, replica, replies.clone()).await;
+            }
+            let written = match streams[lane].as_mut() {
+                Some(send) => send.write_all_chunks(&mut chunks[lane]).await.is_ok(),
+                None => false,
+            };
+            chunks[lane].clear();
+            if !written {
+                streams[lane] = None;
+            }
         }
     }
+}
+
+/// Whether a request goes on the bulk stream.
+fn bulk(request: &Request<Blocks>) -> bool {
+    matches!(
+        request,
+        Request::Read { .. }
+            | Request::CopyOut { .. }
+            | Request::CopyIn { .. }
+            | Request::Digests { .. }
+            | Request::Verify { .. }
+    )
 }
 
 async fn open(
