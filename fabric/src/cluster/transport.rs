@@ -125,7 +125,7 @@ pub fn bind(
     socket.bind(&address.into()).map_err(bind_error)?;
     let transport = transport_config();
     let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::default(),
+        quinn::EndpointConfig::new(identity.reset_key()),
         Some(identity.server_config(transport.clone())?),
         socket.into(),
         Arc::new(quinn::TokioRuntime),
@@ -435,6 +435,17 @@ impl QuicConnection {
             .expect("connection cache poisoned")
             .insert(self.target, connection.clone());
         Ok(connection)
+    }
+
+    /// Drops the cached connection to the member (not closing it), so the
+    /// next call connects anew: for a caller whose requests went
+    /// unanswered, whose peer may have restarted.
+    pub fn forget(&self) {
+        self.network
+            .connections
+            .lock()
+            .expect("connection cache poisoned")
+            .remove(&self.target);
     }
 
     /// Sends one request of `kind` and decodes the reply.

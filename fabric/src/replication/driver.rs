@@ -452,7 +452,16 @@ async fn link(
     // region of data.
     let mut streams: [Option<quinn::SendStream>; 2] = [None, None];
     let mut chunks: [Vec<Bytes>; 2] = [Vec::new(), Vec::new()];
+    let mut opened_before = false;
     while let Some(request) = requests.recv().await {
+        // The coordinator opens a session again only after the replica
+        // failed to answer: its node may have restarted, and the cached
+        // connection (to its former self) would stay silent until it timed
+        // out. Connect anew.
+        if matches!(request, Request::Open { .. }) && opened_before {
+            connection.forget();
+            streams = [None, None];
+        }
         // Every request already queued goes out in the same write.
         let mut queued = 1;
         let mut next = Some(request);
@@ -469,7 +478,16 @@ async fn link(
                 continue;
             }
             if streams[lane].is_none() {
-                streams[lane] = open(&connection, volume, replica, replies.clone()).await;
+                // Bounded: a dead node's handshake is not waited out; the
+                // coordinator's next probe tries again.
+                streams[lane] = tokio::time::timeout(
+                    CONNECT_TIMEOUT,
+                    open(&connection, volume, replica, replies.clone()),
+                )
+                .await
+                .ok()
+                .flatten();
+                opened_before |= streams[lane].is_some();
             }
             let written = match streams[lane].as_mut() {
                 Some(send) => send.write_all_chunks(&mut chunks[lane]).await.is_ok(),
@@ -482,6 +500,9 @@ async fn link(
         }
     }
 }
+
+/// How long a link waits to connect to a replica's node.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Whether a request goes on the bulk stream.
 fn bulk(request: &Request<Blocks>) -> bool {
