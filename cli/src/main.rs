@@ -517,15 +517,23 @@ fn run(args: &Args) -> Result<(), CliError> {
                     // replacement commits; then its copy is followed.
                     let path = format!("/v1/volumes/{}", segment(name));
                     let old = &value["old"];
-                    for _ in 0..200 {
+                    let mut moved = false;
+                    for _ in 0..240 {
                         let shown = call(&endpoint, "GET", &path, None)?;
-                        let moved = shown["placement"]
+                        moved = shown["placement"]
                             .as_array()
                             .is_some_and(|nodes| !nodes.contains(old));
                         if moved {
                             break;
                         }
                         std::thread::sleep(POLL);
+                    }
+                    if !moved {
+                        return Err(CliError::Api {
+                            message: format!(
+                                "the replica of {name} on node {old} was not replaced within 60 s (no node to put it on, or the cluster refused it; the attached node's log says why)"
+                            ),
+                        });
                     }
                     wait_in_sync(&endpoint, name, None)?;
                 }
@@ -618,9 +626,15 @@ fn scrub(endpoint: &Endpoint, name: &str, no_wait: bool, json: bool) -> Result<(
         return Ok(());
     }
     let mut progress = Progress::new("scrub");
+    let mut polls = 0u32;
     let report = loop {
         let value = call(endpoint, "GET", &path, None)?;
         let report = value["replication"]["scrub"].clone();
+        polls += 1;
+        if report.is_null() && polls < 8 {
+            std::thread::sleep(POLL);
+            continue;
+        }
         if report.is_null() {
             progress.finish();
             return Err(CliError::Api {
@@ -640,6 +654,14 @@ fn scrub(endpoint: &Endpoint, name: &str, no_wait: bool, json: bool) -> Result<(
                     count("differing")
                 ),
             );
+        }
+        if report["aborted"].as_bool() == Some(true) {
+            progress.finish();
+            return Err(CliError::Api {
+                message: format!(
+                    "the scrub of {name} stopped: this attachment was fenced by a newer one"
+                ),
+            });
         }
         if report["finished"].as_bool() == Some(true) {
             progress.finish();
@@ -704,6 +726,14 @@ fn wait_in_sync(
             return Err(CliError::Api {
                 message: format!(
                     "volume {name} is not replicated, or not served by this node (ask the node it is attached to)"
+                ),
+            });
+        }
+        if r["phase"].as_str() == Some("fenced") {
+            progress.finish();
+            return Err(CliError::Api {
+                message: format!(
+                    "volume {name} is fenced here: a newer attachment serves it elsewhere"
                 ),
             });
         }

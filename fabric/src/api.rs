@@ -413,6 +413,27 @@ async fn record_replica_change(
             MetaReply::Outcome(MetaOutcome::Fenced)
         }
         Ok(Response::Rejected { reason }) if matches!(command, Command::ReplaceReplica { .. }) => {
+            // A retry of a replacement whose first try committed unseen (a
+            // timeout) is refused: the metadata shows whether it happened.
+            if let Command::ReplaceReplica { name, old, new, .. } = &command {
+                let placed = runtime
+                    .metadata()
+                    .volumes
+                    .get(name)
+                    .map(|volume| volume.replicas.clone())
+                    .unwrap_or_default();
+                if placed.contains(new) && !placed.contains(old) {
+                    if let Some(record) = runtime.metadata().nodes.get(new) {
+                        return MetaReply::Replaced {
+                            node: *new,
+                            member: crate::cluster::raft::Member {
+                                name: record.name.clone(),
+                                address: record.cluster_address.clone(),
+                            },
+                        };
+                    }
+                }
+            }
             tracing::warn!(%reason, ?command, "replica replacement refused");
             MetaReply::Outcome(MetaOutcome::Refused)
         }
@@ -502,7 +523,7 @@ async fn replace_replica(
                 StatusCode::CONFLICT,
                 "replacing",
                 format!(
-                    "the replica of {name:?} on node {old} is already being replaced, or this attachment is fenced"
+                    "the replica of {name:?} on node {old} is already being replaced, is the only in-sync replica that answers, or this attachment is fenced"
                 ),
             ));
         }
@@ -553,30 +574,39 @@ async fn scrub_volume(
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Some(driver) = node.driver(&name) else {
-        let lookup = name.clone();
-        blocking(&node, move |node| node.show(&lookup)).await?;
-        let guard = cluster.runtime.read().await;
-        let volume = guard
-            .as_ref()
-            .and_then(|runtime| runtime.metadata().volumes.get(&name).cloned());
-        let message = match volume {
-            Some(volume) if volume.replicas.len() > 1 => match volume.frontend {
-                Some(frontend) => format!(
-                    "volume {name:?} is attached on node {frontend}; a scrub runs where the volume is attached: ask that node's API"
-                ),
-                None => format!(
-                    "volume {name:?} is not attached; attach it on a node holding a replica, then scrub it there"
-                ),
-            },
-            _ => format!(
-                "volume {name:?} has one replica: nothing to compare it with (its reads verify every block's checksum)"
-            ),
+        let volume = {
+            let guard = cluster.runtime.read().await;
+            guard
+                .as_ref()
+                .and_then(|runtime| runtime.metadata().volumes.get(&name).cloned())
         };
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "not_attached_here",
-            message,
-        ));
+        let (code, message) = match volume {
+            Some(volume) if volume.replicas.len() > 1 => (
+                "not_attached_here",
+                match volume.frontend {
+                    Some(frontend) => format!(
+                        "volume {name:?} is attached on node {frontend}; a scrub runs where the volume is attached: ask that node's API"
+                    ),
+                    None => format!(
+                        "volume {name:?} is not attached; attach it on a node holding a replica, then scrub it there"
+                    ),
+                },
+            ),
+            volume => {
+                if volume.is_none() {
+                    // Not in the cluster: a local volume, or none at all (404).
+                    let lookup = name.clone();
+                    blocking(&node, move |node| node.show(&lookup)).await?;
+                }
+                (
+                    "not_replicated",
+                    format!(
+                        "volume {name:?} has one replica: nothing to compare it with (its reads verify every block's checksum)"
+                    ),
+                )
+            }
+        };
+        return Err(ApiError::new(StatusCode::CONFLICT, code, message));
     };
     let fenced = || {
         ApiError::new(

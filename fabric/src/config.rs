@@ -235,10 +235,19 @@ impl Config {
             });
         }
         let replication = &self.replication;
-        if replication.replica_timeout_ms < 10 || replication.retry_ms < 10 {
+        const HOUR_MS: u64 = 3_600_000;
+        if !(10..=HOUR_MS).contains(&replication.replica_timeout_ms)
+            || !(10..=HOUR_MS).contains(&replication.retry_ms)
+        {
             return Err(ConfigError::Invalid {
                 key: "replication",
-                reason: "replica_timeout_ms and retry_ms must be at least 10".into(),
+                reason: "replica_timeout_ms and retry_ms must be 10 to 3600000".into(),
+            });
+        }
+        if replication.replace_after_s > 30 * 24 * 3600 {
+            return Err(ConfigError::Invalid {
+                key: "replication.replace_after_s",
+                reason: "at most 30 days (2592000); 0 for never".into(),
             });
         }
         if replication.resync_bytes_per_second != 0

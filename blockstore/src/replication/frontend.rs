@@ -121,19 +121,24 @@ pub struct ScrubReport {
     /// Regions that writes kept busy on every try: not compared.
     pub skipped: u64,
     pub finished: bool,
+    /// It stopped before the end: the attachment was fenced.
+    pub aborted: bool,
 }
 
 /// Regions verified at once.
 const SCRUB_WINDOW: usize = 4;
 /// Times a region overtaken by guest writes is verified again.
 const SCRUB_TRIES: u32 = 8;
+/// How long a region may wait for guest writes to leave it alone.
+const SCRUB_BUSY_MAX: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default)]
 struct Scrub {
     /// The next region not yet started, in disk order.
     next: u64,
-    /// Regions to verify again (writes overtook them), with their tries.
-    again: BTreeMap<u64, u32>,
+    /// Regions to verify again (writes overtook them, or kept them busy),
+    /// with their tries and since when they wait.
+    again: BTreeMap<u64, (u32, Instant)>,
     rounds: BTreeMap<u64, ScrubRound>,
     report: ScrubReport,
 }
@@ -471,6 +476,18 @@ impl<P: Payload> Frontend<P> {
         {
             return false;
         }
+        // An in-sync replica is marked stale first (never the last one,
+        // nor while no other in-sync replica answers), so what it held is
+        // on another in-sync replica before its copy is dropped.
+        if self.replicas[replica].state == ReplicaState::InSync {
+            if self.source(&BTreeSet::from([replica])).is_none() {
+                return false;
+            }
+            if !self.replicas[replica].demoting {
+                self.replicas[replica].demoting = true;
+                self.want_meta(MetaChange::MarkStale { replica });
+            }
+        }
         self.want_meta(change);
         self.advance(now);
         true
@@ -678,6 +695,12 @@ impl<P: Payload> Frontend<P> {
 
     fn fence(&mut self) {
         self.phase = Phase::Fenced;
+        if let Some(scrub) = &mut self.scrub {
+            if !scrub.report.finished {
+                scrub.report.finished = true;
+                scrub.report.aborted = true;
+            }
+        }
         self.ops.clear();
         self.meta_queue.clear();
         let pending: Vec<GuestId> = self.pending.keys().copied().collect();
@@ -1110,14 +1133,27 @@ impl<P: Payload> Frontend<P> {
             .collect();
         for region in answered {
             let round = scrub.rounds.remove(&region).expect("listed above");
-            self.finish_scrub_round(&mut scrub, region, round);
+            self.finish_scrub_round(&mut scrub, region, round, now);
         }
         let busy = self.busy_regions_all();
+        // A region guest writes keep busy this long is given up on.
+        let starved: Vec<u64> = scrub
+            .again
+            .iter()
+            .filter(|(region, (_, since))| {
+                busy.contains(region) && now.saturating_duration_since(*since) >= SCRUB_BUSY_MAX
+            })
+            .map(|(&region, _)| region)
+            .collect();
+        for region in starved {
+            scrub.again.remove(&region);
+            scrub.report.skipped += 1;
+        }
         while scrub.rounds.len() < SCRUB_WINDOW {
             let candidate = scrub
                 .again
                 .iter()
-                .map(|(&region, &tries)| (region, tries))
+                .map(|(&region, &(tries, _))| (region, tries))
                 .find(|(region, _)| !busy.contains(region));
             let (region, tries) = match candidate {
                 Some((region, tries)) => {
@@ -1128,7 +1164,7 @@ impl<P: Payload> Frontend<P> {
                     let region = scrub.next;
                     scrub.next += 1;
                     if busy.contains(&region) {
-                        scrub.again.insert(region, 0);
+                        scrub.again.insert(region, (0, now));
                         continue;
                     }
                     (region, 0)
@@ -1141,7 +1177,7 @@ impl<P: Payload> Frontend<P> {
                 .collect();
             if replicas.is_empty() {
                 // Nothing to verify against now: try again later.
-                scrub.again.insert(region, tries);
+                scrub.again.insert(region, (tries, now));
                 break;
             }
             let mut asked = BTreeMap::new();
@@ -1169,7 +1205,13 @@ impl<P: Payload> Frontend<P> {
 
     /// Compares the answers of one region: damaged blocks and differing
     /// maps make that replica's copy of the region dirty.
-    fn finish_scrub_round(&mut self, scrub: &mut Scrub, region: u64, round: ScrubRound) {
+    fn finish_scrub_round(
+        &mut self,
+        scrub: &mut Scrub,
+        region: u64,
+        round: ScrubRound,
+        now: Instant,
+    ) {
         // Replicas that went stale meanwhile are being resynced anyway.
         let answers: Vec<(usize, u64, Vec<u64>)> = round
             .answers
@@ -1181,7 +1223,7 @@ impl<P: Payload> Frontend<P> {
         scrub.report.damaged_blocks += damaged;
         if answers.is_empty() || (round.overtaken && damaged == 0) {
             if round.tries + 1 < SCRUB_TRIES {
-                scrub.again.insert(region, round.tries + 1);
+                scrub.again.insert(region, (round.tries + 1, now));
             } else {
                 scrub.report.skipped += 1;
             }
@@ -1218,7 +1260,7 @@ impl<P: Payload> Frontend<P> {
         if round.overtaken {
             // Damage was found and handled; the comparison is redone.
             if round.tries + 1 < SCRUB_TRIES {
-                scrub.again.insert(region, round.tries + 1);
+                scrub.again.insert(region, (round.tries + 1, now));
             } else {
                 scrub.report.skipped += 1;
             }
@@ -1311,6 +1353,14 @@ impl<P: Payload> Frontend<P> {
     fn advance(&mut self, now: Instant) {
         if self.phase == Phase::Fenced {
             return;
+        }
+        // A replacement waits until its replica is recorded stale; if that
+        // cannot happen (it became the last in-sync replica), it is dropped.
+        if let Some(&MetaChange::Replace { replica }) = self.meta_queue.front() {
+            let track = &self.replicas[replica];
+            if track.state == ReplicaState::InSync && !track.demoting {
+                self.meta_queue.pop_front();
+            }
         }
         if self.meta_inflight.is_none() {
             if let Some(change) = self.meta_queue.pop_front() {

@@ -398,7 +398,13 @@ async fn run(
             },
             Some((replica, reply)) = reply_rx.recv() => frontend.on_reply(replica, reply, now),
             Some((change, reply)) = meta_rx.recv() => match reply {
-                MetaReply::Outcome(outcome) => frontend.on_metadata(outcome, now),
+                MetaReply::Outcome(outcome) => {
+                    if let (MetaChange::Replace { replica }, MetaOutcome::Refused) = (change, outcome) {
+                        // A refused target is not tried again.
+                        replace_to.remove(&replica);
+                    }
+                    frontend.on_metadata(outcome, now)
+                }
                 MetaReply::Replaced { node, member } => {
                     let MetaChange::Replace { replica } = change else {
                         unreachable!("only a replacement answers with a new node")
@@ -414,6 +420,8 @@ async fn run(
             Some(control) = control_rx.recv() => match control {
                 Control::Scrub(answer) => {
                     let started = frontend.scrub(now);
+                    // Seen in the status before the caller hears of it.
+                    status_tx.send_replace(status_of(&frontend, &nodes));
                     let _ = answer.send((started, frontend.scrub_report()));
                 }
                 Control::Replace { old, to, answer } => {

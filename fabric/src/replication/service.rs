@@ -127,37 +127,24 @@ pub fn push_frame(chunks: &mut Vec<Bytes>, frame: Bytes) {
     chunks.push(frame);
 }
 
-/// Whether a request can run on an async task: anything but a FLUSH or a
-/// scrub's VERIFY (which reads a whole region from disk), when no FLUSH is
-/// held (a write could release one, which syncs).
-pub fn quick(
-    replica: &Mutex<ReplicaVolume>,
-    request: &blockstore::replication::Request<blockstore::replication::wire::Blocks>,
-) -> bool {
-    !matches!(
-        request,
-        blockstore::replication::Request::Flush { .. }
-            | blockstore::replication::Request::Verify { .. }
-    ) && !replica
-        .lock()
-        .expect("replica volume poisoned")
-        .holds_flushes()
-}
-
 /// Applies a request to a replica. Writes, reads and copies of a few MiB
-/// into the page cache take microseconds and run here; a FLUSH (which
-/// syncs the data file) and any request that may release one (a write
-/// completing a held FLUSH) go to a blocking thread.
+/// into the page cache take microseconds and run here, if the replica is
+/// free; a FLUSH (which syncs the data file), a scrub's VERIFY (which reads
+/// a whole region), any request that may release a held FLUSH, and any
+/// request while another holds the replica go to a blocking thread, so an
+/// async worker never waits on a sync.
 pub async fn handle(
     replica: Arc<Mutex<ReplicaVolume>>,
     request: blockstore::replication::Request<blockstore::replication::wire::Blocks>,
 ) -> Result<Vec<blockstore::replication::Reply<blockstore::replication::wire::Blocks>>, String> {
-    if quick(&replica, &request) {
-        return replica
-            .lock()
-            .expect("replica volume poisoned")
-            .handle(request)
-            .map_err(|e| e.to_string());
+    use blockstore::replication::Request;
+    let slow = matches!(request, Request::Flush { .. } | Request::Verify { .. });
+    if !slow {
+        if let Ok(mut guard) = replica.try_lock() {
+            if !guard.holds_flushes() {
+                return guard.handle(request).map_err(|e| e.to_string());
+            }
+        }
     }
     tokio::task::spawn_blocking(move || {
         replica
