@@ -352,7 +352,7 @@ async fn record_replica_change(
     generation: u64,
     request: crate::replication::driver::MetaRequest,
 ) -> crate::replication::driver::MetaReply {
-    use crate::cluster::metadata::{Command, Response};
+    use crate::cluster::metadata::{Command, NodeId, Response};
     use crate::replication::driver::{MetaReply, MetaRequest};
     use blockstore::replication::frontend::MetaOutcome;
 
@@ -387,23 +387,22 @@ async fn record_replica_change(
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
         MetaReply::Outcome(MetaOutcome::Retry)
     };
+    // The replica now on `new`, reached at its recorded address; a node
+    // removed from the cluster in between leaves the slot to a later
+    // replacement.
+    let replaced = |new: NodeId| match runtime.metadata().nodes.get(&new) {
+        Some(record) => MetaReply::Replaced {
+            node: new,
+            member: record.into(),
+        },
+        None => MetaReply::Outcome(MetaOutcome::Committed),
+    };
     match runtime.write(command.clone()).await {
         Ok(Response::Applied) => {
             tracing::info!(?command, "replica change recorded");
-            let Command::ReplaceReplica { new, .. } = command else {
-                return MetaReply::Outcome(MetaOutcome::Committed);
-            };
-            match runtime.metadata().nodes.get(&new) {
-                Some(record) => MetaReply::Replaced {
-                    node: new,
-                    member: crate::cluster::raft::Member {
-                        name: record.name.clone(),
-                        address: record.cluster_address.clone(),
-                    },
-                },
-                // Removed from the cluster in between: the volume now names a
-                // node that is gone, whose replica a later replacement moves.
-                None => MetaReply::Outcome(MetaOutcome::Committed),
+            match command {
+                Command::ReplaceReplica { new, .. } => replaced(new),
+                _ => MetaReply::Outcome(MetaOutcome::Committed),
             }
         }
         Ok(Response::Rejected { reason })
@@ -423,15 +422,7 @@ async fn record_replica_change(
                     .map(|volume| volume.replicas.clone())
                     .unwrap_or_default();
                 if placed.contains(new) && !placed.contains(old) {
-                    if let Some(record) = runtime.metadata().nodes.get(new) {
-                        return MetaReply::Replaced {
-                            node: *new,
-                            member: crate::cluster::raft::Member {
-                                name: record.name.clone(),
-                                address: record.cluster_address.clone(),
-                            },
-                        };
-                    }
+                    return replaced(*new);
                 }
             }
             tracing::warn!(%reason, ?command, "replica replacement refused");
@@ -776,10 +767,7 @@ async fn attach_replicated(
             })?;
             endpoints.push(ReplicaEndpoint::Remote {
                 node: *replica,
-                member: crate::cluster::raft::Member {
-                    name: record.name.clone(),
-                    address: record.cluster_address.clone(),
-                },
+                member: record.into(),
             });
         }
     }

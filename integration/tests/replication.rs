@@ -148,6 +148,25 @@ fn damage(node: &Fabricd, volume: &str, lbas: std::ops::Range<u64>, version: u8)
     Ok(damaged)
 }
 
+/// Attaches `volume` on `node` (`extra`: more `fabctl volume attach`
+/// arguments) and returns its vhost-user socket.
+fn attach(node: &Fabricd, volume: &str, extra: &[&str]) -> Result<String> {
+    let mut args = vec!["volume", "attach", volume];
+    args.extend_from_slice(extra);
+    let attached = node.fabctl_json(&args)?;
+    Ok(attached["socket"]
+        .as_str()
+        .context("attach names a socket")?
+        .to_owned())
+}
+
+/// A vhost-user-blk client on `socket`, with a buffer of one request.
+fn connect(socket: &str) -> Result<(BlkClient, Buffer)> {
+    let client = BlkClient::connect(socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    Ok((client, buffer))
+}
+
 fn replication(node: &Fabricd, volume: &str) -> Result<serde_json::Value> {
     let shown = node.fabctl_json(&["volume", "show", volume])?;
     Ok(shown["replication"].clone())
@@ -181,11 +200,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     let (front, other) = (placement[0], placement[1]);
 
     // Attach on the first replica: it runs the frontend.
-    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
-    let socket = attached["socket"]
-        .as_str()
-        .context("attach names a socket")?
-        .to_owned();
+    let socket = attach(&nodes[front].node, "rv", &[])?;
     let shown = replication(&nodes[front].node, "rv")?;
     ensure!(shown["phase"] == "serving", "{shown}");
     ensure!(
@@ -194,8 +209,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     );
     ensure!(shown["generation"] == 1, "{shown}");
 
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let (mut client, buffer) = connect(&socket)?;
     write_range(&mut client, buffer, 0, 256, 1)?;
 
     // A discard reaches both replicas (it reads back as zeros, and neither
@@ -271,13 +285,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
     // Kill the frontend's node; attach on the other replica, which then
     // serves alone: every acknowledged block is there.
     nodes[front].node.kill9()?;
-    let attached = nodes[other]
-        .node
-        .fabctl_json(&["volume", "attach", "rv", "--force"])?;
-    let socket = attached["socket"]
-        .as_str()
-        .context("attach names a socket")?
-        .to_owned();
+    let socket = attach(&nodes[other].node, "rv", &["--force"])?;
     let shown = wait_for("the new frontend serving", 60, || {
         let shown = replication(&nodes[other].node, "rv")?;
         Ok((shown["phase"] == "serving").then_some(shown))
@@ -286,8 +294,7 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
         shown["generation"] == 2,
         "a new attachment, a new generation: {shown}"
     );
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let (mut client, buffer) = connect(&socket)?;
     check_range(&mut client, buffer, 0, 256, 1)?;
     check_range(&mut client, buffer, 10 * 256, 256, 2)?;
     // Never-written blocks read as zeros.
@@ -324,10 +331,8 @@ fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
         .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
     let placement = placement(&nodes[0].node, "rv")?;
     let (front, other) = (placement[0], placement[1]);
-    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
-    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let socket = attach(&nodes[front].node, "rv", &[])?;
+    let (mut client, buffer) = connect(&socket)?;
     write_range(&mut client, buffer, 0, 256, 1)?;
 
     // Cut the frontend's node off from both others, both ways.
@@ -364,10 +369,7 @@ fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
     );
 
     // The majority attaches the volume on the other replica.
-    let attached = nodes[other]
-        .node
-        .fabctl_json(&["volume", "attach", "rv", "--force"])?;
-    let new_socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let new_socket = attach(&nodes[other].node, "rv", &["--force"])?;
     let shown = wait_for("the new frontend serving", 60, || {
         let shown = replication(&nodes[other].node, "rv")?;
         Ok((shown["phase"] == "serving").then_some(shown))
@@ -385,8 +387,7 @@ fn a_partitioned_frontend_is_fenced_by_a_new_attachment() -> Result<()> {
         !done[0].is_ok(),
         "the fenced frontend's write must fail: {done:?}"
     );
-    let mut fresh = BlkClient::connect(&new_socket, &ClientConfig::default())?;
-    let buffer = fresh.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let (mut fresh, buffer) = connect(&new_socket)?;
     check_range(&mut fresh, buffer, 0, 256, 1)?;
     write_range(&mut fresh, buffer, 0, CHUNK, 3)?;
     check_range(&mut fresh, buffer, 0, CHUNK, 3)?;
@@ -414,8 +415,7 @@ fn a_guest_keeps_writing_through_the_loss_of_a_replica() -> Result<()> {
     ])?;
     let placement = placement(&nodes[0].node, "gv")?;
     let (front, other) = (placement[0], placement[1]);
-    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "gv"])?;
-    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
+    let socket = attach(&nodes[front].node, "gv", &[])?;
 
     let script = r#"
 echo "CHECK start"
@@ -476,10 +476,8 @@ fn a_damaged_replica_is_read_around_and_repaired() -> Result<()> {
         .fabctl(&["volume", "create", "rv", "--size", "64M", "--replicas", "2"])?;
     let placement = placement(&nodes[0].node, "rv")?;
     let (front, other) = (placement[0], placement[1]);
-    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "rv"])?;
-    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let socket = attach(&nodes[front].node, "rv", &[])?;
+    let (mut client, buffer) = connect(&socket)?;
     write_range(&mut client, buffer, 0, 256, 1)?;
 
     // Damage the first MiB of the frontend's own copy, where those blocks
@@ -569,10 +567,8 @@ fn replicas_are_replaced_by_hand_and_after_a_timeout() -> Result<()> {
         .fabctl(&["volume", "create", "mv", "--size", "64M", "--replicas", "2"])?;
     let first = placement(&nodes[0].node, "mv")?;
     let front = first[0];
-    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "mv"])?;
-    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let socket = attach(&nodes[front].node, "mv", &[])?;
+    let (mut client, buffer) = connect(&socket)?;
     write_range(&mut client, buffer, 0, 512, 1)?;
 
     // Bad requests say what is wrong and change nothing.
@@ -657,8 +653,7 @@ fn replicas_are_replaced_by_hand_and_after_a_timeout() -> Result<()> {
         let shown = replication(&nodes[last].node, "mv")?;
         Ok((shown["phase"] == "serving").then_some(()))
     })?;
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let (mut client, buffer) = connect(&socket)?;
     check_range(&mut client, buffer, 0, 512, 1)?;
     check_range(&mut client, buffer, 4 * 256, 256, 2)?;
     check_range(&mut client, buffer, 8 * 256, 256, 3)?;
@@ -676,10 +671,8 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
         .node
         .fabctl(&["volume", "create", "fv", "--size", "64M", "--replicas", "2"])?;
     let front = placement(&nodes[0].node, "fv")?[0];
-    let attached = nodes[front].node.fabctl_json(&["volume", "attach", "fv"])?;
-    let socket = attached["socket"].as_str().context("a socket")?.to_owned();
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let socket = attach(&nodes[front].node, "fv", &[])?;
+    let (mut client, buffer) = connect(&socket)?;
     write_range(&mut client, buffer, 0, 512, 1)?;
     drop(client);
 
@@ -694,8 +687,7 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
             && shown["attachment"]["socket"] == serde_json::json!(socket),
         "{shown}"
     );
-    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
-    let buffer = client.data_buffer(0, (CHUNK * BLOCK) as u32)?;
+    let (mut client, buffer) = connect(&socket)?;
     check_range(&mut client, buffer, 0, 512, 1)?;
     write_range(&mut client, buffer, 512, 256, 2)?;
     check_range(&mut client, buffer, 512, 256, 2)?;

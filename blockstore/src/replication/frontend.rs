@@ -143,6 +143,18 @@ struct Scrub {
     report: ScrubReport,
 }
 
+impl Scrub {
+    /// Verifies `region` again after its try number `tries`, unless it
+    /// has had them all: then it is reported skipped.
+    fn again_or_skip(&mut self, region: u64, tries: u32, now: Instant) {
+        if tries + 1 < SCRUB_TRIES {
+            self.again.insert(region, (tries + 1, now));
+        } else {
+            self.report.skipped += 1;
+        }
+    }
+}
+
 #[derive(Debug)]
 struct ScrubRound {
     tries: u32,
@@ -645,41 +657,11 @@ impl<P: Payload> Frontend<P> {
     /// `replica` is now a new, empty copy on another node: nothing in
     /// flight to or from the old one counts, and every region is copied.
     fn replaced(&mut self, replica: usize, now: Instant) {
-        let mut reads = Vec::new();
-        let mut copies_from = Vec::new();
-        self.ops.retain(|_, op| {
-            if op.replica == replica {
-                match op.kind {
-                    OpKind::Read { guest } => reads.push(guest),
-                    OpKind::CopyOut { target, .. } => copies_from.push(target),
-                    _ => {}
-                }
-                return false;
-            }
-            !matches!(op.kind, OpKind::CopyOut { target, .. } if target == replica)
-        });
-        for track in &mut self.replicas {
-            if track.copy.as_ref().is_some_and(|c| c.source == replica) {
-                track.copy = None;
-            }
-        }
-        for target in copies_from {
-            self.replicas[target].copy = None;
-        }
-        for pending in self.pending.values_mut() {
-            match pending {
-                Pending::Write { acked, sent, .. } | Pending::Flush { acked, sent } => {
-                    acked.remove(&replica);
-                    sent.remove(&replica);
-                }
-                Pending::Read { .. } => {}
-            }
-        }
-        for guest in reads {
-            if let Some(Pending::Read { waiting, .. }) = self.pending.get_mut(&guest) {
-                *waiting = true;
-            }
-        }
+        // What was in flight to or from the old copy ends as for a failed
+        // stale replica (recorded stale before its replacement, so the
+        // in-sync rules do not apply); then the slot starts afresh.
+        self.replicas[replica].state = ReplicaState::Stale;
+        self.fail(replica, now);
         let mut track = Track::new(ReplicaState::Stale, self.regions, now);
         track.dirty = RegionSet::full(self.regions);
         track.dirty_known = true;
@@ -1135,7 +1117,7 @@ impl<P: Payload> Frontend<P> {
             let round = scrub.rounds.remove(&region).expect("listed above");
             self.finish_scrub_round(&mut scrub, region, round, now);
         }
-        let busy = self.busy_regions_all();
+        let busy = self.busy_regions(None);
         // A region guest writes keep busy this long is given up on.
         let starved: Vec<u64> = scrub
             .again
@@ -1222,11 +1204,7 @@ impl<P: Payload> Frontend<P> {
         let damaged: u64 = answers.iter().map(|(_, _, d)| d.len() as u64).sum();
         scrub.report.damaged_blocks += damaged;
         if answers.is_empty() || (round.overtaken && damaged == 0) {
-            if round.tries + 1 < SCRUB_TRIES {
-                scrub.again.insert(region, (round.tries + 1, now));
-            } else {
-                scrub.report.skipped += 1;
-            }
+            scrub.again_or_skip(region, round.tries, now);
             return;
         }
         // The reference: the first replica whose blocks all verify.
@@ -1259,11 +1237,7 @@ impl<P: Payload> Frontend<P> {
         }
         if round.overtaken {
             // Damage was found and handled; the comparison is redone.
-            if round.tries + 1 < SCRUB_TRIES {
-                scrub.again.insert(region, (round.tries + 1, now));
-            } else {
-                scrub.report.skipped += 1;
-            }
+            scrub.again_or_skip(region, round.tries, now);
         } else {
             scrub.report.checked += 1;
         }
@@ -1564,7 +1538,7 @@ impl<P: Payload> Frontend<P> {
                 }
                 continue;
             }
-            let busy = self.busy_regions(source);
+            let busy = self.busy_regions(Some(source));
             let Some(region) = track.dirty.iter().find(|region| !busy.contains(region)) else {
                 continue;
             };
@@ -1607,10 +1581,11 @@ impl<P: Payload> Frontend<P> {
         true
     }
 
-    /// Regions a copy from `source` must not start on: those a write in
-    /// flight touches, and those of pending writes the source has not
-    /// applied yet (a copy now would miss them).
-    fn busy_regions(&self, source: usize) -> BTreeSet<u64> {
+    /// Regions a write in flight touches, and those of pending writes
+    /// `source` has not applied yet (every pending write, without one): a
+    /// copy from `source` must not start on them (it would miss them), nor
+    /// a scrub compare them.
+    fn busy_regions(&self, source: Option<usize>) -> BTreeSet<u64> {
         let region_blocks = self.config.region_blocks;
         let in_flight = self.ops.values().filter_map(|op| match op.kind {
             OpKind::Write { lba, blocks, .. } => Some(regions_of(lba, blocks, region_blocks)),
@@ -1619,21 +1594,9 @@ impl<P: Payload> Frontend<P> {
         let pending = self.pending.values().filter_map(|pending| match pending {
             Pending::Write {
                 lba, blocks, acked, ..
-            } if !acked.contains(&source) => Some(regions_of(*lba, *blocks, region_blocks)),
-            _ => None,
-        });
-        in_flight.chain(pending).flatten().collect()
-    }
-
-    /// Regions a write in flight or pending touches.
-    fn busy_regions_all(&self) -> BTreeSet<u64> {
-        let region_blocks = self.config.region_blocks;
-        let in_flight = self.ops.values().filter_map(|op| match op.kind {
-            OpKind::Write { lba, blocks, .. } => Some(regions_of(lba, blocks, region_blocks)),
-            _ => None,
-        });
-        let pending = self.pending.values().filter_map(|pending| match pending {
-            Pending::Write { lba, blocks, .. } => Some(regions_of(*lba, *blocks, region_blocks)),
+            } if source.is_none_or(|source| !acked.contains(&source)) => {
+                Some(regions_of(*lba, *blocks, region_blocks))
+            }
             _ => None,
         });
         in_flight.chain(pending).flatten().collect()

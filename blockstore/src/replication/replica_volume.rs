@@ -337,23 +337,13 @@ impl ReplicaVolume {
             for (i, extent) in extents.iter().enumerate() {
                 let Some(extent) = extent else { continue };
                 let block = &mut buf.as_mut_slice()[..BLOCK_BYTES];
-                volume
-                    .file()
-                    .read_exact_at(block, extent.physical * BLOCK_SIZE)
-                    .map_err(|source| Error::DataFile {
-                        action: "read",
-                        path: volume.path().to_owned(),
-                        source,
-                    })?;
-                let found = crc32fast::hash(block);
-                if found != extent.crc {
-                    let block_lba = lba + i as u64;
-                    tracing::error!(
-                        volume = %volume.name(), offset = block_lba * BLOCK_SIZE,
-                        expected = extent.crc, found,
-                        "scrub: a replica block fails its checksum"
-                    );
-                    damaged.push(block_lba);
+                match read_block(volume, lba + i as u64, extent, block) {
+                    Ok(()) => {}
+                    Err(error @ Error::ChecksumMismatch { .. }) => {
+                        tracing::error!(%error, "scrub: a replica block fails its checksum");
+                        damaged.push(lba + i as u64);
+                    }
+                    Err(error) => return Err(error),
                 }
             }
             Ok(damaged)
@@ -378,23 +368,7 @@ impl ReplicaVolume {
         let result = (|| {
             for (i, (block_lba, extent)) in mapped.iter().enumerate() {
                 let block = &mut buf.as_mut_slice()[i * BLOCK_BYTES..(i + 1) * BLOCK_BYTES];
-                volume
-                    .file()
-                    .read_exact_at(block, extent.physical * BLOCK_SIZE)
-                    .map_err(|source| Error::DataFile {
-                        action: "read",
-                        path: volume.path().to_owned(),
-                        source,
-                    })?;
-                let found = crc32fast::hash(block);
-                if found != extent.crc {
-                    return Err(Error::ChecksumMismatch {
-                        volume: volume.name().to_owned(),
-                        offset: block_lba * BLOCK_SIZE,
-                        expected: extent.crc,
-                        found,
-                    });
-                }
+                read_block(volume, *block_lba, extent, block)?;
             }
             let crcs = mapped.iter().map(|(_, extent)| extent.crc).collect();
             let data = Bytes::copy_from_slice(&buf.as_slice()[..mapped.len() * BLOCK_BYTES]);
@@ -404,6 +378,34 @@ impl ReplicaVolume {
         self.pool.put(buf);
         result
     }
+}
+
+/// Reads the stored block `lba` (at `extent`) into `block` and checks it
+/// against its checksum.
+fn read_block(
+    volume: &crate::Volume,
+    lba: u64,
+    extent: &crate::meta::Extent,
+    block: &mut [u8],
+) -> Result<()> {
+    volume
+        .file()
+        .read_exact_at(block, extent.physical * BLOCK_SIZE)
+        .map_err(|source| Error::DataFile {
+            action: "read",
+            path: volume.path().to_owned(),
+            source,
+        })?;
+    let found = crc32fast::hash(block);
+    if found != extent.crc {
+        return Err(Error::ChecksumMismatch {
+            volume: volume.name().to_owned(),
+            offset: lba * BLOCK_SIZE,
+            expected: extent.crc,
+            found,
+        });
+    }
+    Ok(())
 }
 
 #[cfg(test)]

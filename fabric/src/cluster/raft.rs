@@ -40,6 +40,15 @@ pub struct Member {
     pub address: String,
 }
 
+impl From<&super::metadata::NodeRecord> for Member {
+    fn from(record: &super::metadata::NodeRecord) -> Member {
+        Member {
+            name: record.name.clone(),
+            address: record.cluster_address.clone(),
+        }
+    }
+}
+
 openraft::declare_raft_types!(
     /// openraft's types for the metadata group.
     pub TypeConfig:

@@ -1104,14 +1104,7 @@ async fn heartbeats(id: NodeId, machine: StateMachine, network: QuicNetwork, int
             .into_values()
             .filter(|node| node.id != id)
         {
-            let link = QuicConnection::to(
-                &network,
-                node.id,
-                Member {
-                    name: node.name.clone(),
-                    address: node.cluster_address.clone(),
-                },
-            );
+            let link = QuicConnection::to(&network, node.id, Member::from(&node));
             tokio::spawn(async move {
                 let sent: Result<(), _> =
                     link.request(KIND_HEARTBEAT, &Heartbeat { from: id }).await;
