@@ -151,10 +151,19 @@ echo "CHECK fio finished"
     };
     let mut guest = Guest::spawn(&image, &busy)?;
     guest.wait_for_serial("CHECK running", Duration::from_secs(90))?;
-    std::thread::sleep(Duration::from_secs(3));
+    // Killed once fio's writes are reaching the volume (under emulation,
+    // on a busy machine, fio may take a while to start).
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    let shown = loop {
+        let shown = node.fabctl_json(&["volume", "show", "disk2"])?;
+        let writing = shown["attachment"]["counters"]["writes"].as_u64() > Some(0);
+        if writing || std::time::Instant::now() >= deadline {
+            break shown;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
     let console = guest.kill()?;
     assert!(!console.contains("CHECK fio finished"));
-    let shown = node.fabctl_json(&["volume", "show", "disk2"])?;
     assert!(
         shown["attachment"]["counters"]["writes"].as_u64() > Some(0),
         "fio wrote nothing: {shown}"
