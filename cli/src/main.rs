@@ -99,6 +99,17 @@ enum NodeCommand {
     Remove { node: String },
     /// Set a label on a node (`key=value`), or remove one (`key-`).
     Label { node: String, label: String },
+    /// Time round trips over the cluster transport from the node fabctl
+    /// talks to, to another node (the path a replicated write takes).
+    Ping {
+        node: String,
+        /// Round trips.
+        #[arg(long, default_value_t = 100)]
+        count: usize,
+        /// Bytes sent per round trip: bytes, or a number with K or M.
+        #[arg(long, default_value = "4K", value_parser = parse_size)]
+        size: u64,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -132,6 +143,10 @@ enum VolumeCommand {
         /// even if that node is up (its guest then sees I/O errors).
         #[arg(long)]
         force: bool,
+        /// Attach on this node (id or name) instead of the one fabctl
+        /// talks to; the socket is then on that node.
+        #[arg(long)]
+        node: Option<String>,
     },
     /// Verify every block of every in-sync replica against its checksum
     /// and compare the replicas; damaged or differing copies are copied
@@ -385,6 +400,30 @@ fn run(args: &Args) -> Result<(), CliError> {
             )?;
             print_json(&value);
         }
+        Command::Node(NodeCommand::Ping { node, count, size }) => {
+            let value = call(
+                &endpoint,
+                "POST",
+                &format!("/v1/nodes/{}/ping", segment(node)),
+                Some(json!({ "count": count, "bytes": size })),
+            )?;
+            if json {
+                print_json(&value);
+            } else {
+                let us = |key: &str| value[key].as_f64().unwrap_or(f64::NAN);
+                println!(
+                    "{} round trips of {} bytes to node {} ({}): min {:.0} µs, median {:.0} µs, p99 {:.0} µs, max {:.0} µs",
+                    value["count"],
+                    value["bytes"],
+                    value["name"].as_str().unwrap_or("?"),
+                    value["node"],
+                    us("min_us"),
+                    us("p50_us"),
+                    us("p99_us"),
+                    us("max_us"),
+                );
+            }
+        }
         Command::Node(NodeCommand::Remove { node }) => {
             let value = call(
                 &endpoint,
@@ -476,12 +515,12 @@ fn run(args: &Args) -> Result<(), CliError> {
                     println!("deleted volume {name}");
                 }
             }
-            VolumeCommand::Attach { name, force } => {
+            VolumeCommand::Attach { name, force, node } => {
                 let value = call(
                     &endpoint,
                     "POST",
                     &format!("/v1/volumes/{}/attach", segment(name)),
-                    force.then(|| json!({ "force": true })),
+                    Some(json!({ "force": force, "node": node })),
                 )?;
                 if json {
                     print_json(&json!({
@@ -491,7 +530,7 @@ fn run(args: &Args) -> Result<(), CliError> {
                         "qemu_memory_args": value["attachment"]["qemu_memory_args"],
                     }));
                 } else {
-                    print_attachment(&value);
+                    print_attachment(&value, node.as_deref());
                 }
             }
             VolumeCommand::Scrub { name, no_wait } => scrub(&endpoint, name, *no_wait, json)?,
@@ -978,12 +1017,14 @@ fn args_line(value: &Value) -> String {
         .unwrap_or_default()
 }
 
-fn print_attachment(v: &Value) {
+fn print_attachment(v: &Value, node: Option<&str>) {
     let a = &v["attachment"];
     println!(
-        "volume {} is served on {}",
+        "volume {} is served on {}{}",
         v["name"].as_str().unwrap_or("?"),
-        a["socket"].as_str().unwrap_or("?")
+        a["socket"].as_str().unwrap_or("?"),
+        node.map(|node| format!(" on node {node}"))
+            .unwrap_or_default()
     );
     println!();
     println!("QEMU arguments for the disk:");

@@ -114,6 +114,9 @@ pub struct CreateVolume {
 pub struct AttachVolume {
     /// Take a replicated volume over from a frontend that is up.
     pub force: bool,
+    /// Attach on this node (id or name) rather than the one asked; the
+    /// request is forwarded to it over the cluster transport.
+    pub node: Option<String>,
 }
 
 /// What the volume routes need: the node, and its cluster membership.
@@ -637,11 +640,23 @@ async fn attach_volume(
     Path(name): Path<String>,
     body: Result<Json<AttachVolume>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let force = match body {
-        Ok(Json(request)) => request.force,
-        Err(JsonRejection::MissingJsonContentType(_)) => false,
+    let request = match body {
+        Ok(Json(request)) => request,
+        Err(JsonRejection::MissingJsonContentType(_)) => AttachVolume::default(),
         Err(rejection) => return Err(rejection.into()),
     };
+    let force = request.force;
+    if let Some(target) = &request.node {
+        // A valid name needs no escaping in a path.
+        blockstore::store::validate_name(&name).map_err(NodeError::Store)?;
+        let path = format!("/v1/volumes/{name}/attach");
+        let body = serde_json::json!({ "force": force });
+        if let Some(answer) =
+            crate::cluster_api::forward(&cluster, target, "POST", path, Some(body)).await?
+        {
+            return Ok(answer.into_response());
+        }
+    }
     let replicated = match cluster.runtime.read().await.as_ref() {
         Some(runtime) => {
             runtime.read_barrier(Consistency::Current).await?;
@@ -658,7 +673,7 @@ async fn attach_volume(
         Some(volume) => attach_replicated(node, cluster, volume, force).await?,
         None => blocking(&node, move |node| node.attach(&name)).await?,
     };
-    Ok(Json(view))
+    Ok(Json(view).into_response())
 }
 
 /// Attaches a replicated volume here: a new generation through Raft (which
@@ -744,6 +759,7 @@ async fn attach_replicated(
         ))
     })?;
     let service = cluster
+        .services
         .replication
         .as_ref()
         .ok_or_else(|| ApiError::bad_request("this node serves no replicas".into()))?;

@@ -25,8 +25,9 @@ pub struct ClusterHandle {
     pub data_dir: PathBuf,
     pub settings: ClusterSettings,
     pub runtime: RwLock<Option<ClusterRuntime>>,
-    /// This node's replicas, served to frontends on the cluster transport.
-    pub replication: Option<crate::replication::service::ReplicaService>,
+    /// This node's replicas and API, served to other nodes on the cluster
+    /// transport.
+    pub services: crate::cluster::transport::NodeServices,
     /// Timings of the replication drivers of volumes attached here.
     pub replication_settings: crate::replication::ReplicationSettings,
 }
@@ -96,6 +97,7 @@ pub fn router(handle: Arc<ClusterHandle>) -> Router {
             "/v1/nodes/{id}/labels/{key}",
             axum::routing::put(set_label).delete(remove_label),
         )
+        .route("/v1/nodes/{id}/ping", post(ping))
         .route("/v1/cluster/faults", axum::routing::put(set_faults))
         .route("/v1/pool", get(pool))
         .with_state(handle)
@@ -112,12 +114,8 @@ async fn init(State(handle): State<Arc<ClusterHandle>>) -> Result<impl IntoRespo
     if slot.is_some() {
         return Err(ClusterError::AlreadyMember(handle.data_dir.join("cluster/node.json")).into());
     }
-    let runtime = ClusterRuntime::init(
-        &handle.data_dir,
-        &handle.settings,
-        handle.replication.clone(),
-    )
-    .await?;
+    let runtime =
+        ClusterRuntime::init(&handle.data_dir, &handle.settings, handle.services.clone()).await?;
     let status = runtime.status();
     *slot = Some(runtime);
     Ok((StatusCode::CREATED, Json(status)))
@@ -180,7 +178,7 @@ async fn join_complete(
     let runtime = ClusterRuntime::complete_join(
         &handle.data_dir,
         &handle.settings,
-        handle.replication.clone(),
+        handle.services.clone(),
         &request.token,
         request.grant,
     )
@@ -303,6 +301,152 @@ async fn label(
     // Read back from this node: it applied the change if it is the leader,
     // and otherwise soon will.
     Ok(Json(find_node(runtime, &id).unwrap_or(node)))
+}
+
+/// Runs an API request on the node `target` names (id or name) if that is
+/// another node, and returns its answer; `None` if `target` is this node.
+pub async fn forward(
+    handle: &ClusterHandle,
+    target: &str,
+    method: &str,
+    path: String,
+    body: Option<serde_json::Value>,
+) -> Result<Option<axum::response::Response>, ApiError> {
+    let link = {
+        let runtime = handle.runtime.read().await;
+        let runtime = runtime.as_ref().ok_or_else(|| {
+            ApiError::bad_request("--node needs a cluster: this node is in none".into())
+        })?;
+        let node = find_node(runtime, target)?;
+        if node.record.id == runtime.id() {
+            return Ok(None);
+        }
+        crate::cluster::transport::QuicConnection::to(
+            runtime.network(),
+            node.record.id,
+            crate::cluster::raft::Member::from(&node.record),
+        )
+    };
+    let call = crate::cluster::transport::ApiCall {
+        method: method.into(),
+        path,
+        body,
+    };
+    let answer: Result<crate::cluster::transport::ApiAnswer, String> = link
+        .request(crate::cluster::transport::KIND_API, &call)
+        .await
+        .map_err(|error| {
+            ApiError::new(
+                StatusCode::BAD_GATEWAY,
+                "node_unreachable",
+                format!("cannot reach node {target:?}: {error}"),
+            )
+        })?;
+    let answer = answer.map_err(|reason| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "forward_failed",
+            format!("node {target:?} could not run the request: {reason}"),
+        )
+    })?;
+    let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
+    Ok(Some((status, Json(answer.body)).into_response()))
+}
+
+/// Body of `POST /v1/nodes/{id}/ping`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PingSpec {
+    /// Round trips to time.
+    #[serde(default = "PingSpec::default_count")]
+    count: usize,
+    /// Bytes sent per round trip (the answer is 4 bytes).
+    #[serde(default = "PingSpec::default_bytes")]
+    bytes: usize,
+}
+
+impl PingSpec {
+    const COUNT_MAX: usize = 100_000;
+
+    fn default_count() -> usize {
+        100
+    }
+
+    fn default_bytes() -> usize {
+        4096
+    }
+}
+
+/// Round-trip times of a ping, in microseconds.
+#[derive(Debug, Serialize)]
+struct PingView {
+    node: crate::cluster::metadata::NodeId,
+    name: String,
+    count: usize,
+    bytes: usize,
+    min_us: f64,
+    p50_us: f64,
+    p99_us: f64,
+    max_us: f64,
+    mean_us: f64,
+}
+
+/// Times round trips to a node over the cluster transport, on the same
+/// kind of QUIC stream replication uses.
+async fn ping(
+    State(handle): State<Arc<ClusterHandle>>,
+    Path(id): Path<String>,
+    body: Result<Json<PingSpec>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(spec) = body?;
+    if !(1..=PingSpec::COUNT_MAX).contains(&spec.count) {
+        return Err(ApiError::bad_request(format!(
+            "count {} is outside 1..={}",
+            spec.count,
+            PingSpec::COUNT_MAX
+        )));
+    }
+    let bytes_max = crate::cluster::transport::PING_BYTES_MAX;
+    if spec.bytes > bytes_max {
+        return Err(ApiError::bad_request(format!(
+            "bytes {} is over the {bytes_max}-byte limit",
+            spec.bytes
+        )));
+    }
+    let (node, link) = {
+        let runtime = handle.runtime.read().await;
+        let runtime = runtime.as_ref().ok_or_else(not_in_cluster)?;
+        let node = find_node(runtime, &id)?;
+        let member = crate::cluster::raft::Member::from(&node.record);
+        let link = crate::cluster::transport::QuicConnection::to(
+            runtime.network(),
+            node.record.id,
+            member,
+        );
+        (node, link)
+    };
+    let mut times = link.ping(spec.count, spec.bytes).await.map_err(|error| {
+        ApiError::new(
+            StatusCode::BAD_GATEWAY,
+            "node_unreachable",
+            format!("cannot ping node {:?}: {error}", node.record.name),
+        )
+    })?;
+    times.sort_unstable();
+    let micros = |d: &std::time::Duration| d.as_secs_f64() * 1e6;
+    let at = |q: f64| micros(&times[((times.len() - 1) as f64 * q).round() as usize]);
+    let mean = times.iter().map(micros).sum::<f64>() / times.len() as f64;
+    Ok(Json(PingView {
+        node: node.record.id,
+        name: node.record.name,
+        count: spec.count,
+        bytes: spec.bytes,
+        min_us: at(0.0),
+        p50_us: at(0.5),
+        p99_us: at(0.99),
+        max_us: at(1.0),
+        mean_us: mean,
+    }))
 }
 
 /// Body of `PUT /v1/cluster/faults`.

@@ -14,6 +14,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::api;
 use crate::cluster::runtime::ClusterRuntime;
+use crate::cluster::transport::NodeServices;
 use crate::cluster_api::{self, ClusterHandle};
 use crate::config::Config;
 use crate::node::Node;
@@ -119,19 +120,23 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let handle_slot: Arc<std::sync::OnceLock<std::sync::Weak<ClusterHandle>>> = Arc::default();
     let replication =
         crate::replication::node_service(node.clone(), handle_slot.clone(), incarnation());
-    let membership =
-        ClusterRuntime::resume(&config.data_dir, &settings, Some(replication.clone())).await?;
+    let services = NodeServices {
+        replication: Some(replication),
+        api: Arc::default(),
+    };
+    let membership = ClusterRuntime::resume(&config.data_dir, &settings, services.clone()).await?;
     let cluster = Arc::new(ClusterHandle {
         data_dir: config.data_dir.clone(),
         settings,
         runtime: tokio::sync::RwLock::new(membership),
-        replication: Some(replication),
+        services: services.clone(),
         replication_settings: config.replication.settings(),
     });
     let _ = handle_slot.set(Arc::downgrade(&cluster));
     tokio::spawn(api::resume_replicated(node.clone(), cluster.clone()));
     let router =
         api::router(node.clone(), cluster.clone()).merge(cluster_api::router(cluster.clone()));
+    let _ = services.api.set(router.clone());
 
     let unix = bind_unix(&config.api_socket)?;
     let _socket_guard = RemoveOnDrop(config.api_socket.clone());

@@ -282,10 +282,52 @@ fn a_killed_replica_resyncs_and_the_volume_fails_over_to_it() -> Result<()> {
         "{refused:?}"
     );
 
-    // Kill the frontend's node; attach on the other replica, which then
-    // serves alone: every acknowledged block is there.
+    // Round trips over the cluster transport, and bad pings.
+    let third = (0..3)
+        .find(|i| !placement.contains(i))
+        .context("a third node")?;
+    let other_name = format!("n{}", other + 1);
+    let ping = nodes[third]
+        .node
+        .fabctl_json(&["node", "ping", &other_name, "--count", "20"])?;
+    ensure!(
+        ping["count"] == 20 && ping["bytes"] == 4096 && ping["p50_us"].as_f64() > Some(0.0),
+        "{ping}"
+    );
+    let refused =
+        nodes[third]
+            .node
+            .fabctl_output(&["node", "ping", &other_name, "--count", "0"])?;
+    ensure!(
+        String::from_utf8_lossy(&refused.stderr).contains("count 0 is outside"),
+        "{refused:?}"
+    );
+    let refused = nodes[third].node.fabctl_output(&["node", "ping", "n9"])?;
+    ensure!(
+        String::from_utf8_lossy(&refused.stderr).contains("no node with id or name \"n9\""),
+        "{refused:?}"
+    );
+
+    // Kill the frontend's node; attach on the other replica (asked of the
+    // third node), which then serves alone: every acknowledged block is
+    // there.
     nodes[front].node.kill9()?;
-    let socket = attach(&nodes[other].node, "rv", &["--force"])?;
+    let refused = nodes[third]
+        .node
+        .fabctl_output(&["volume", "attach", "rv", "--node", "n9", "--force"])?;
+    ensure!(
+        String::from_utf8_lossy(&refused.stderr).contains("no node with id or name \"n9\""),
+        "{refused:?}"
+    );
+    let socket = attach(
+        &nodes[third].node,
+        "rv",
+        &["--node", &other_name, "--force"],
+    )?;
+    ensure!(
+        socket.starts_with(&*nodes[other].node.socket_dir.to_string_lossy()),
+        "the socket is on the named node: {socket}"
+    );
     let shown = wait_for("the new frontend serving", 60, || {
         let shown = replication(&nodes[other].node, "rv")?;
         Ok((shown["phase"] == "serving").then_some(shown))

@@ -87,8 +87,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    config.validate()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        .worker_threads(config.async_threads)
         .enable_all()
         .build()
         .context("cannot start the async runtime")?;

@@ -28,11 +28,10 @@ use super::tls::{
     fingerprint, CaBundle, CaSlot, ClusterCa, NodeIdentity, PendingIdentity, TlsError,
 };
 use super::transport::{
-    bind, remove_member, serve, Faults, Handler, Heartbeat, QuicConnection, QuicNetwork,
-    KIND_ADD_MEMBER, KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_INSTALL_CA, KIND_READ_INDEX,
-    KIND_REMOVE_NODE,
+    bind, remove_member, serve, Faults, Handler, Heartbeat, NodeServices, QuicConnection,
+    QuicNetwork, KIND_ADD_MEMBER, KIND_CLIENT_WRITE, KIND_HEARTBEAT, KIND_INSTALL_CA,
+    KIND_READ_INDEX, KIND_REMOVE_NODE,
 };
-use crate::replication::service::ReplicaService;
 
 /// How this node takes part in a cluster.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,7 +247,7 @@ impl ClusterRuntime {
     pub async fn resume(
         data_dir: &Path,
         settings: &ClusterSettings,
-        replication: Option<ReplicaService>,
+        services: NodeServices,
     ) -> Result<Option<ClusterRuntime>, ClusterError> {
         let path = cluster_dir(data_dir).join("node.json");
         let text = match std::fs::read_to_string(&path) {
@@ -260,7 +259,7 @@ impl ClusterRuntime {
             .map_err(|e| ClusterError::Storage(format!("{} is not valid: {e}", path.display())))?;
         let identity = NodeIdentity::load(&cluster_dir(data_dir).join("tls"))?;
         Ok(Some(
-            ClusterRuntime::start(data_dir, settings, &node, &identity, replication).await?,
+            ClusterRuntime::start(data_dir, settings, &node, &identity, services).await?,
         ))
     }
 
@@ -268,7 +267,7 @@ impl ClusterRuntime {
     pub async fn init(
         data_dir: &Path,
         settings: &ClusterSettings,
-        replication: Option<ReplicaService>,
+        services: NodeServices,
     ) -> Result<ClusterRuntime, ClusterError> {
         let dir = cluster_dir(data_dir);
         let node_path = dir.join("node.json");
@@ -293,8 +292,7 @@ impl ClusterRuntime {
             name: settings.node_name.clone(),
             address,
         };
-        let runtime =
-            ClusterRuntime::start(data_dir, settings, &node, &identity, replication).await?;
+        let runtime = ClusterRuntime::start(data_dir, settings, &node, &identity, services).await?;
         let members = BTreeMap::from([(
             1,
             Member {
@@ -366,7 +364,7 @@ impl ClusterRuntime {
     pub async fn complete_join(
         data_dir: &Path,
         settings: &ClusterSettings,
-        replication: Option<ReplicaService>,
+        services: NodeServices,
         token: &str,
         grant: JoinGrant,
     ) -> Result<ClusterRuntime, ClusterError> {
@@ -397,8 +395,7 @@ impl ClusterRuntime {
             name: settings.node_name.clone(),
             address: advertised(settings)?,
         };
-        let runtime =
-            ClusterRuntime::start(data_dir, settings, &node, &identity, replication).await?;
+        let runtime = ClusterRuntime::start(data_dir, settings, &node, &identity, services).await?;
         let text = serde_json::to_string_pretty(&node).expect("node file serializes");
         std::fs::write(&node_path, text).map_err(|e| file_error("write", &node_path, e))?;
         let _ = std::fs::remove_file(&key_path);
@@ -410,7 +407,7 @@ impl ClusterRuntime {
         settings: &ClusterSettings,
         node: &NodeFile,
         identity: &NodeIdentity,
-        replication: Option<ReplicaService>,
+        services: NodeServices,
     ) -> Result<ClusterRuntime, ClusterError> {
         let config = openraft::Config {
             cluster_name: "fabric".into(),
@@ -457,7 +454,7 @@ impl ClusterRuntime {
             origin,
             faults: faults.clone(),
             admissions: admissions.clone(),
-            replication,
+            services,
         };
         let mut runtime = ClusterRuntime {
             id: node.node_id,
@@ -1137,7 +1134,7 @@ mod tests {
     async fn init_then_resume_from_disk() {
         let dir = tempfile::tempdir().expect("tempdir");
         // Port 0 is fine for a single node: only other nodes use the port.
-        let runtime = ClusterRuntime::init(dir.path(), &settings("alpha"), None)
+        let runtime = ClusterRuntime::init(dir.path(), &settings("alpha"), NodeServices::default())
             .await
             .expect("init");
         let nodes = runtime.nodes();
@@ -1146,17 +1143,19 @@ mod tests {
         assert_eq!(nodes[0].state, NodeState::Up);
         assert!(nodes[0].record.resources.cpu_cores >= 1);
         assert!(nodes[0].voter && nodes[0].leader);
-        let again = ClusterRuntime::init(dir.path(), &settings("alpha"), None).await;
+        let again =
+            ClusterRuntime::init(dir.path(), &settings("alpha"), NodeServices::default()).await;
         assert!(
             matches!(again, Err(ClusterError::AlreadyMember(_))),
             "{again:?}"
         );
         runtime.shutdown().await;
 
-        let resumed = ClusterRuntime::resume(dir.path(), &settings("alpha"), None)
-            .await
-            .expect("resume")
-            .expect("member");
+        let resumed =
+            ClusterRuntime::resume(dir.path(), &settings("alpha"), NodeServices::default())
+                .await
+                .expect("resume")
+                .expect("member");
         let deadline = Instant::now() + Duration::from_secs(10);
         while resumed.status().leader != Some(1) {
             assert!(
@@ -1176,7 +1175,7 @@ mod tests {
             listen: "0.0.0.0:0".parse().expect("address"),
             ..settings("b")
         };
-        let error = ClusterRuntime::init(dir.path(), &wildcard, None)
+        let error = ClusterRuntime::init(dir.path(), &wildcard, NodeServices::default())
             .await
             .expect_err("no advertise address");
         assert!(error.to_string().contains("advertise"), "{error}");

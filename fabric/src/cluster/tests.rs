@@ -325,7 +325,7 @@ async fn three_members_over_quic_with_mutual_tls() {
                 network,
                 slot,
             ),
-            replication: None,
+            services: Default::default(),
         };
         tokio::spawn(serve(endpoint.clone(), handler));
         nodes.insert(id, (raft, machine));

@@ -12,7 +12,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use openraft::error::{
     InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable,
@@ -55,6 +56,14 @@ pub const KIND_ADD_MEMBER: u8 = 9;
 /// A long-lived replication stream: length-prefixed frames both ways
 /// (see [`crate::replication`]).
 pub const KIND_REPLICATION: u8 = 10;
+/// Round trips for `fabctl node ping`: frames of a u32 little-endian
+/// length and that many bytes, each answered by its length alone.
+pub const KIND_PING: u8 = 11;
+/// A request for this node's API, forwarded by another node
+/// ([`ApiCall`], answered by an [`ApiAnswer`]).
+pub const KIND_API: u8 = 12;
+/// Largest ping message.
+pub const PING_BYTES_MAX: usize = 1 << 20;
 
 /// On the leader: takes node `id` out of the Raft membership (voter or
 /// learner) and out of the metadata. Refuses to remove the leader itself.
@@ -186,8 +195,26 @@ pub struct Handler {
     pub faults: Arc<Faults>,
     /// The leader's half of admissions; holds this node's copy of the CA.
     pub admissions: super::runtime::Admissions,
-    /// This node's replicas, for replication streams.
+    /// What this node serves beyond the metadata.
+    pub services: NodeServices,
+}
+
+/// What a node serves its peers beyond the metadata: its replicas, and its
+/// own API for requests another node forwards (`fabctl ... --node`).
+#[derive(Clone, Default)]
+pub struct NodeServices {
     pub replication: Option<crate::replication::service::ReplicaService>,
+    /// Set once the API is up.
+    pub api: Arc<OnceLock<axum::Router>>,
+}
+
+impl std::fmt::Debug for NodeServices {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NodeServices")
+            .field("replication", &self.replication.is_some())
+            .field("api", &self.api.get().is_some())
+            .finish()
+    }
 }
 
 impl std::fmt::Debug for Handler {
@@ -244,12 +271,19 @@ async fn answer(
         return;
     }
     if kind == KIND_REPLICATION {
-        match &handler.replication {
+        match &handler.services.replication {
             Some(service) => service.serve_stream(send, recv, remote).await,
             None => {
                 tracing::warn!(%remote, "refused a replication stream: this node serves no replicas");
                 let _ = send.reset(1u32.into());
             }
+        }
+        return;
+    }
+    if kind == KIND_PING {
+        if let Err(error) = echo_pings(&mut send, &mut recv).await {
+            tracing::warn!(%remote, %error, "ended a ping stream");
+            let _ = send.reset(1u32.into());
         }
         return;
     }
@@ -320,6 +354,14 @@ async fn answer(
             })
             .await
         }
+        KIND_API => {
+            let api = handler.services.api.get().cloned();
+            dispatch(
+                body,
+                |call: ApiCall| async move { call_api(api, call).await },
+            )
+            .await
+        }
         other => Err(format!("unknown request kind {other}")),
     };
     match response {
@@ -333,6 +375,84 @@ async fn answer(
             let _ = send.reset(1u32.into());
         }
     }
+}
+
+/// An API request forwarded to another node: `fabctl ... --node X` sent to
+/// any node runs on X.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiCall {
+    pub method: String,
+    /// Path and query, e.g. `/v1/volumes/vm1/attach`.
+    pub path: String,
+    pub body: Option<serde_json::Value>,
+}
+
+/// The forwarded request's HTTP status and JSON body.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ApiAnswer {
+    pub status: u16,
+    pub body: serde_json::Value,
+}
+
+async fn call_api(api: Option<axum::Router>, call: ApiCall) -> Result<ApiAnswer, String> {
+    use tower::ServiceExt;
+    let router = api.ok_or("the node's API is starting")?;
+    let method = axum::http::Method::from_bytes(call.method.as_bytes())
+        .map_err(|_| format!("{:?} is not an HTTP method", call.method))?;
+    let mut request = axum::http::Request::builder()
+        .method(method)
+        .uri(&call.path);
+    let body = match &call.body {
+        Some(value) => {
+            request = request.header(axum::http::header::CONTENT_TYPE, "application/json");
+            axum::body::Body::from(serde_json::to_vec(value).map_err(|e| e.to_string())?)
+        }
+        None => axum::body::Body::empty(),
+    };
+    let request = request.body(body).map_err(|e| e.to_string())?;
+    let response = match router.oneshot(request).await {
+        Ok(response) => response,
+        Err(never) => match never {},
+    };
+    let status = response.status().as_u16();
+    let bytes = axum::body::to_bytes(response.into_body(), MESSAGE_BYTES_MAX)
+        .await
+        .map_err(|e| e.to_string())?;
+    let body = if bytes.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::from_slice(&bytes)
+            .map_err(|e| format!("the API answered with non-JSON: {e}"))?
+    };
+    Ok(ApiAnswer { status, body })
+}
+
+/// Answers each ping frame with its length until the sender finishes.
+async fn echo_pings(
+    send: &mut quinn::SendStream,
+    recv: &mut quinn::RecvStream,
+) -> Result<(), String> {
+    let mut buffer = Vec::new();
+    loop {
+        let mut length = [0u8; 4];
+        match recv.read_exact(&mut length).await {
+            Ok(()) => {}
+            Err(quinn::ReadExactError::FinishedEarly(0)) => break,
+            Err(error) => return Err(error.to_string()),
+        }
+        let bytes = u32::from_le_bytes(length) as usize;
+        if bytes > PING_BYTES_MAX {
+            return Err(format!(
+                "a ping of {bytes} bytes is over the {PING_BYTES_MAX}-byte limit"
+            ));
+        }
+        buffer.resize(bytes, 0);
+        recv.read_exact(&mut buffer)
+            .await
+            .map_err(|e| e.to_string())?;
+        send.write_all(&length).await.map_err(|e| e.to_string())?;
+    }
+    send.finish().map_err(|e| e.to_string())
 }
 
 async fn dispatch<Req, Resp, F, Fut>(body: &[u8], handler: F) -> Result<Vec<u8>, String>
@@ -476,6 +596,47 @@ impl QuicConnection {
             .await
             .map_err(|e| failed(&e))?;
         serde_json::from_slice(&reply).map_err(|e| failed(&e))
+    }
+
+    /// `count` round trips of a `bytes`-byte message and its 4-byte
+    /// answer, one after another on one stream of the connection: what a
+    /// replicated write costs on the wire. A first round, which opens the
+    /// stream, is not counted.
+    pub async fn ping(&self, count: usize, bytes: usize) -> Result<Vec<Duration>, CallError> {
+        assert!(
+            bytes <= PING_BYTES_MAX,
+            "ping size is checked by the caller"
+        );
+        let connection = self.connection().await?;
+        let failed = |e: &dyn std::fmt::Display| CallError::Failed(e.to_string());
+        let (mut send, mut recv) = connection.open_bi().await.map_err(|e| failed(&e))?;
+        let length = u32::try_from(bytes)
+            .expect("at most PING_BYTES_MAX")
+            .to_le_bytes();
+        let mut message = Vec::with_capacity(1 + 4 + bytes);
+        message.push(KIND_PING);
+        message.extend_from_slice(&length);
+        message.resize(1 + 4 + bytes, 0x5a);
+        let mut times = Vec::with_capacity(count);
+        for round in 0..=count {
+            let frame = if round == 0 {
+                &message[..]
+            } else {
+                &message[1..]
+            };
+            let start = Instant::now();
+            send.write_all(frame).await.map_err(|e| failed(&e))?;
+            let mut answer = [0u8; 4];
+            recv.read_exact(&mut answer).await.map_err(|e| failed(&e))?;
+            if round > 0 {
+                times.push(start.elapsed());
+            }
+            if answer != length {
+                return Err(failed(&"the peer answered a ping with the wrong length"));
+            }
+        }
+        send.finish().map_err(|e| failed(&e))?;
+        Ok(times)
     }
 
     async fn call<Req, Resp, E>(&self, kind: u8, request: &Req) -> Result<Resp, RpcError<E>>
