@@ -435,7 +435,7 @@ impl ClusterRuntime {
             node.node_id,
             config,
             network.clone(),
-            LogStore::new(db),
+            LogStore::with_background_sync(db),
             machine.clone(),
         )
         .await
