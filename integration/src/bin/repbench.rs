@@ -44,6 +44,10 @@ struct Args {
     /// MiB written while a replica is away, then resynced (per run).
     #[arg(long, default_value_t = 256)]
     resync_mib: u64,
+    /// Internal: answer TCP pings on a listener inherited as stdin (the
+    /// other process of the TCP round-trip measurement).
+    #[arg(long, hide = true)]
+    tcp_echo: bool,
 }
 
 /// One resync: how many 1 MiB regions were copied, how long the copying
@@ -155,6 +159,100 @@ fn resync_markdown(mib: u64, resyncs: &[Resync]) -> String {
     out
 }
 
+/// Round trips timed per run: 4 KiB out, 4 bytes back, one at a time.
+const ROUND_TRIPS: usize = 2000;
+
+/// Median round-trip time of each run, µs.
+#[derive(Debug, Default)]
+struct RoundTrips {
+    /// `fabctl node ping` from the 2-replica volume's frontend to its other
+    /// replica: fabricd to fabricd over the cluster's QUIC connection.
+    quic: Vec<f64>,
+    /// TCP on loopback to a process of this program (TCP_NODELAY).
+    tcp: Vec<f64>,
+}
+
+/// Answers TCP pings: one connection on the listener that is stdin, each
+/// 4 KiB message answered with 4 bytes, until it closes.
+fn tcp_echo() -> Result<()> {
+    use std::io::{Read, Write};
+    use std::os::fd::FromRawFd;
+    // SAFETY: the parent passes a listening socket as stdin and nothing
+    // else in this process uses fd 0.
+    let listener = unsafe { std::net::TcpListener::from_raw_fd(0) };
+    let (mut stream, _) = listener.accept()?;
+    stream.set_nodelay(true)?;
+    let mut message = vec![0u8; 4096];
+    while stream.read_exact(&mut message).is_ok() {
+        stream.write_all(&4096u32.to_le_bytes())?;
+    }
+    Ok(())
+}
+
+/// The median of `count` TCP round trips of the ping's shape, to another
+/// process (this program with `--tcp-echo`), as QUIC's are fabricd to
+/// fabricd.
+fn tcp_round_trip_p50_us(count: usize) -> Result<f64> {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let address = listener.local_addr()?;
+    let mut echo = std::process::Command::new(std::env::current_exe()?)
+        .arg("--tcp-echo")
+        .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+            listener,
+        )))
+        .spawn()
+        .context("cannot start the TCP echo process")?;
+    let mut stream = std::net::TcpStream::connect(address)?;
+    stream.set_nodelay(true)?;
+    let message = vec![0x5au8; 4096];
+    let mut answer = [0u8; 4];
+    let mut times = Vec::with_capacity(count);
+    for round in 0..=count {
+        let start = std::time::Instant::now();
+        stream.write_all(&message)?;
+        stream.read_exact(&mut answer)?;
+        if round > 0 {
+            times.push(start.elapsed().as_secs_f64() * 1e6);
+        }
+    }
+    drop(stream);
+    let status = echo.wait()?;
+    anyhow::ensure!(status.success(), "the TCP echo process failed: {status}");
+    Ok(spread(&mut times).0)
+}
+
+fn round_trip_markdown(results: &[Vec<Vec<WorkloadReport>>], trips: &mut RoundTrips) -> String {
+    let (quic, quic_min, quic_max) = spread(&mut trips.quic);
+    let (tcp, tcp_min, tcp_max) = spread(&mut trips.tcp);
+    let qd1 = WORKLOADS
+        .iter()
+        .position(|w| *w == Workload::RandWrite4kQd1)
+        .expect("QD1 is measured");
+    let p50 = |replicas: usize| {
+        let mut values: Vec<f64> = results[replicas - 1][qd1]
+            .iter()
+            .map(|r| r.latency_us_p50)
+            .collect();
+        spread(&mut values).0
+    };
+    let overhead = p50(2) - p50(1);
+    format!(
+        "### Round trips
+
+Median of {ROUND_TRIPS} round trips per run (4 KiB out, 4 bytes back), median (min–max) over the runs.
+
+| path | µs |
+|---|---|
+| QUIC, fabricd to fabricd (`fabctl node ping`) | {quic:.0} ({quic_min:.0}–{quic_max:.0}) |
+| TCP, process to process (TCP_NODELAY) | {tcp:.0} ({tcp_min:.0}–{tcp_max:.0}) |
+
+Replication overhead at QD1 (2-replica p50 less 1-replica p50): {overhead:.0} µs, {:.2} QUIC round trips.
+",
+        overhead / quic
+    )
+}
+
 const WORKLOADS: [Workload; 3] = [
     Workload::RandWrite4kQd1,
     Workload::RandWrite4kQd32,
@@ -164,6 +262,9 @@ const SPAN_BYTES: u64 = 256 << 20;
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.tcp_echo {
+        return tcp_echo();
+    }
     let dir = tempfile::Builder::new()
         .prefix("repbench-")
         .tempdir_in(&args.dir)
@@ -218,6 +319,8 @@ fn main() -> Result<()> {
     // results[replicas - 1][workload] = reports of each run.
     let mut results: Vec<Vec<Vec<WorkloadReport>>> =
         vec![vec![Vec::new(); WORKLOADS.len()]; sockets.len()];
+    let mut trips = RoundTrips::default();
+    let other_name = format!("n{}", two_replicas[1] + 1);
     for run in 0..args.runs {
         for (index, socket) in sockets.iter().enumerate() {
             let mut client = BlkClient::connect(socket, &ClientConfig::default())?;
@@ -233,8 +336,20 @@ fn main() -> Result<()> {
                 index + 1
             );
         }
+        let ping = nodes[two_replicas[0]].node.fabctl_json(&[
+            "node",
+            "ping",
+            &other_name,
+            "--count",
+            &ROUND_TRIPS.to_string(),
+        ])?;
+        trips
+            .quic
+            .push(ping["p50_us"].as_f64().context("a ping median")?);
+        trips.tcp.push(tcp_round_trip_p50_us(ROUND_TRIPS)?);
     }
     println!("{}", markdown(&args, &results));
+    println!("{}", round_trip_markdown(&results, &mut trips));
     if let Some(path) = &args.json {
         let mut all = serde_json::Map::new();
         for (index, per_volume) in results.iter().enumerate() {
@@ -249,6 +364,10 @@ fn main() -> Result<()> {
             }
             all.insert(format!("r{}", index + 1), serde_json::Value::Object(volume));
         }
+        all.insert(
+            "round_trips".into(),
+            serde_json::json!({ "quic_p50_us": trips.quic, "tcp_p50_us": trips.tcp }),
+        );
         std::fs::write(path, serde_json::to_vec_pretty(&all)?)
             .with_context(|| format!("cannot write {}", path.display()))?;
     }
