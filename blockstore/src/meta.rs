@@ -78,6 +78,12 @@ pub struct VolumeRecord {
     /// a lower one are refused (see `docs/replication.md`).
     #[serde(default)]
     pub replica_generation: u64,
+    /// The volume belongs to the cluster metadata (created through it, or
+    /// this node's copy of a replicated volume, with the cluster's id): it
+    /// is deleted here once the metadata no longer places it on this node.
+    /// A volume created outside a cluster never is.
+    #[serde(default)]
+    pub cluster: bool,
 }
 
 impl VolumeRecord {
@@ -311,6 +317,7 @@ mod tests {
             created_unix: 0,
             attached_socket: None,
             replica_generation: 0,
+            cluster: false,
         }
     }
 

@@ -598,6 +598,7 @@ mod tests {
             created_unix: 0,
             attached_socket: None,
             replica_generation: 0,
+            cluster: false,
         };
         let volume =
             Arc::new(Volume::open(record, dir, meta, true, Arc::default()).expect("volume"));

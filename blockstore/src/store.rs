@@ -171,6 +171,29 @@ impl Store {
 
     /// Creates an empty, thin volume.
     pub fn create(&self, name: &str, size_bytes: u64) -> Result<VolumeRecord> {
+        self.create_with(name, size_bytes, new_volume_id(), false)
+    }
+
+    /// Creates this node's empty copy of the cluster's volume `id` (16 hex
+    /// digits), marked as the cluster's.
+    pub fn create_copy(&self, name: &str, size_bytes: u64, id: &str) -> Result<VolumeRecord> {
+        let hex = id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit());
+        if !hex {
+            return Err(Error::CorruptMeta {
+                key: format!("vol:{name}"),
+                reason: format!("cluster volume id {id:?} is not 16 hex digits"),
+            });
+        }
+        self.create_with(name, size_bytes, id.to_ascii_lowercase(), true)
+    }
+
+    fn create_with(
+        &self,
+        name: &str,
+        size_bytes: u64,
+        id: String,
+        cluster: bool,
+    ) -> Result<VolumeRecord> {
         validate_name(name)?;
         validate_size(size_bytes)?;
         let _open = self.open.lock().expect("store lock poisoned");
@@ -178,7 +201,7 @@ impl Store {
             return Err(Error::VolumeExists(name.to_owned()));
         }
         let record = VolumeRecord {
-            id: new_volume_id(),
+            id,
             name: name.to_owned(),
             size_bytes,
             created_unix: SystemTime::now()
@@ -186,7 +209,18 @@ impl Store {
                 .map_or(0, |d| d.as_secs()),
             attached_socket: None,
             replica_generation: 0,
+            cluster,
         };
+        self.meta.put_volume(&record)?;
+        Ok(record)
+    }
+
+    /// Marks a volume as the cluster's (see [`VolumeRecord::cluster`]),
+    /// once the cluster metadata records it.
+    pub fn set_cluster(&self, name: &str) -> Result<VolumeRecord> {
+        let _open = self.open.lock().expect("store lock poisoned");
+        let mut record = self.get(name)?;
+        record.cluster = true;
         self.meta.put_volume(&record)?;
         Ok(record)
     }

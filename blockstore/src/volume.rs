@@ -575,6 +575,7 @@ mod tests {
             created_unix: 0,
             attached_socket: None,
             replica_generation: 0,
+            cluster: false,
         };
         Volume::open(record, dir, meta.clone(), false, Arc::default()).expect("open volume")
     }

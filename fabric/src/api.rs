@@ -255,6 +255,8 @@ async fn create_volume(
             let _ = blocking(&node, move |node| node.delete(&name)).await;
             return Err(error.into());
         }
+        let name = view.name.clone();
+        blocking(&node, move |node| node.set_cluster(&name)).await?;
     }
     Ok((StatusCode::CREATED, Json(view)))
 }
@@ -625,11 +627,46 @@ async fn delete_volume(
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let local = name.clone();
-    blocking(&node, move |node| node.delete(&local)).await?;
-    if let Some(runtime) = cluster.runtime.read().await.as_ref() {
-        if runtime.metadata().volumes.contains_key(&name) {
-            runtime.forget_volume(&name).await?;
+    let here = match blocking(&node, move |node| node.show(&local)).await {
+        Ok(view) => Some(view),
+        Err(ApiError {
+            code: "volume_not_found",
+            ..
+        }) => None,
+        Err(error) => return Err(error),
+    };
+    if here.as_ref().is_some_and(|view| view.attachment.is_some()) {
+        return Err(NodeError::Attached(name).into());
+    }
+    // A volume of the cluster goes from the metadata first (refused while
+    // a node serves it); every node holding a copy then deletes it
+    // (`replication::reclaim`), this one at once.
+    let guard = cluster.runtime.read().await;
+    let in_cluster = match guard.as_ref() {
+        Some(runtime) => {
+            runtime.read_barrier(Consistency::Current).await?;
+            match runtime.metadata().volumes.get(&name) {
+                Some(volume) => {
+                    if let Some(frontend) = volume.frontend {
+                        return Err(ApiError::new(
+                            StatusCode::CONFLICT,
+                            "volume_attached",
+                            format!("volume {name:?} is attached on node {frontend}; detach it there first (`fabctl volume detach {name}` on that node)"),
+                        ));
+                    }
+                    runtime.forget_volume(&name).await?;
+                    true
+                }
+                None => false,
+            }
         }
+        None => false,
+    };
+    drop(guard);
+    match here {
+        Some(_) => blocking(&node, move |node| node.delete(&name)).await?,
+        None if in_cluster => {}
+        None => return Err(NodeError::Store(blockstore::Error::NoSuchVolume(name)).into()),
     }
     Ok(StatusCode::NO_CONTENT)
 }

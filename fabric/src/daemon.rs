@@ -134,6 +134,7 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     });
     let _ = handle_slot.set(Arc::downgrade(&cluster));
     tokio::spawn(api::resume_replicated(node.clone(), cluster.clone()));
+    tokio::spawn(crate::replication::reclaim(node.clone(), cluster.clone()));
     let router =
         api::router(node.clone(), cluster.clone()).merge(cluster_api::router(cluster.clone()));
     let _ = services.api.set(router.clone());

@@ -216,6 +216,23 @@ impl Node {
         Ok(self.view(self.store.create(name, size_bytes)?))
     }
 
+    /// Marks a volume as the cluster's, once the metadata records it.
+    pub fn set_cluster(&self, name: &str) -> Result<(), NodeError> {
+        self.store.set_cluster(name)?;
+        Ok(())
+    }
+
+    /// The cluster's volumes held here, as (name, id).
+    pub fn cluster_volumes(&self) -> Result<Vec<(String, String)>, NodeError> {
+        Ok(self
+            .store
+            .list()?
+            .into_iter()
+            .filter(|record| record.cluster)
+            .map(|record| (record.name, record.id))
+            .collect())
+    }
+
     /// Deletes a detached volume.
     pub fn delete(&self, name: &str) -> Result<(), NodeError> {
         let record = self.store.get(name)?;
@@ -297,13 +314,35 @@ impl Node {
     pub fn replica_volume(
         &self,
         name: &str,
+        id: &str,
         size_bytes: u64,
     ) -> Result<(std::sync::Arc<blockstore::Volume>, u64), NodeError> {
         let record = match self.store.get(name) {
-            Ok(record) => record,
+            Ok(record) if record.id == id => record,
+            Ok(record) if !record.cluster => {
+                return Err(NodeError::Store(blockstore::Error::Replication {
+                    volume: name.to_owned(),
+                    reason: format!(
+                        "this node has a volume {name:?} of its own (id {}), not the cluster's {id}; rename or delete it",
+                        record.id
+                    ),
+                }))
+            }
+            Ok(record) => {
+                // This node's copy of an earlier volume of the same name,
+                // deleted since: never serve its blocks as the new one's.
+                tracing::warn!(
+                    volume = name,
+                    old = %record.id,
+                    new = id,
+                    "removing this node's copy of an earlier volume of this name"
+                );
+                self.delete(name)?;
+                self.store.create_copy(name, size_bytes, id)?
+            }
             Err(blockstore::Error::NoSuchVolume(_)) => {
                 tracing::info!(volume = name, size_bytes, "creating this node's replica");
-                self.store.create(name, size_bytes)?
+                self.store.create_copy(name, size_bytes, id)?
             }
             Err(error) => return Err(error.into()),
         };

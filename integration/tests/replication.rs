@@ -652,6 +652,11 @@ fn replicas_are_replaced_by_hand_and_after_a_timeout() -> Result<()> {
         "{moved}"
     );
     write_range(&mut client, buffer, 4 * 256, 256, 2)?;
+    // The node it left deletes its copy.
+    wait_for("the old copy deleted", 30, || {
+        let local = nodes[first[1]].node.fabctl_json(&["volume", "list"])?;
+        Ok((!local.to_string().contains("\"mv\"")).then_some(()))
+    })?;
 
     // On its own: the new replica's node dies and stays away; after
     // `replace_after_s` its replica is put on a node placement picks, and
@@ -744,5 +749,49 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
         shown["attachment"].is_null() && shown["replication"]["frontend"].is_null(),
         "{shown}"
     );
+
+    // Deleted from a node that holds no copy: every copy goes, and a new
+    // volume of the same name starts empty wherever it is placed.
+    let placed = placement(&nodes[0].node, "fv")?;
+    let outside = (0..3)
+        .find(|i| !placed.contains(i))
+        .context("a node without a copy")?;
+    nodes[outside].node.fabctl(&["volume", "delete", "fv"])?;
+    for &holder in &placed {
+        wait_for("the copy deleted", 30, || {
+            let local = nodes[holder].node.fabctl_json(&["volume", "list"])?;
+            Ok((!local.to_string().contains("\"fv\"")).then_some(()))
+        })?;
+    }
+    nodes[0]
+        .node
+        .fabctl(&["volume", "create", "fv", "--size", "64M", "--replicas", "2"])?;
+    let front = placement(&nodes[0].node, "fv")?[0];
+    let socket = attach(&nodes[front].node, "fv", &[])?;
+    let (mut client, buffer) = connect(&socket)?;
+    check_zeros(&mut client, buffer, 0, 768)?;
+    Ok(())
+}
+
+/// Blocks `lba..lba + blocks` read as zeros.
+fn check_zeros(client: &mut BlkClient, buffer: Buffer, lba: u64, blocks: u64) -> Result<()> {
+    for start in (lba..lba + blocks).step_by(CHUNK as usize) {
+        let done = one(
+            client,
+            &Request {
+                kind: RequestType::In,
+                sector: start * BLOCK / 512,
+                data: &[buffer],
+                token: start,
+            },
+        )?;
+        ensure!(done.is_ok(), "read at block {start}: {done:?}");
+        let mut data = vec![1u8; (CHUNK * BLOCK) as usize];
+        client.read_data(buffer, &mut data)?;
+        ensure!(
+            data.iter().all(|&b| b == 0),
+            "blocks from {start} do not read as zeros"
+        );
+    }
     Ok(())
 }

@@ -459,10 +459,19 @@ impl Metadata {
                         vm.name
                     ));
                 }
-                if self.volumes.remove(name).is_none() {
-                    return Response::rejected(format!("volume {name:?} does not exist"));
+                match self.volumes.get(name) {
+                    None => Response::rejected(format!("volume {name:?} does not exist")),
+                    Some(VolumeMeta {
+                        frontend: Some(frontend),
+                        ..
+                    }) => Response::rejected(format!(
+                        "volume {name:?} is attached on node {frontend}; detach it first"
+                    )),
+                    Some(_) => {
+                        self.volumes.remove(name);
+                        Response::Applied
+                    }
                 }
-                Response::Applied
             }
             Command::CreateSegment { name, created_unix } => {
                 if self.segments.contains_key(name) {

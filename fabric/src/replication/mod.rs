@@ -21,9 +21,9 @@ use std::sync::{Arc, OnceLock, Weak};
 use blockstore::replication::replica_volume::ReplicaVolume;
 use bytes::Bytes;
 
-use crate::cluster::metadata::VolumeMeta;
+use crate::cluster::metadata::{Metadata, NodeId, VolumeMeta};
 use crate::cluster_api::ClusterHandle;
-use crate::node::Node;
+use crate::node::{Node, NodeError};
 use service::ReplicaService;
 
 /// Blocks per dirty-tracking region: 1 MiB.
@@ -84,7 +84,7 @@ pub fn node_service(
             ));
         }
         let (store_volume, highest) = node
-            .replica_volume(&volume.name, volume.size_bytes)
+            .replica_volume(&volume.name, &volume.id, volume.size_bytes)
             .map_err(|e| e.to_string())?;
         let name = volume.name.clone();
         let keeper = node.clone();
@@ -103,6 +103,81 @@ pub fn node_service(
             }),
         ))
     }))
+}
+
+/// How often a node looks for copies of volumes that the cluster no
+/// longer places on it.
+pub const RECLAIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Whether `metadata` keeps this node's copy `(name, id)`: a volume of that
+/// name and id places a replica here (a volume of one replica lives on the
+/// node that created it).
+pub fn keeps(metadata: &Metadata, me: NodeId, name: &str, id: &str) -> bool {
+    metadata.volumes.get(name).is_some_and(|volume| {
+        volume.id == id && (volume.replicas.len() == 1 || volume.replicas.contains(&me))
+    })
+}
+
+/// Deletes, every [`RECLAIM_INTERVAL`], this node's copies of cluster
+/// volumes that the metadata no longer places here: deleted volumes and
+/// replicas moved elsewhere. It decides only on metadata as current as the
+/// leader's, and again under the replica table's lock before each delete
+/// (a copy is created only when the metadata places it, and metadata only
+/// moves forward). A copy that is attached here waits until it is
+/// detached.
+pub async fn reclaim(node: Arc<Node>, cluster: Arc<ClusterHandle>) {
+    let Some(service) = cluster.services.replication.clone() else {
+        return;
+    };
+    let mut ticker = tokio::time::interval(RECLAIM_INTERVAL);
+    loop {
+        ticker.tick().await;
+        let guard = cluster.runtime.read().await;
+        let Some(runtime) = guard.as_ref() else {
+            continue;
+        };
+        if runtime
+            .read_barrier(crate::cluster::runtime::Consistency::Current)
+            .await
+            .is_err()
+        {
+            continue;
+        }
+        let me = runtime.id();
+        let copies = match node.cluster_volumes() {
+            Ok(copies) => copies,
+            Err(error) => {
+                tracing::warn!(%error, "cannot list this node's volumes to reclaim space");
+                continue;
+            }
+        };
+        let metadata = runtime.metadata();
+        for (name, id) in copies {
+            if keeps(&metadata, me, &name, &id) {
+                continue;
+            }
+            let Ok(numeric) = u64::from_str_radix(&id, 16) else {
+                continue;
+            };
+            let deleted = service.retire(numeric, || {
+                if keeps(&runtime.metadata(), me, &name, &id) {
+                    return Ok(false);
+                }
+                node.delete(&name).map(|()| true)
+            });
+            match deleted {
+                Ok(true) => tracing::info!(
+                    volume = %name,
+                    %id,
+                    "deleted this node's copy: the cluster no longer places it here"
+                ),
+                Ok(false) | Err(NodeError::Attached(_)) => {}
+                Err(error) => {
+                    tracing::warn!(volume = %name, %id, %error, "cannot delete a copy the cluster no longer places here")
+                }
+            }
+        }
+    }
 }
 
 /// Largest frame accepted: the digest list of an 8 TiB volume (8 Mi

@@ -48,6 +48,22 @@ impl ReplicaService {
         Ok(replica)
     }
 
+    /// Runs `delete` holding the replica table, so no stream opens this
+    /// node's replica of `volume` meanwhile, and forgets the replica if
+    /// `delete` says it deleted it.
+    pub fn retire<E>(
+        &self,
+        volume: u64,
+        delete: impl FnOnce() -> Result<bool, E>,
+    ) -> Result<bool, E> {
+        let mut replicas = self.replicas.lock().expect("replica table poisoned");
+        let deleted = delete()?;
+        if deleted {
+            replicas.remove(&volume);
+        }
+        Ok(deleted)
+    }
+
     /// Serves one replication stream until the frontend closes it. A frame
     /// that does not decode, names a volume this node has no replica of,
     /// or cannot be applied ends the stream with a logged reason; the
