@@ -1,9 +1,14 @@
 //! Fabric's software switch.
 //!
-//! This crate will own the vhost-user-net ports, the per-segment forwarding
-//! state machine (MAC learning, VLANs, port security, rate limits) and the
-//! encapsulation that joins the switches of all nodes into one L2 fabric.
-//! It must not touch block storage or the cluster's metadata store directly;
-//! `fabricd` hands it segment and port definitions.
+//! This crate owns the per-segment forwarding state machine (MAC learning
+//! with aging, 802.1Q VLANs, port security, rate limits, counters) and the
+//! frame handling around it. It must not touch block storage or the
+//! cluster's metadata store: `fabricd` hands it segment and port
+//! definitions.
 //!
-//! Nothing is built here yet.
+//! - [`switch::Switch`]: the forwarding decision, pure (a frame and the time
+//!   in, the ports it leaves on out).
+//! - [`frame`]: MAC addresses, Ethernet headers, tag rewriting.
+
+pub mod frame;
+pub mod switch;

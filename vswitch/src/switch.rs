@@ -1,0 +1,833 @@
+//! The forwarding decision, as a pure state machine: ports with their
+//! segment, VLAN mode, assigned address and rate limit; a MAC table with
+//! aging; per-port counters. A frame and the time go in, the ports it
+//! leaves on (and how it is tagged there) come out. Nothing here touches a
+//! queue, a socket or a clock, so every case is a table-driven test.
+//!
+//! VLANs inside the switch: VLAN 0 is a segment's native (untagged)
+//! network. A native port sends and receives untagged frames on VLAN 0; an
+//! access port untagged frames on its one VLAN; a trunk port frames tagged
+//! with its listed VLANs, and untagged frames on VLAN 0.
+
+use std::collections::{BTreeMap, HashMap};
+use std::time::Duration;
+
+use crate::frame::{Egress, Header, Mac, FRAME_BYTES_MAX_DEFAULT};
+
+/// A port's number in its switch.
+pub type PortId = u32;
+/// A segment's number (its VNI in the cluster metadata).
+pub type SegmentId = u32;
+
+/// Most entries the MAC table holds; learning stops (and is counted)
+/// beyond it, so a flood of invented addresses cannot grow memory.
+pub const MAC_TABLE_ENTRIES_MAX: usize = 16_384;
+/// How long a learned address stays without a frame from it.
+pub const MAC_AGING_DEFAULT: Duration = Duration::from_secs(300);
+/// Highest 802.1Q VLAN id (0 and 4095 are reserved).
+pub const VLAN_ID_MAX: u16 = 4094;
+
+/// How a port treats 802.1Q tags.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum VlanMode {
+    Native,
+    Access(u16),
+    Trunk(Vec<u16>),
+}
+
+impl VlanMode {
+    /// Whether frames of internal VLAN `vlan` leave on this port.
+    fn carries(&self, vlan: u16) -> bool {
+        match self {
+            VlanMode::Native => vlan == 0,
+            VlanMode::Access(access) => vlan == *access,
+            VlanMode::Trunk(vlans) => vlan == 0 || vlans.contains(&vlan),
+        }
+    }
+
+    fn egress(&self, vlan: u16) -> Egress {
+        match self {
+            VlanMode::Trunk(_) if vlan != 0 => Egress::Tagged(vlan),
+            _ => Egress::Untagged,
+        }
+    }
+
+    /// The internal VLAN of a frame arriving with `tag`.
+    fn ingress(&self, tag: Option<u16>) -> Result<u16, DropReason> {
+        let tag = tag.filter(|&vlan| vlan != 0);
+        match (self, tag) {
+            (VlanMode::Native, None) => Ok(0),
+            (VlanMode::Access(access), None) => Ok(*access),
+            (VlanMode::Native | VlanMode::Access(_), Some(_)) => Err(DropReason::TaggedOnAccess),
+            (VlanMode::Trunk(_), None) => Ok(0),
+            (VlanMode::Trunk(vlans), Some(vlan)) if vlans.contains(&vlan) => Ok(vlan),
+            (VlanMode::Trunk(_), Some(_)) => Err(DropReason::VlanNotAllowed),
+        }
+    }
+
+    /// The VLANs a station on this port may use.
+    fn vlans(&self) -> Vec<u16> {
+        match self {
+            VlanMode::Native => vec![0],
+            VlanMode::Access(vlan) => vec![*vlan],
+            VlanMode::Trunk(vlans) => std::iter::once(0).chain(vlans.iter().copied()).collect(),
+        }
+    }
+
+    fn check(&self) -> Result<(), SwitchError> {
+        let valid = |vlan: &u16| (1..=VLAN_ID_MAX).contains(vlan);
+        let ok = match self {
+            VlanMode::Native => true,
+            VlanMode::Access(vlan) => valid(vlan),
+            VlanMode::Trunk(vlans) => !vlans.is_empty() && vlans.iter().all(valid),
+        };
+        if ok {
+            Ok(())
+        } else {
+            Err(SwitchError::Vlan(self.clone()))
+        }
+    }
+}
+
+/// A port's rate limit: token buckets refilled continuously, holding a
+/// tenth of a second's worth (at least one largest frame).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RateLimit {
+    pub packets_per_second: Option<u64>,
+    pub bytes_per_second: Option<u64>,
+}
+
+/// What a port is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    pub segment: SegmentId,
+    /// The only source address accepted from the port (port security), and
+    /// a static entry of the MAC table. `None` for a port that carries many
+    /// stations (a tunnel to other nodes, a host port): sources are learned.
+    pub mac: Option<Mac>,
+    pub vlan: VlanMode,
+    pub rate: RateLimit,
+}
+
+/// Why a frame was not switched (or not delivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header (and its tag).
+    Runt,
+    /// Longer than the switch's largest frame.
+    Oversize,
+    /// A source address other than the port's assigned one.
+    Spoofed,
+    /// A multicast or broadcast source address.
+    GroupSource,
+    /// A tagged frame on a native or access port.
+    TaggedOnAccess,
+    /// A tag for a VLAN the trunk does not carry.
+    VlanNotAllowed,
+    /// Over the port's rate limit.
+    RateLimited,
+    /// Addressed to a station on the port it came from.
+    Hairpin,
+    /// The receiving port had no room (no guest buffers, or too small).
+    NoRoom,
+    /// A frame the port's device could not read (bad descriptors, header).
+    Malformed,
+}
+
+impl DropReason {
+    pub const ALL: [DropReason; 10] = [
+        DropReason::Runt,
+        DropReason::Oversize,
+        DropReason::Spoofed,
+        DropReason::GroupSource,
+        DropReason::TaggedOnAccess,
+        DropReason::VlanNotAllowed,
+        DropReason::RateLimited,
+        DropReason::Hairpin,
+        DropReason::NoRoom,
+        DropReason::Malformed,
+    ];
+
+    /// Its name in counters and the API.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Runt => "runt",
+            DropReason::Oversize => "oversize",
+            DropReason::Spoofed => "spoofed",
+            DropReason::GroupSource => "group_source",
+            DropReason::TaggedOnAccess => "tagged_on_access",
+            DropReason::VlanNotAllowed => "vlan_not_allowed",
+            DropReason::RateLimited => "rate_limited",
+            DropReason::Hairpin => "hairpin",
+            DropReason::NoRoom => "no_room",
+            DropReason::Malformed => "malformed",
+        }
+    }
+
+    fn index(self) -> usize {
+        DropReason::ALL
+            .iter()
+            .position(|&reason| reason == self)
+            .expect("every reason is listed")
+    }
+}
+
+/// A port's counters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortCounters {
+    pub rx_packets: u64,
+    pub rx_bytes: u64,
+    pub tx_packets: u64,
+    pub tx_bytes: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl PortCounters {
+    pub fn drops(&self, reason: DropReason) -> u64 {
+        self.drops[reason.index()]
+    }
+
+    /// Every reason with its count.
+    pub fn all_drops(&self) -> impl Iterator<Item = (DropReason, u64)> + '_ {
+        DropReason::ALL
+            .iter()
+            .map(|&reason| (reason, self.drops(reason)))
+    }
+}
+
+/// Errors of port management (never of a frame: frames are dropped and
+/// counted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SwitchError {
+    #[error("port {0} already exists")]
+    PortExists(PortId),
+    #[error("no port {0}")]
+    NoSuchPort(PortId),
+    #[error("VLAN ids must be 1 to {VLAN_ID_MAX} (a trunk needs at least one): {0:?}")]
+    Vlan(VlanMode),
+    #[error("a port's address must be a unicast address, not {0}")]
+    GroupMac(Mac),
+    #[error("address {mac} is already port {port}'s in this segment")]
+    MacTaken { mac: Mac, port: PortId },
+}
+
+/// Where a switched frame goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Switched {
+    /// The frame carried a tag when it arrived.
+    pub tagged: bool,
+    /// Its VLAN inside the switch.
+    pub vlan: u16,
+}
+
+#[derive(Debug)]
+struct Bucket {
+    rate: u64,
+    capacity: f64,
+    tokens: f64,
+    at: Duration,
+}
+
+impl Bucket {
+    fn new(rate: u64, at_least: f64, now: Duration) -> Bucket {
+        let capacity = (rate as f64 / 10.0).max(at_least);
+        Bucket {
+            rate,
+            capacity,
+            tokens: capacity,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Duration) {
+        let elapsed = now.saturating_sub(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate as f64).min(self.capacity);
+        self.at = now;
+    }
+}
+
+#[derive(Debug)]
+struct Port {
+    config: PortConfig,
+    counters: PortCounters,
+    packets: Option<Bucket>,
+    bytes: Option<Bucket>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+struct MacKey {
+    segment: SegmentId,
+    vlan: u16,
+    mac: Mac,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct MacEntry {
+    port: PortId,
+    seen: Duration,
+    fixed: bool,
+}
+
+/// One node's switch: every port of every segment here.
+#[derive(Debug)]
+pub struct Switch {
+    ports: BTreeMap<PortId, Port>,
+    macs: HashMap<MacKey, MacEntry>,
+    aging: Duration,
+    frame_bytes_max: usize,
+    /// Sources not learned because the table was full.
+    pub learn_refused: u64,
+}
+
+impl Default for Switch {
+    fn default() -> Self {
+        Switch::new(MAC_AGING_DEFAULT, FRAME_BYTES_MAX_DEFAULT)
+    }
+}
+
+impl Switch {
+    pub fn new(aging: Duration, frame_bytes_max: usize) -> Switch {
+        Switch {
+            ports: BTreeMap::new(),
+            macs: HashMap::with_capacity(MAC_TABLE_ENTRIES_MAX),
+            aging,
+            frame_bytes_max,
+            learn_refused: 0,
+        }
+    }
+
+    /// Adds a port; its assigned address becomes a static entry.
+    pub fn add_port(
+        &mut self,
+        id: PortId,
+        config: PortConfig,
+        now: Duration,
+    ) -> Result<(), SwitchError> {
+        if self.ports.contains_key(&id) {
+            return Err(SwitchError::PortExists(id));
+        }
+        config.vlan.check()?;
+        if let Some(mac) = config.mac {
+            if mac.is_group() || mac.is_zero() {
+                return Err(SwitchError::GroupMac(mac));
+            }
+            for vlan in config.vlan.vlans() {
+                let key = MacKey {
+                    segment: config.segment,
+                    vlan,
+                    mac,
+                };
+                if let Some(entry) = self.macs.get(&key).filter(|entry| entry.fixed) {
+                    return Err(SwitchError::MacTaken {
+                        mac,
+                        port: entry.port,
+                    });
+                }
+            }
+            for vlan in config.vlan.vlans() {
+                let key = MacKey {
+                    segment: config.segment,
+                    vlan,
+                    mac,
+                };
+                self.macs.insert(
+                    key,
+                    MacEntry {
+                        port: id,
+                        seen: now,
+                        fixed: true,
+                    },
+                );
+            }
+        }
+        let largest = self.frame_bytes_max as f64;
+        let port = Port {
+            packets: config
+                .rate
+                .packets_per_second
+                .map(|rate| Bucket::new(rate, 1.0, now)),
+            bytes: config
+                .rate
+                .bytes_per_second
+                .map(|rate| Bucket::new(rate, largest, now)),
+            config,
+            counters: PortCounters::default(),
+        };
+        self.ports.insert(id, port);
+        Ok(())
+    }
+
+    /// Removes a port and every address the table has on it.
+    pub fn remove_port(&mut self, id: PortId) -> Result<PortCounters, SwitchError> {
+        let port = self.ports.remove(&id).ok_or(SwitchError::NoSuchPort(id))?;
+        self.macs.retain(|_, entry| entry.port != id);
+        Ok(port.counters)
+    }
+
+    pub fn counters(&self, id: PortId) -> Option<&PortCounters> {
+        self.ports.get(&id).map(|port| &port.counters)
+    }
+
+    /// Drops learned addresses not seen for the aging time.
+    pub fn expire(&mut self, now: Duration) {
+        let aging = self.aging;
+        self.macs
+            .retain(|_, entry| entry.fixed || now.saturating_sub(entry.seen) < aging);
+    }
+
+    /// Decides where `frame`, arriving on port `from`, goes: the ports and
+    /// their tagging are appended to `out` (cleared first). A frame that
+    /// is dropped is counted on `from`.
+    pub fn switch(
+        &mut self,
+        now: Duration,
+        from: PortId,
+        frame: &[u8],
+        out: &mut Vec<(PortId, Egress)>,
+    ) -> Result<Switched, DropReason> {
+        out.clear();
+        let frame_bytes_max = self.frame_bytes_max;
+        let Some(port) = self.ports.get_mut(&from) else {
+            // A port being removed: nothing to count on.
+            return Err(DropReason::Malformed);
+        };
+        let decided = Switch::admit(port, now, frame, frame_bytes_max);
+        let (header, vlan) = match decided {
+            Ok(admitted) => admitted,
+            Err(reason) => {
+                port.counters.drops[reason.index()] += 1;
+                return Err(reason);
+            }
+        };
+        port.counters.rx_packets += 1;
+        port.counters.rx_bytes += frame.len() as u64;
+        let segment = port.config.segment;
+        let secured = port.config.mac.is_some();
+        if !secured {
+            self.learn(segment, vlan, header.source, from, now);
+        }
+        let target = (!header.destination.is_group())
+            .then(|| {
+                self.macs.get(&MacKey {
+                    segment,
+                    vlan,
+                    mac: header.destination,
+                })
+            })
+            .flatten()
+            .filter(|entry| entry.fixed || now.saturating_sub(entry.seen) < self.aging)
+            .map(|entry| entry.port);
+        match target {
+            Some(to) if to == from => {
+                self.count_drop(from, DropReason::Hairpin);
+                return Err(DropReason::Hairpin);
+            }
+            Some(to) => {
+                if let Some(port) = self.ports.get(&to) {
+                    if port.config.segment == segment && port.config.vlan.carries(vlan) {
+                        out.push((to, port.config.vlan.egress(vlan)));
+                    }
+                }
+            }
+            None => {
+                for (&id, port) in &self.ports {
+                    if id != from
+                        && port.config.segment == segment
+                        && port.config.vlan.carries(vlan)
+                    {
+                        out.push((id, port.config.vlan.egress(vlan)));
+                    }
+                }
+            }
+        }
+        Ok(Switched {
+            tagged: header.tag.is_some(),
+            vlan,
+        })
+    }
+
+    /// The checks a frame passes on its way in: length, source, VLAN,
+    /// rate. Returns its header and internal VLAN.
+    fn admit(
+        port: &mut Port,
+        now: Duration,
+        frame: &[u8],
+        frame_bytes_max: usize,
+    ) -> Result<(Header, u16), DropReason> {
+        let header = Header::parse(frame).ok_or(DropReason::Runt)?;
+        if frame.len() > frame_bytes_max {
+            return Err(DropReason::Oversize);
+        }
+        if header.source.is_group() {
+            return Err(DropReason::GroupSource);
+        }
+        if port.config.mac.is_some_and(|mac| mac != header.source) {
+            return Err(DropReason::Spoofed);
+        }
+        let vlan = port.config.vlan.ingress(header.tag)?;
+        let bytes = frame.len() as f64;
+        if let Some(bucket) = &mut port.packets {
+            bucket.refill(now);
+        }
+        if let Some(bucket) = &mut port.bytes {
+            bucket.refill(now);
+        }
+        let packet_ok = port.packets.as_ref().is_none_or(|b| b.tokens >= 1.0);
+        let bytes_ok = port.bytes.as_ref().is_none_or(|b| b.tokens >= bytes);
+        if !(packet_ok && bytes_ok) {
+            return Err(DropReason::RateLimited);
+        }
+        if let Some(bucket) = &mut port.packets {
+            bucket.tokens -= 1.0;
+        }
+        if let Some(bucket) = &mut port.bytes {
+            bucket.tokens -= bytes;
+        }
+        Ok((header, vlan))
+    }
+
+    fn learn(&mut self, segment: SegmentId, vlan: u16, mac: Mac, port: PortId, now: Duration) {
+        let key = MacKey { segment, vlan, mac };
+        let room = self.macs.len() < MAC_TABLE_ENTRIES_MAX;
+        match self.macs.get_mut(&key) {
+            // Another port's assigned address is never moved by a frame.
+            Some(entry) if entry.fixed => {}
+            Some(entry) => {
+                entry.port = port;
+                entry.seen = now;
+            }
+            None if room => {
+                self.macs.insert(
+                    key,
+                    MacEntry {
+                        port,
+                        seen: now,
+                        fixed: false,
+                    },
+                );
+            }
+            None => self.learn_refused += 1,
+        }
+    }
+
+    /// Counts a frame delivered on `port`.
+    pub fn count_tx(&mut self, port: PortId, bytes: usize) {
+        if let Some(port) = self.ports.get_mut(&port) {
+            port.counters.tx_packets += 1;
+            port.counters.tx_bytes += bytes as u64;
+        }
+    }
+
+    /// Counts a frame dropped on `port` for `reason`.
+    pub fn count_drop(&mut self, port: PortId, reason: DropReason) {
+        if let Some(port) = self.ports.get_mut(&port) {
+            port.counters.drops[reason.index()] += 1;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const A: Mac = Mac([0x52, 0x54, 0, 0, 0, 0xa]);
+    const B: Mac = Mac([0x52, 0x54, 0, 0, 0, 0xb]);
+    const C: Mac = Mac([0x52, 0x54, 0, 0, 0, 0xc]);
+    const R: Mac = Mac([0x52, 0x54, 0, 0, 1, 0x1]);
+    const MULTICAST: Mac = Mac([0x01, 0x00, 0x5e, 0, 0, 1]);
+
+    fn frame(destination: Mac, source: Mac, tag: Option<u16>, len: usize) -> Vec<u8> {
+        let mut frame = vec![0u8; len.max(18)];
+        frame[..6].copy_from_slice(&destination.0);
+        frame[6..12].copy_from_slice(&source.0);
+        match tag {
+            Some(vlan) => {
+                frame[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
+                frame[14..16].copy_from_slice(&vlan.to_be_bytes());
+                frame[16..18].copy_from_slice(&0x0800u16.to_be_bytes());
+            }
+            None => frame[12..14].copy_from_slice(&0x0800u16.to_be_bytes()),
+        }
+        frame.truncate(len);
+        frame
+    }
+
+    fn port(segment: SegmentId, mac: Option<Mac>, vlan: VlanMode) -> PortConfig {
+        PortConfig {
+            segment,
+            mac,
+            vlan,
+            rate: RateLimit::default(),
+        }
+    }
+
+    /// Ports: 1 = A native, 2 = B native, 3 = C access 10, 4 = trunk
+    /// [10, 20] without an address (a tunnel), 5 = A's twin on segment 2.
+    fn switch() -> Switch {
+        let mut switch = Switch::default();
+        let now = Duration::ZERO;
+        switch
+            .add_port(1, port(1, Some(A), VlanMode::Native), now)
+            .expect("1");
+        switch
+            .add_port(2, port(1, Some(B), VlanMode::Native), now)
+            .expect("2");
+        switch
+            .add_port(3, port(1, Some(C), VlanMode::Access(10)), now)
+            .expect("3");
+        switch
+            .add_port(4, port(1, None, VlanMode::Trunk(vec![10, 20])), now)
+            .expect("4");
+        switch
+            .add_port(5, port(2, Some(A), VlanMode::Native), now)
+            .expect("5");
+        switch
+    }
+
+    /// Where a frame goes, or why it is dropped.
+    type Outcome = Result<Vec<(PortId, Egress)>, DropReason>;
+
+    fn check(switch: &mut Switch, at_ms: u64, from: PortId, frame: &[u8], expected: Outcome) {
+        let mut out = Vec::new();
+        let got = switch
+            .switch(Duration::from_millis(at_ms), from, frame, &mut out)
+            .map(|_| out);
+        assert_eq!(got, expected, "frame from port {from}");
+    }
+
+    use Egress::{Tagged, Untagged};
+
+    #[test]
+    fn forwarding_decisions() {
+        let mut s = switch();
+        let cases: Vec<(PortId, Vec<u8>, Outcome)> = vec![
+            // Known unicast on the native network: straight to its port.
+            (1, frame(B, A, None, 60), Ok(vec![(2, Untagged)])),
+            // Broadcast floods the segment's native network: the other
+            // native port and the trunk, untagged; never the access port
+            // (VLAN 10) or segment 2.
+            (
+                1,
+                frame(Mac::BROADCAST, A, None, 60),
+                Ok(vec![(2, Untagged), (4, Untagged)]),
+            ),
+            (
+                1,
+                frame(MULTICAST, A, None, 60),
+                Ok(vec![(2, Untagged), (4, Untagged)]),
+            ),
+            // Unknown unicast floods too.
+            (
+                1,
+                frame(R, A, None, 60),
+                Ok(vec![(2, Untagged), (4, Untagged)]),
+            ),
+            // The access port's frames are VLAN 10 inside: they reach the
+            // trunk tagged, and nothing on the native network.
+            (
+                3,
+                frame(Mac::BROADCAST, C, None, 60),
+                Ok(vec![(4, Tagged(10))]),
+            ),
+            (3, frame(B, C, None, 60), Ok(vec![(4, Tagged(10))])),
+            // From the trunk: VLAN 10 reaches the access port untagged;
+            // VLAN 20 has no port here but the trunk; untagged is native.
+            (4, frame(C, R, Some(10), 64), Ok(vec![(3, Untagged)])),
+            (4, frame(Mac::BROADCAST, R, Some(20), 64), Ok(vec![])),
+            (4, frame(A, R, None, 60), Ok(vec![(1, Untagged)])),
+            // R was learned on the trunk, per VLAN.
+            (3, frame(R, C, None, 60), Ok(vec![(4, Tagged(10))])),
+            (1, frame(R, A, None, 60), Ok(vec![(4, Untagged)])),
+            // Segments do not meet: A's twin on segment 2 floods alone.
+            (5, frame(Mac::BROADCAST, A, None, 60), Ok(vec![])),
+            // Port security: a source other than the port's address.
+            (1, frame(B, C, None, 60), Err(DropReason::Spoofed)),
+            (
+                1,
+                frame(B, MULTICAST, None, 60),
+                Err(DropReason::GroupSource),
+            ),
+            // Tags where they do not belong.
+            (
+                1,
+                frame(B, A, Some(10), 64),
+                Err(DropReason::TaggedOnAccess),
+            ),
+            (
+                3,
+                frame(B, C, Some(10), 64),
+                Err(DropReason::TaggedOnAccess),
+            ),
+            (
+                4,
+                frame(C, R, Some(30), 64),
+                Err(DropReason::VlanNotAllowed),
+            ),
+            // A priority tag (VLAN 0) on a native port is untagged.
+            (1, frame(B, A, Some(0), 64), Ok(vec![(2, Untagged)])),
+            // Lengths.
+            (1, frame(B, A, None, 13), Err(DropReason::Runt)),
+            (4, frame(B, R, Some(10), 17), Err(DropReason::Runt)),
+            (
+                1,
+                frame(B, A, None, FRAME_BYTES_MAX_DEFAULT + 1),
+                Err(DropReason::Oversize),
+            ),
+            (
+                1,
+                frame(B, A, None, FRAME_BYTES_MAX_DEFAULT),
+                Ok(vec![(2, Untagged)]),
+            ),
+            // To a station on the port it came from.
+            (4, frame(R, R, None, 60), Err(DropReason::Hairpin)),
+            // A frame on the trunk claiming port 1's address does not move
+            // it.
+            (4, frame(B, A, None, 60), Ok(vec![(2, Untagged)])),
+            (2, frame(A, B, None, 60), Ok(vec![(1, Untagged)])),
+        ];
+        for (from, frame, expected) in cases {
+            check(&mut s, 1, from, &frame, expected);
+        }
+        let one = s.counters(1).expect("port 1");
+        assert_eq!(one.drops(DropReason::Spoofed), 1);
+        assert_eq!(one.drops(DropReason::Runt), 1);
+        assert_eq!(one.drops(DropReason::Oversize), 1);
+        assert_eq!(one.drops(DropReason::TaggedOnAccess), 1);
+        assert_eq!(one.drops(DropReason::GroupSource), 1);
+        assert_eq!(one.rx_packets, 7);
+        assert_eq!(s.counters(4).expect("4").drops(DropReason::Hairpin), 1);
+    }
+
+    #[test]
+    fn learned_addresses_age_and_go_with_their_port() {
+        let mut s = switch();
+        check(
+            &mut s,
+            0,
+            4,
+            &frame(A, R, None, 60),
+            Ok(vec![(1, Untagged)]),
+        );
+        check(
+            &mut s,
+            1_000,
+            1,
+            &frame(R, A, None, 60),
+            Ok(vec![(4, Untagged)]),
+        );
+        // Past the aging time, R is unknown again: flooded.
+        let later = MAC_AGING_DEFAULT.as_millis() as u64 + 1;
+        s.expire(Duration::from_millis(later));
+        check(
+            &mut s,
+            later,
+            1,
+            &frame(R, A, None, 60),
+            Ok(vec![(2, Untagged), (4, Untagged)]),
+        );
+        // Removing a port removes its static address: frames to it flood.
+        s.remove_port(2).expect("remove");
+        check(
+            &mut s,
+            later,
+            1,
+            &frame(B, A, None, 60),
+            Ok(vec![(4, Untagged)]),
+        );
+        assert_eq!(s.remove_port(2), Err(SwitchError::NoSuchPort(2)));
+    }
+
+    #[test]
+    fn ports_are_checked_when_added() {
+        let mut s = switch();
+        let now = Duration::ZERO;
+        assert_eq!(
+            s.add_port(1, port(1, None, VlanMode::Native), now),
+            Err(SwitchError::PortExists(1))
+        );
+        assert_eq!(
+            s.add_port(9, port(1, Some(B), VlanMode::Native), now),
+            Err(SwitchError::MacTaken { mac: B, port: 2 })
+        );
+        assert!(matches!(
+            s.add_port(9, port(1, None, VlanMode::Access(0)), now),
+            Err(SwitchError::Vlan(_))
+        ));
+        assert!(matches!(
+            s.add_port(9, port(1, None, VlanMode::Trunk(vec![])), now),
+            Err(SwitchError::Vlan(_))
+        ));
+        assert!(matches!(
+            s.add_port(9, port(1, Some(MULTICAST), VlanMode::Native), now),
+            Err(SwitchError::GroupMac(_))
+        ));
+        // The same address on another VLAN of the segment is another
+        // station.
+        s.add_port(9, port(1, Some(B), VlanMode::Access(20)), now)
+            .expect("B on VLAN 20");
+    }
+
+    #[test]
+    fn rate_limits_drop_and_refill() {
+        let mut s = Switch::default();
+        let limited = PortConfig {
+            rate: RateLimit {
+                packets_per_second: Some(100),
+                bytes_per_second: None,
+            },
+            ..port(1, Some(A), VlanMode::Native)
+        };
+        s.add_port(1, limited, Duration::ZERO).expect("1");
+        s.add_port(2, port(1, Some(B), VlanMode::Native), Duration::ZERO)
+            .expect("2");
+        let ab = frame(B, A, None, 60);
+        // A burst of a tenth of a second's worth passes, then drops.
+        for _ in 0..10 {
+            check(&mut s, 0, 1, &ab, Ok(vec![(2, Untagged)]));
+        }
+        check(&mut s, 0, 1, &ab, Err(DropReason::RateLimited));
+        // 10 ms later one more token.
+        check(&mut s, 10, 1, &ab, Ok(vec![(2, Untagged)]));
+        check(&mut s, 10, 1, &ab, Err(DropReason::RateLimited));
+        assert_eq!(s.counters(1).expect("1").drops(DropReason::RateLimited), 2);
+
+        let mut s = Switch::default();
+        let bytes = PortConfig {
+            rate: RateLimit {
+                packets_per_second: None,
+                bytes_per_second: Some(100_000),
+            },
+            ..port(1, Some(A), VlanMode::Native)
+        };
+        s.add_port(1, bytes, Duration::ZERO).expect("1");
+        s.add_port(2, port(1, Some(B), VlanMode::Native), Duration::ZERO)
+            .expect("2");
+        let big = frame(B, A, None, 1000);
+        for _ in 0..10 {
+            check(&mut s, 0, 1, &big, Ok(vec![(2, Untagged)]));
+        }
+        check(&mut s, 0, 1, &big, Err(DropReason::RateLimited));
+    }
+
+    #[test]
+    fn the_table_stops_learning_when_full() {
+        let mut s = Switch::default();
+        s.add_port(1, port(1, None, VlanMode::Native), Duration::ZERO)
+            .expect("1");
+        s.add_port(2, port(1, None, VlanMode::Native), Duration::ZERO)
+            .expect("2");
+        let mut out = Vec::new();
+        for i in 0..(MAC_TABLE_ENTRIES_MAX as u32 + 10) {
+            let [a, b, c, d] = i.to_be_bytes();
+            let source = Mac([0x02, 0, a, b, c, d]);
+            s.switch(
+                Duration::ZERO,
+                1,
+                &frame(Mac::BROADCAST, source, None, 60),
+                &mut out,
+            )
+            .expect("switched");
+        }
+        assert_eq!(s.learn_refused, 10);
+    }
+}
