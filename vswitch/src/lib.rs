@@ -9,6 +9,11 @@
 //! - [`switch::Switch`]: the forwarding decision, pure (a frame and the time
 //!   in, the ports it leaves on out).
 //! - [`frame`]: MAC addresses, Ethernet headers, tag rewriting.
+//! - [`port::Fabric`]: a node's switch with its ports;
+//!   [`port::NetBackend`]: a port's vhost-user-net device;
+//!   [`server::NetServer`]: a port served on its unix socket.
 
 pub mod frame;
+pub mod port;
+pub mod server;
 pub mod switch;

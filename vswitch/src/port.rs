@@ -1,0 +1,525 @@
+//! vhost-user-net ports: the device side of a guest's virtio-net NIC, one
+//! receive and one transmit queue, joined to the node's [`Fabric`].
+//!
+//! A frame a guest transmits is read out of its descriptor chain into the
+//! port's own buffer (sized when the port is made), switched, and copied
+//! into the receive buffers of each port it goes to, by the transmitting
+//! port's worker thread. Every chain is checked: one that is not readable
+//! guest memory, is shorter than a virtio-net header and an Ethernet
+//! header, longer than the largest frame, or asks for offloads the port
+//! did not offer is dropped and counted; the chain goes back to the guest
+//! and the port keeps working.
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use crate::frame::{rewrite, Egress, Mac, VLAN_TAG_BYTES};
+use crate::switch::{DropReason, PortConfig, PortCounters, PortId, Switch, SwitchError};
+
+type Memory = GuestMemoryMmap<()>;
+type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
+
+const VIRTIO_NET_F_MAC: u64 = 5;
+const VIRTIO_NET_F_MRG_RXBUF: u64 = 15;
+const VIRTIO_NET_F_STATUS: u64 = 16;
+const VIRTIO_RING_F_INDIRECT_DESC: u64 = 28;
+const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
+const VIRTIO_F_VERSION_1: u64 = 32;
+const VIRTIO_NET_S_LINK_UP: u16 = 1;
+
+/// Bytes of the virtio-net header in front of every frame (VERSION_1).
+pub const NET_HEADER_BYTES: usize = 12;
+/// Largest virtqueue a port accepts.
+pub const QUEUE_SIZE_MAX: usize = 1024;
+/// Receive buffers a frame may take with MRG_RXBUF.
+const RX_BUFFERS_MAX: usize = 64;
+
+const RX_QUEUE: u16 = 0;
+const TX_QUEUE: u16 = 1;
+
+/// A node's switch and the receiving side of each of its ports.
+#[derive(Debug)]
+pub struct Fabric {
+    switch: Mutex<Switch>,
+    receivers: RwLock<HashMap<PortId, Arc<Receiver>>>,
+    origin: Instant,
+    frame_bytes_max: usize,
+}
+
+impl Fabric {
+    pub fn new(switch: Switch, frame_bytes_max: usize) -> Arc<Fabric> {
+        Arc::new(Fabric {
+            switch: Mutex::new(switch),
+            receivers: RwLock::default(),
+            origin: Instant::now(),
+            frame_bytes_max,
+        })
+    }
+
+    fn now(&self) -> Duration {
+        self.origin.elapsed()
+    }
+
+    fn switch(&self) -> std::sync::MutexGuard<'_, Switch> {
+        self.switch.lock().expect("switch poisoned")
+    }
+
+    /// Adds a port to the switch and returns its device backend.
+    pub fn add_port(
+        self: &Arc<Self>,
+        id: PortId,
+        config: PortConfig,
+    ) -> Result<NetBackend, SwitchError> {
+        let mac = config.mac;
+        self.switch().add_port(id, config, self.now())?;
+        let receiver = Arc::new(Receiver::default());
+        self.receivers
+            .write()
+            .expect("receivers poisoned")
+            .insert(id, receiver.clone());
+        Ok(NetBackend {
+            inner: Arc::new(Inner {
+                id,
+                mac: mac.unwrap_or(Mac([0x02, 0, 0, 0, 0, 1])),
+                fabric: self.clone(),
+                receiver,
+                memory: RwLock::default(),
+                event_idx: AtomicBool::new(false),
+                transmit: Mutex::new(Transmit {
+                    frame: vec![0; NET_HEADER_BYTES + self.frame_bytes_max],
+                    rewritten: vec![0; self.frame_bytes_max + VLAN_TAG_BYTES],
+                    out: Vec::with_capacity(64),
+                    results: Vec::with_capacity(64),
+                }),
+            }),
+        })
+    }
+
+    /// Removes a port; frames to it are no longer delivered.
+    pub fn remove_port(&self, id: PortId) -> Result<PortCounters, SwitchError> {
+        self.receivers
+            .write()
+            .expect("receivers poisoned")
+            .remove(&id);
+        self.switch().remove_port(id)
+    }
+
+    pub fn counters(&self, id: PortId) -> Option<PortCounters> {
+        self.switch().counters(id).cloned()
+    }
+
+    /// Switches one frame from port `from` and delivers it. Used by the
+    /// ports' transmit paths (and by tests, as a frame source).
+    fn forward(&self, from: PortId, frame: &[u8], transmit: &mut Transmit) {
+        let Transmit {
+            rewritten,
+            out,
+            results,
+            ..
+        } = transmit;
+        let now = self.now();
+        let switched = {
+            let mut switch = self.switch();
+            if now.as_secs() % 10 == 0 {
+                switch.expire(now);
+            }
+            switch.switch(now, from, frame, out)
+        };
+        let Ok(switched) = switched else {
+            return;
+        };
+        results.clear();
+        {
+            let receivers = self.receivers.read().expect("receivers poisoned");
+            for &(to, egress) in out.iter() {
+                let len = rewrite(frame, switched.tagged, egress, rewritten);
+                let delivered = match receivers.get(&to) {
+                    Some(receiver) => receiver.deliver(&rewritten[..len]),
+                    None => Err(DropReason::NoRoom),
+                };
+                results.push((to, delivered.map(|()| len)));
+            }
+        }
+        let mut switch = self.switch();
+        for &(to, result) in results.iter() {
+            match result {
+                Ok(len) => switch.count_tx(to, len),
+                Err(reason) => switch.count_drop(to, reason),
+            }
+        }
+    }
+}
+
+/// Buffers of a port's transmit path, sized when the port is made.
+#[derive(Debug)]
+struct Transmit {
+    frame: Vec<u8>,
+    rewritten: Vec<u8>,
+    out: Vec<(PortId, Egress)>,
+    results: Vec<(PortId, Result<usize, DropReason>)>,
+}
+
+/// The receiving side of a port: its receive queue, once the frontend has
+/// set it up.
+#[derive(Debug, Default)]
+struct Receiver {
+    state: Mutex<ReceiveState>,
+}
+
+#[derive(Default)]
+struct ReceiveState {
+    vring: Option<Vring>,
+    memory: Option<GuestMemoryAtomic<Memory>>,
+    event_idx: bool,
+    merge: bool,
+}
+
+impl std::fmt::Debug for ReceiveState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ReceiveState")
+            .field("ready", &self.vring.is_some())
+            .field("event_idx", &self.event_idx)
+            .field("merge", &self.merge)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Receiver {
+    /// Copies `frame`, after a virtio-net header, into the guest's receive
+    /// buffers and tells the guest. `NoRoom` if the guest has not given
+    /// enough buffers.
+    fn deliver(&self, frame: &[u8]) -> Result<(), DropReason> {
+        let state = self.state.lock().expect("receiver poisoned");
+        let (Some(vring), Some(memory)) = (&state.vring, &state.memory) else {
+            return Err(DropReason::NoRoom);
+        };
+        let memory = memory.memory();
+        let needed = NET_HEADER_BYTES + frame.len();
+        // Buffers this frame took: (head, bytes written).
+        let mut used = [(0u16, 0u32); RX_BUFFERS_MAX];
+        let mut count = 0;
+        let mut written = 0usize;
+        let mut first = None;
+        let mut discarded = false;
+        let failed = loop {
+            if written == needed {
+                break None;
+            }
+            if count == RX_BUFFERS_MAX || (count == 1 && !state.merge) {
+                break Some(DropReason::NoRoom);
+            }
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(memory.clone());
+            let Some(chain) = chain else {
+                break Some(DropReason::NoRoom);
+            };
+            let head = chain.head_index();
+            let least = if first.is_none() { NET_HEADER_BYTES } else { 1 };
+            let writer = Writer::<()>::new(&*memory, chain.clone())
+                .ok()
+                .filter(|writer| writer.available_bytes() >= least);
+            let Some(mut writer) = writer else {
+                if count == 0 {
+                    // A buffer that is not writable guest memory (or too
+                    // small for a header) goes back to the guest empty,
+                    // so it cannot block the queue.
+                    let _ = vring.add_used(head, 0);
+                    discarded = true;
+                    continue;
+                }
+                count += 1;
+                break Some(DropReason::NoRoom);
+            };
+            let mut length = 0;
+            if first.is_none() {
+                // num_buffers is written once the count is known.
+                if writer.write_all(&[0u8; NET_HEADER_BYTES]).is_err() {
+                    count += 1;
+                    break Some(DropReason::NoRoom);
+                }
+                first = Some(chain);
+                written = NET_HEADER_BYTES;
+                length = NET_HEADER_BYTES;
+            }
+            let take = writer.available_bytes().min(needed - written);
+            let from = written - NET_HEADER_BYTES;
+            if writer.write_all(&frame[from..from + take]).is_err() {
+                count += 1;
+                break Some(DropReason::NoRoom);
+            }
+            written += take;
+            length += take;
+            used[count] = (head, length as u32);
+            count += 1;
+        };
+        let result = match (failed, first) {
+            (None, Some(first)) => {
+                let mut header = [0u8; NET_HEADER_BYTES];
+                header[10..12].copy_from_slice(&(count as u16).to_le_bytes());
+                if let Ok(mut writer) = Writer::<()>::new(&*memory, first) {
+                    let _ = writer.write_all(&header);
+                }
+                for &(head, len) in &used[..count] {
+                    let _ = vring.add_used(head, len);
+                }
+                Ok(())
+            }
+            (failed, _) => {
+                // Give back, unused, the buffers this frame took.
+                for _ in 0..count {
+                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                }
+                Err(failed.unwrap_or(DropReason::NoRoom))
+            }
+        };
+        if result.is_ok() || discarded {
+            signal(vring, state.event_idx);
+        }
+        result
+    }
+}
+
+fn signal(vring: &Vring, event_idx: bool) {
+    let needed = !event_idx || vring.needs_notification().unwrap_or(true);
+    if needed {
+        if let Err(error) = vring.signal_used_queue() {
+            tracing::debug!(%error, "cannot signal a port's used queue");
+        }
+    }
+}
+
+/// The vhost-user-net device of one port.
+#[derive(Debug, Clone)]
+pub struct NetBackend {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    id: PortId,
+    mac: Mac,
+    fabric: Arc<Fabric>,
+    receiver: Arc<Receiver>,
+    memory: RwLock<Option<GuestMemoryAtomic<Memory>>>,
+    event_idx: AtomicBool,
+    transmit: Mutex<Transmit>,
+}
+
+impl NetBackend {
+    pub fn id(&self) -> PortId {
+        self.inner.id
+    }
+
+    /// Forgets the frontend's queues and memory (it disconnected).
+    pub fn reset(&self) {
+        let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
+        state.vring = None;
+        state.memory = None;
+        *self.inner.memory.write().expect("memory lock poisoned") = None;
+    }
+
+    fn memory(&self) -> Option<GuestMemoryLoadGuard<Memory>> {
+        self.inner
+            .memory
+            .read()
+            .expect("memory lock poisoned")
+            .as_ref()
+            .map(GuestMemoryAtomic::memory)
+    }
+
+    /// Takes every frame off the transmit queue and switches it.
+    fn transmit(&self, vring: &Vring) -> std::io::Result<()> {
+        let Some(memory) = self.memory() else {
+            return Ok(());
+        };
+        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
+        let fabric = &self.inner.fabric;
+        let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
+        let mut used_any = false;
+        loop {
+            if event_idx {
+                vring
+                    .disable_notification()
+                    .map_err(std::io::Error::other)?;
+            }
+            while let Some(chain) = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(memory.clone())
+            {
+                let head = chain.head_index();
+                let read = match Reader::<()>::new(&*memory, chain) {
+                    Ok(mut reader) => read_frame(&mut reader, &mut transmit.frame),
+                    Err(_) => Err(DropReason::Malformed),
+                };
+                vring.add_used(head, 0).map_err(std::io::Error::other)?;
+                used_any = true;
+                match read {
+                    Ok(len) => {
+                        let frame = std::mem::take(&mut transmit.frame);
+                        fabric.forward(
+                            self.inner.id,
+                            &frame[NET_HEADER_BYTES..NET_HEADER_BYTES + len],
+                            &mut transmit,
+                        );
+                        transmit.frame = frame;
+                    }
+                    Err(reason) => fabric.switch().count_drop(self.inner.id, reason),
+                }
+            }
+            if !event_idx || !vring.enable_notification().map_err(std::io::Error::other)? {
+                break;
+            }
+        }
+        if used_any {
+            signal(vring, event_idx);
+        }
+        Ok(())
+    }
+}
+
+/// Reads a transmitted chain (virtio-net header, then the frame) into
+/// `buffer`; returns the frame's length.
+fn read_frame(reader: &mut Reader<'_, ()>, buffer: &mut [u8]) -> Result<usize, DropReason> {
+    let total = reader.available_bytes();
+    if total < NET_HEADER_BYTES + crate::frame::ETHERNET_HEADER_BYTES {
+        return Err(DropReason::Runt);
+    }
+    if total > buffer.len() {
+        return Err(DropReason::Oversize);
+    }
+    reader
+        .read_exact(&mut buffer[..total])
+        .map_err(|_| DropReason::Malformed)?;
+    // No offloads were offered: a header asking for checksum or
+    // segmentation work is not one this port can honour.
+    let (flags, gso_type) = (buffer[0], buffer[1]);
+    if flags != 0 || gso_type != 0 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(total - NET_HEADER_BYTES)
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = Vring;
+
+    fn num_queues(&self) -> usize {
+        2
+    }
+
+    fn max_queue_size(&self) -> usize {
+        QUEUE_SIZE_MAX
+    }
+
+    fn features(&self) -> u64 {
+        [
+            VIRTIO_NET_F_MAC,
+            VIRTIO_NET_F_MRG_RXBUF,
+            VIRTIO_NET_F_STATUS,
+            VIRTIO_RING_F_INDIRECT_DESC,
+            VIRTIO_RING_F_EVENT_IDX,
+            VIRTIO_F_VERSION_1,
+        ]
+        .iter()
+        .fold(0, |features, bit| features | 1 << bit)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
+    }
+
+    fn acked_features(&self, features: u64) {
+        let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
+        state.merge = features & (1 << VIRTIO_NET_F_MRG_RXBUF) != 0;
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.inner.event_idx.store(enabled, Ordering::Release);
+        self.inner
+            .receiver
+            .state
+            .lock()
+            .expect("receiver poisoned")
+            .event_idx = enabled;
+    }
+
+    /// The config space: MAC, status (link up), one queue pair.
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let mut space = [0u8; 10];
+        space[..6].copy_from_slice(&self.inner.mac.0);
+        space[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
+        space[8..10].copy_from_slice(&1u16.to_le_bytes());
+        let start = offset as usize;
+        let end = start.saturating_add(size as usize);
+        if end > space.len() {
+            tracing::warn!(offset, size, "frontend read past a port's config space");
+            return Vec::new();
+        }
+        space[start..end].to_vec()
+    }
+
+    fn update_memory(&self, memory: GuestMemoryAtomic<Memory>) -> std::io::Result<()> {
+        self.inner
+            .receiver
+            .state
+            .lock()
+            .expect("receiver poisoned")
+            .memory = Some(memory.clone());
+        *self.inner.memory.write().expect("memory lock poisoned") = Some(memory);
+        Ok(())
+    }
+
+    /// Both queues on one thread: the port's transmit path and the
+    /// bookkeeping of its receive queue.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        vec![0b11]
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC).ok()
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[Vring],
+        _thread_id: usize,
+    ) -> std::io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(std::io::Error::other(format!(
+                "unexpected epoll event set {evset:?}"
+            )));
+        }
+        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
+        else {
+            return Ok(());
+        };
+        {
+            let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
+            if state.vring.is_none() {
+                state.vring = Some(rx.clone());
+            }
+        }
+        if device_event == TX_QUEUE {
+            self.transmit(tx)?;
+        }
+        Ok(())
+    }
+}
