@@ -56,10 +56,73 @@ enum Command {
     /// The cluster's nodes.
     #[command(subcommand)]
     Node(NodeCommand),
+    /// The software switch: segments (virtual L2 networks) and their
+    /// vhost-user-net ports.
+    #[command(subcommand)]
+    Switch(SwitchCommand),
     /// The pooled resources of the cluster, with a row per node.
     Pool,
     /// Check that fabricd answers.
     Status,
+}
+
+#[derive(Debug, Subcommand)]
+enum SwitchCommand {
+    /// Segments: virtual L2 networks that span the nodes with a port in
+    /// them.
+    #[command(subcommand)]
+    Segment(SegmentCommand),
+    /// Ports: a guest NIC's vhost-user-net socket on a segment, served by
+    /// the node fabctl talks to.
+    #[command(subcommand)]
+    Port(PortCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum SegmentCommand {
+    Create {
+        name: String,
+    },
+    List,
+    /// Delete a segment that has no ports.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PortCommand {
+    /// Add a port and print the QEMU arguments that attach a guest to it.
+    Add {
+        segment: String,
+        /// The guest's MAC address: the only source address the switch
+        /// accepts from the port.
+        #[arg(long)]
+        mac: String,
+        /// The port's name (default: SEGMENT-xxxxxx from the MAC).
+        #[arg(long)]
+        name: Option<String>,
+        /// An access port on this VLAN (untagged at the guest).
+        #[arg(long, conflicts_with = "trunk")]
+        vlan: Option<u16>,
+        /// A trunk port for these VLANs (tagged at the guest), e.g. 10,20.
+        #[arg(long, value_delimiter = ',')]
+        trunk: Option<Vec<u16>>,
+        /// Most packets per second the guest may send.
+        #[arg(long)]
+        rate_pps: Option<u64>,
+        /// Most bytes per second the guest may send.
+        #[arg(long)]
+        rate_bps: Option<u64>,
+    },
+    /// List ports, with counters for those served by this node.
+    List,
+    Show {
+        name: String,
+    },
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -456,6 +519,7 @@ fn run(args: &Args) -> Result<(), CliError> {
                 print_node_table(&value["nodes"]);
             }
         }
+        Command::Switch(command) => switch(&endpoint, command, json)?,
         Command::Volume(command) => match command {
             VolumeCommand::Create {
                 name,
@@ -808,6 +872,176 @@ fn wait_in_sync(
 
 fn bytes(value: &Value) -> String {
     value.as_u64().map_or_else(|| "-".into(), format_size)
+}
+
+fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<(), CliError> {
+    match command {
+        SwitchCommand::Segment(SegmentCommand::Create { name }) => {
+            let value = call(
+                endpoint,
+                "POST",
+                "/v1/segments",
+                Some(json!({ "name": name })),
+            )?;
+            if json {
+                print_json(&value);
+            } else {
+                println!("created segment {name} (VNI {})", value["vni"]);
+            }
+        }
+        SwitchCommand::Segment(SegmentCommand::List) => {
+            let value = call(endpoint, "GET", "/v1/segments", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                let rows: Vec<Vec<String>> = value
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|s| {
+                        vec![
+                            s["name"].as_str().unwrap_or("?").to_owned(),
+                            s["vni"].to_string(),
+                            s["ports"].to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NAME", "VNI", "PORTS"], &rows);
+            }
+        }
+        SwitchCommand::Segment(SegmentCommand::Delete { name }) => {
+            call(
+                endpoint,
+                "DELETE",
+                &format!("/v1/segments/{}", segment(name)),
+                None,
+            )?;
+            if !json {
+                println!("deleted segment {name}");
+            }
+        }
+        SwitchCommand::Port(PortCommand::Add {
+            segment: on,
+            mac,
+            name,
+            vlan,
+            trunk,
+            rate_pps,
+            rate_bps,
+        }) => {
+            let name = name.clone().unwrap_or_else(|| {
+                let tail: String = mac.split(':').skip(3).collect();
+                format!("{on}-{tail}")
+            });
+            let value = call(
+                endpoint,
+                "POST",
+                "/v1/ports",
+                Some(json!({
+                    "name": name,
+                    "segment": on,
+                    "mac": mac,
+                    "vlan": vlan,
+                    "trunk": trunk,
+                    "packets_per_second": rate_pps,
+                    "bytes_per_second": rate_bps,
+                })),
+            )?;
+            if json {
+                print_json(&value);
+            } else {
+                println!(
+                    "port {name} on segment {on} is served on {}",
+                    value["socket"].as_str().unwrap_or("?")
+                );
+                println!();
+                println!("QEMU arguments for the NIC:");
+                println!("  {}", args_line(&value["qemu_args"]));
+                println!(
+                    "vhost-user needs the guest's memory shared with fabricd (size must equal -m):"
+                );
+                println!("  -object memory-backend-memfd,id=mem,size=SIZE,share=on -numa node,memdev=mem");
+            }
+        }
+        SwitchCommand::Port(PortCommand::List) => {
+            let value = call(endpoint, "GET", "/v1/ports", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                let rows: Vec<Vec<String>> = value
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|p| {
+                        let c = &p["counters"];
+                        let drops: u64 = c["drops"]
+                            .as_object()
+                            .map(|d| d.values().filter_map(Value::as_u64).sum())
+                            .unwrap_or(0);
+                        let counter =
+                            |key: &str| c[key].as_u64().map_or("-".to_owned(), |v| v.to_string());
+                        vec![
+                            p["name"].as_str().unwrap_or("?").to_owned(),
+                            p["segment"].as_str().unwrap_or("?").to_owned(),
+                            p["node"].to_string(),
+                            p["mac"].as_str().unwrap_or("?").to_owned(),
+                            vlan_text(&p["vlan"]),
+                            counter("rx_packets"),
+                            counter("tx_packets"),
+                            if c.is_null() {
+                                "-".into()
+                            } else {
+                                drops.to_string()
+                            },
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "NAME", "SEGMENT", "NODE", "MAC", "VLAN", "RX", "TX", "DROPS",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        SwitchCommand::Port(PortCommand::Show { name }) => {
+            let value = call(
+                endpoint,
+                "GET",
+                &format!("/v1/ports/{}", segment(name)),
+                None,
+            )?;
+            print_json(&value);
+        }
+        SwitchCommand::Port(PortCommand::Delete { name }) => {
+            call(
+                endpoint,
+                "DELETE",
+                &format!("/v1/ports/{}", segment(name)),
+                None,
+            )?;
+            if !json {
+                println!("deleted port {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn vlan_text(vlan: &Value) -> String {
+    match vlan["mode"].as_str() {
+        Some("access") => format!("access {}", vlan["vlan"]),
+        Some("trunk") => format!(
+            "trunk {}",
+            vlan["vlans"]
+                .as_array()
+                .map(|v| v.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+                .unwrap_or_default()
+        ),
+        _ => "native".into(),
+    }
 }
 
 fn print_table(header: &[&str], rows: &[Vec<String>]) {

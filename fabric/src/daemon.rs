@@ -135,8 +135,14 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = handle_slot.set(Arc::downgrade(&cluster));
     tokio::spawn(api::resume_replicated(node.clone(), cluster.clone()));
     tokio::spawn(crate::replication::reclaim(node.clone(), cluster.clone()));
-    let router =
-        api::router(node.clone(), cluster.clone()).merge(cluster_api::router(cluster.clone()));
+    let switch = crate::switch::NodeSwitch::new(config.socket_dir.clone());
+    tokio::spawn(crate::switch::reconcile_loop(
+        switch.clone(),
+        cluster.clone(),
+    ));
+    let router = api::router(node.clone(), cluster.clone())
+        .merge(cluster_api::router(cluster.clone()))
+        .merge(crate::switch::router(switch, cluster.clone()));
     let _ = services.api.set(router.clone());
 
     let unix = bind_unix(&config.api_socket)?;

@@ -43,6 +43,9 @@ pub const EXIT_MARKER: &str = "FABRIC-GUEST: test exit ";
 
 /// Most vhost-user-blk disks one guest can have (PCI slots 0x08..=0x1e).
 pub const MAX_DISKS: usize = 23;
+/// Most vhost-user-net NICs one guest can have (PCI slots 0x04..=0x07).
+pub const MAX_NICS: usize = 4;
+const FIRST_NIC_SLOT: usize = 0x04;
 const FIRST_DISK_SLOT: usize = 0x08;
 const TOOLS_SLOT: usize = 0x1f;
 
@@ -136,6 +139,9 @@ fn default_cache_dir() -> std::result::Result<PathBuf, String> {
 pub struct GuestConfig {
     /// One vhost-user-blk-pci device per socket (the backend listens on it).
     pub vhost_user_blk_sockets: Vec<PathBuf>,
+    /// One virtio-net-pci NIC per (socket, MAC), on a vhost-user-net
+    /// backend; the guest sees them as eth0, eth1, ... in this order.
+    pub vhost_user_net: Vec<(PathBuf, String)>,
     /// Shell script run by busybox `sh` as `/test.sh`; its status becomes
     /// [`GuestRun::exit_code`]. Its output goes to the serial console.
     pub script: String,
@@ -156,6 +162,7 @@ impl Default for GuestConfig {
     fn default() -> Self {
         GuestConfig {
             vhost_user_blk_sockets: Vec::new(),
+            vhost_user_net: Vec::new(),
             script: String::new(),
             memory_mib: 256,
             vcpus: 1,
@@ -213,6 +220,9 @@ impl Guest {
     pub fn spawn(image: &GuestImage, config: &GuestConfig) -> Result<RunningGuest> {
         if config.vhost_user_blk_sockets.len() > MAX_DISKS {
             bail!("at most {MAX_DISKS} vhost-user-blk disks per guest");
+        }
+        if config.vhost_user_net.len() > MAX_NICS {
+            bail!("at most {MAX_NICS} vhost-user-net NICs per guest");
         }
         if config.memory_mib == 0 || config.vcpus == 0 {
             bail!("memory_mib and vcpus must be positive");
@@ -314,6 +324,24 @@ fn qemu_args(image: &GuestImage, config: &GuestConfig, initrd: &Path) -> Vec<Str
             device.push_str(&format!(",num-queues={q}"));
         }
         push("-device", device);
+    }
+    for (i, (sock, mac)) in config.vhost_user_net.iter().enumerate() {
+        let mut chardev = format!("socket,id=vun{i},path={}", opt_path(sock));
+        if let Some(secs) = config.reconnect_secs {
+            chardev.push_str(&format!(",reconnect={secs}"));
+        }
+        push("-chardev", chardev);
+        push("-netdev", format!("vhost-user,chardev=vun{i},id=net{i}"));
+        push(
+            "-device",
+            format!(
+                // INTx rather than MSI-X: QEMU 10 under TCG crashes in
+                // vhost_net_start setting up MSI-X vector notifiers for a
+                // vhost-user NIC (it has no irqfd there).
+                "virtio-net-pci,netdev=net{i},mac={mac},addr=0x{:02x},vectors=0",
+                FIRST_NIC_SLOT + i
+            ),
+        );
     }
     push(
         "-drive",

@@ -15,5 +15,6 @@
 
 pub mod frame;
 pub mod port;
+pub mod relay;
 pub mod server;
 pub mod switch;

@@ -356,11 +356,14 @@ impl NetBackend {
                     .disable_notification()
                     .map_err(std::io::Error::other)?;
             }
-            while let Some(chain) = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(memory.clone())
-            {
+            loop {
+                // A statement of its own: the queue's write lock is
+                // released before add_used takes it again.
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(memory.clone());
+                let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let read = match Reader::<()>::new(&*memory, chain) {
                     Ok(mut reader) => read_frame(&mut reader, &mut transmit.frame),
@@ -446,7 +449,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::REPLY_ACK
     }
 
     fn set_event_idx(&self, enabled: bool) {

@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::Listener;
+use std::os::unix::net::UnixListener;
+
 use vhost_user_backend::{ShutdownHandle, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
@@ -53,17 +54,22 @@ impl std::fmt::Debug for NetServer {
 impl NetServer {
     /// Creates the socket (replacing a stale one) and starts serving.
     pub fn start(backend: NetBackend, path: &Path) -> Result<NetServer, ServerError> {
-        let listener = Listener::new(path, true).map_err(|e| ServerError::Listen {
+        let listen_error = |e: std::io::Error| ServerError::Listen {
             path: path.to_owned(),
             reason: e.to_string(),
-        })?;
+        };
+        let _ = std::fs::remove_file(path);
+        let listener = UnixListener::bind(path).map_err(listen_error)?;
         let shared = Arc::new(Shared::default());
         let thread = {
             let shared = shared.clone();
             let name = format!("vhost-net-{}", backend.id());
             std::thread::Builder::new()
                 .name(name.clone())
-                .spawn(move || serve(name, backend, listener, &shared))
+                .spawn({
+                    let path = path.to_owned();
+                    move || serve(name, backend, &listener, &path, &shared)
+                })
                 .map_err(ServerError::Thread)?
         };
         Ok(NetServer {
@@ -104,8 +110,22 @@ impl Drop for NetServer {
     }
 }
 
-fn serve(name: String, backend: NetBackend, mut listener: Listener, shared: &Shared) {
+fn serve(name: String, backend: NetBackend, listener: &UnixListener, path: &Path, shared: &Shared) {
+    // The vhost crate's handler connects here; the relay joins it to the
+    // frontend (see `relay`).
+    let inner = path.with_extension("sock.relay");
     while !shared.stop.load(Ordering::Acquire) {
+        let frontend = match listener.accept() {
+            Ok((frontend, _)) => frontend,
+            Err(error) => {
+                tracing::warn!(%name, %error, "accepting a vhost-user frontend failed");
+                std::thread::sleep(Duration::from_millis(100));
+                continue;
+            }
+        };
+        if shared.stop.load(Ordering::Acquire) {
+            break;
+        }
         let memory = GuestMemoryAtomic::new(GuestMemoryMmap::new());
         let mut daemon = match VhostUserDaemon::new(name.clone(), backend.clone(), memory) {
             Ok(daemon) => daemon,
@@ -115,10 +135,35 @@ fn serve(name: String, backend: NetBackend, mut listener: Listener, shared: &Sha
                 continue;
             }
         };
-        if let Err(error) = daemon.start(&mut listener) {
-            tracing::warn!(%name, %error, "accepting a vhost-user frontend failed");
-            std::thread::sleep(Duration::from_millis(100));
-            continue;
+        let _ = std::fs::remove_file(&inner);
+        let handler_side = match UnixListener::bind(&inner) {
+            Ok(listener) => listener,
+            Err(error) => {
+                tracing::error!(%name, %error, path = %inner.display(), "cannot make the relay socket");
+                std::thread::sleep(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let started = daemon.start_client(&inner.to_string_lossy());
+        let accepted = handler_side.accept();
+        let _ = std::fs::remove_file(&inner);
+        let backend_side = match (started, accepted) {
+            (Ok(()), Ok((stream, _))) => stream,
+            (Err(error), _) => {
+                tracing::warn!(%name, %error, "cannot start the vhost-user handler");
+                continue;
+            }
+            (_, Err(error)) => {
+                tracing::warn!(%name, %error, "cannot reach the vhost-user handler");
+                continue;
+            }
+        };
+        let relay = std::thread::Builder::new()
+            .name(format!("{name}-relay"))
+            .spawn(move || crate::relay::relay(frontend, backend_side));
+        if let Err(error) = relay {
+            tracing::error!(%name, %error, "cannot start the vhost-user relay");
+            daemon.request_shutdown();
         }
         if shared.stop.load(Ordering::Acquire) {
             daemon.request_shutdown();
