@@ -189,13 +189,17 @@ fn two_guests_on_one_node_ping_and_a_spoofer_is_cut_off() -> Result<()> {
 fn two_guests_on_one_node_transfer_a_file() -> Result<()> {
     let image = GuestImage::ensure()?;
     let dir = tempfile::tempdir()?;
-    let (_nodes, sockets) = two_ports(dir.path())?;
+    let (nodes, sockets) = two_ports(dir.path())?;
     let server = Guest::spawn(&image, &guest(&sockets, 0, SERVER))?;
     let client = Guest::spawn(&image, &guest(&sockets, 1, CLIENT))?;
     let client = client.wait()?;
-    let server = server
-        .wait()
-        .with_context(|| format!("the client guest printed:\n{}", client.tail(40)))?;
+    let server = server.wait().with_context(|| {
+        format!(
+            "the client guest printed:\n{}\nfabricd's log:\n{}",
+            client.tail(40),
+            nodes[0].node.log_text()
+        )
+    })?;
     ensure!(
         check_line(&client, "CHECK nc")? == "ok",
         "{}",
@@ -205,7 +209,8 @@ fn two_guests_on_one_node_transfer_a_file() -> Result<()> {
     let got = check_line(&server, "CHECK got-md5")?;
     ensure!(
         got == format!("{sent} bytes 4194304"),
-        "sent {sent}, got {got}"
+        "sent {sent}, got {got}; fabricd's log:\n{}",
+        nodes[0].node.log_text()
     );
     Ok(())
 }

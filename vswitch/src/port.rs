@@ -521,7 +521,11 @@ impl VhostUserBackend for NetBackend {
             }
         }
         if device_event == TX_QUEUE {
-            self.transmit(tx)?;
+            if let Err(error) = self.transmit(tx) {
+                // The worker thread ends with this error: say why.
+                tracing::error!(port = self.inner.id, %error, "a port's transmit queue failed");
+                return Err(error);
+            }
         }
         Ok(())
     }
