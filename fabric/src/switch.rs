@@ -158,10 +158,24 @@ pub async fn reconcile_loop(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>
     let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         ticker.tick().await;
-        let guard = cluster.runtime.read().await;
-        if let Some(runtime) = guard.as_ref() {
-            switch.reconcile(&runtime.metadata(), runtime.id());
+        let wanted = cluster
+            .runtime
+            .read()
+            .await
+            .as_ref()
+            .map(|runtime| (runtime.metadata(), runtime.id()));
+        if let Some((metadata, me)) = wanted {
+            reconcile_off_runtime(&switch, metadata, me).await;
         }
+    }
+}
+
+/// Reconciles on a blocking thread: stopping a port waits for its
+/// vhost-user worker, which must not hold up the async runtime.
+async fn reconcile_off_runtime(switch: &Arc<NodeSwitch>, metadata: Metadata, me: NodeId) {
+    let switch = switch.clone();
+    if let Err(error) = tokio::task::spawn_blocking(move || switch.reconcile(&metadata, me)).await {
+        tracing::error!(%error, "reconciling the switch ports failed");
     }
 }
 
@@ -375,7 +389,7 @@ async fn add_port(
         },
     };
     let metadata = commit(&state.cluster, Command::AddPort { port }).await?;
-    state.switch.reconcile(&metadata, me);
+    reconcile_off_runtime(&state.switch, metadata.clone(), me).await;
     let meta = metadata
         .ports
         .get(&request.name)
@@ -414,6 +428,6 @@ async fn delete_port(
 ) -> Result<impl IntoResponse, ApiError> {
     let (_, me) = current(&state.cluster).await?;
     let metadata = commit(&state.cluster, Command::RemovePort { name }).await?;
-    state.switch.reconcile(&metadata, me);
+    reconcile_off_runtime(&state.switch, metadata, me).await;
     Ok(StatusCode::NO_CONTENT)
 }
