@@ -113,8 +113,9 @@ fn guest(sockets: &Ports, port: usize, script: &str) -> GuestConfig {
 
 /// Two guests on one node's segment ping each other (small and 1400-byte
 /// payloads); the client then takes another MAC address and loses its
-/// connectivity, and its port counts the spoofed frames. Bad ports are
-/// refused; a segment with ports cannot be deleted.
+/// connectivity, and its port counts the spoofed frames. Two new guests on
+/// the same sockets ping again. Bad ports are refused; a segment with ports
+/// cannot be deleted.
 #[test]
 fn two_guests_on_one_node_ping_and_a_spoofer_is_cut_off() -> Result<()> {
     let image = GuestImage::ensure()?;
@@ -170,6 +171,17 @@ fn two_guests_on_one_node_ping_and_a_spoofer_is_cut_off() -> Result<()> {
     );
     let listed = node.fabctl(&["switch", "port", "list"])?;
     ensure!(listed.contains("52:54:00:00:00:0b"), "{listed}");
+
+    // New guests (new frontends) on the same sockets: the ports take them.
+    let server = Guest::spawn(&image, &guest(&sockets, 0, PING_SERVER))?;
+    let client = Guest::spawn(&image, &guest(&sockets, 1, PING_CLIENT))?;
+    let client = client.wait()?;
+    server.wait()?;
+    ensure!(
+        check_line(&client, "CHECK first-ping")? == "ok",
+        "after a reconnect: {}",
+        client.tail(40)
+    );
 
     let busy = node.fabctl_fails(&["switch", "segment", "delete", "lan"])?;
     ensure!(busy.contains("delete its ports first"), "{busy}");
