@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::rejection::JsonRejection;
@@ -46,7 +47,7 @@ pub struct NodeSwitch {
     fabric: Arc<Fabric>,
     socket_dir: PathBuf,
     served: Mutex<HashMap<String, Served>>,
-    next_id: Mutex<PortId>,
+    next_id: AtomicU32,
 }
 
 impl NodeSwitch {
@@ -56,7 +57,7 @@ impl NodeSwitch {
             fabric: Fabric::new(switch, vswitch::frame::FRAME_BYTES_MAX_DEFAULT),
             socket_dir,
             served: Mutex::default(),
-            next_id: Mutex::new(1),
+            next_id: AtomicU32::new(1),
         })
     }
 
@@ -92,14 +93,10 @@ impl NodeSwitch {
             let Some(segment) = metadata.segments.get(&meta.segment) else {
                 continue;
             };
-            let id = {
-                let mut next = self.next_id.lock().expect("port ids poisoned");
-                *next += 1;
-                *next - 1
-            };
+            let id = self.next_id.fetch_add(1, Ordering::Relaxed);
             let config = PortConfig {
                 segment: segment.vni,
-                mac: Some(vswitch::frame::Mac(meta.mac.0)),
+                mac: Some(meta.mac),
                 vlan: port_vlan(&meta.vlan),
                 rate: RateLimit {
                     packets_per_second: meta.rate.packets_per_second,
@@ -195,14 +192,17 @@ pub fn router(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>) -> Router {
         .with_state(SwitchState { switch, cluster })
 }
 
+/// Segment and port names follow the rules of volume names.
 fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
-    blockstore::store::validate_name(name).map_err(|error| {
-        ApiError::new(
+    match blockstore::store::validate_name(name) {
+        Ok(()) => Ok(()),
+        Err(blockstore::Error::InvalidName { reason, .. }) => Err(ApiError::new(
             StatusCode::BAD_REQUEST,
             "invalid_name",
-            error.to_string().replace("volume", what),
-        )
-    })
+            format!("invalid {what} name {name:?}: {reason}"),
+        )),
+        Err(error) => Err(ApiError::bad_request(error.to_string())),
+    }
 }
 
 /// Commits `command`, or says why not.
@@ -376,6 +376,11 @@ async fn add_port(
         (None, Some(vlans)) => VlanMode::Trunk { vlans },
         (None, None) => VlanMode::Native,
     };
+    if request.packets_per_second == Some(0) || request.bytes_per_second == Some(0) {
+        return Err(ApiError::bad_request(
+            "a rate limit must be above 0 (leave it out for no limit)".into(),
+        ));
+    }
     let me = current(&state.cluster).await?.1;
     let port = PortMeta {
         name: request.name.clone(),

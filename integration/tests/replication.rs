@@ -91,18 +91,7 @@ fn check_range(
     version: u8,
 ) -> Result<()> {
     for start in (lba..lba + blocks).step_by(CHUNK as usize) {
-        let done = one(
-            client,
-            &Request {
-                kind: RequestType::In,
-                sector: start * BLOCK / 512,
-                data: &[buffer],
-                token: start,
-            },
-        )?;
-        ensure!(done.is_ok(), "read at block {start}: {done:?}");
-        let mut data = vec![0u8; (CHUNK * BLOCK) as usize];
-        client.read_data(buffer, &mut data)?;
+        let data = read_chunk(client, buffer, start)?;
         for (i, got) in data.chunks(BLOCK as usize).enumerate() {
             let expected = block(start + i as u64, version);
             ensure!(
@@ -773,21 +762,27 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
     Ok(())
 }
 
+/// Reads the `CHUNK` blocks from `start`.
+fn read_chunk(client: &mut BlkClient, buffer: Buffer, start: u64) -> Result<Vec<u8>> {
+    let done = one(
+        client,
+        &Request {
+            kind: RequestType::In,
+            sector: start * BLOCK / 512,
+            data: &[buffer],
+            token: start,
+        },
+    )?;
+    ensure!(done.is_ok(), "read at block {start}: {done:?}");
+    let mut data = vec![0xa5u8; (CHUNK * BLOCK) as usize];
+    client.read_data(buffer, &mut data)?;
+    Ok(data)
+}
+
 /// Blocks `lba..lba + blocks` read as zeros.
 fn check_zeros(client: &mut BlkClient, buffer: Buffer, lba: u64, blocks: u64) -> Result<()> {
     for start in (lba..lba + blocks).step_by(CHUNK as usize) {
-        let done = one(
-            client,
-            &Request {
-                kind: RequestType::In,
-                sector: start * BLOCK / 512,
-                data: &[buffer],
-                token: start,
-            },
-        )?;
-        ensure!(done.is_ok(), "read at block {start}: {done:?}");
-        let mut data = vec![1u8; (CHUNK * BLOCK) as usize];
-        client.read_data(buffer, &mut data)?;
+        let data = read_chunk(client, buffer, start)?;
         ensure!(
             data.iter().all(|&b| b == 0),
             "blocks from {start} do not read as zeros"

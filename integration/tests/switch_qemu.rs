@@ -131,6 +131,28 @@ fn two_guests_on_one_node_ping_and_a_spoofer_is_cut_off() -> Result<()> {
     ensure!(no_segment.contains("does not exist"), "{no_segment}");
     let bad_mac = node.fabctl_fails(&["switch", "port", "add", "lan", "--mac", "52:54:00"])?;
     ensure!(bad_mac.contains("not a MAC address"), "{bad_mac}");
+    let zero_rate = node.fabctl_fails(&[
+        "switch",
+        "port",
+        "add",
+        "lan",
+        "--mac",
+        "52:54:00:00:00:0c",
+        "--rate-pps",
+        "0",
+    ])?;
+    ensure!(zero_rate.contains("must be above 0"), "{zero_rate}");
+    let bad_name = node.fabctl_fails(&[
+        "switch",
+        "port",
+        "add",
+        "lan",
+        "--mac",
+        "52:54:00:00:00:0c",
+        "--name",
+        "bad/name",
+    ])?;
+    ensure!(bad_name.contains("invalid port name"), "{bad_name}");
     let taken =
         node.fabctl_fails(&["switch", "port", "add", "lan", "--mac", "52:54:00:00:00:0a"])?;
     ensure!(taken.contains("already uses"), "{taken}");

@@ -99,9 +99,11 @@ impl Fabric {
                 event_idx: AtomicBool::new(false),
                 transmit: Mutex::new(Transmit {
                     frame: vec![0; NET_HEADER_BYTES + self.frame_bytes_max],
-                    rewritten: vec![0; self.frame_bytes_max + VLAN_TAG_BYTES],
-                    out: Vec::with_capacity(64),
-                    results: Vec::with_capacity(64),
+                    scratch: Scratch {
+                        rewritten: vec![0; self.frame_bytes_max + VLAN_TAG_BYTES],
+                        out: Vec::with_capacity(64),
+                        results: Vec::with_capacity(64),
+                    },
                 }),
             }),
         })
@@ -122,21 +124,13 @@ impl Fabric {
 
     /// Switches one frame from port `from` and delivers it. Used by the
     /// ports' transmit paths (and by tests, as a frame source).
-    fn forward(&self, from: PortId, frame: &[u8], transmit: &mut Transmit) {
-        let Transmit {
+    fn forward(&self, from: PortId, frame: &[u8], scratch: &mut Scratch) {
+        let Scratch {
             rewritten,
             out,
             results,
-            ..
-        } = transmit;
-        let now = self.now();
-        let switched = {
-            let mut switch = self.switch();
-            if now.as_secs() % 10 == 0 {
-                switch.expire(now);
-            }
-            switch.switch(now, from, frame, out)
-        };
+        } = scratch;
+        let switched = self.switch().switch(self.now(), from, frame, out);
         let Ok(switched) = switched else {
             return;
         };
@@ -165,7 +159,15 @@ impl Fabric {
 /// Buffers of a port's transmit path, sized when the port is made.
 #[derive(Debug)]
 struct Transmit {
+    /// The frame read out of the guest's chain, after its virtio-net header.
     frame: Vec<u8>,
+    scratch: Scratch,
+}
+
+/// What switching one frame needs besides the frame.
+#[derive(Debug)]
+struct Scratch {
+    /// The frame as it leaves on a port (tag added or removed).
     rewritten: Vec<u8>,
     out: Vec<(PortId, Egress)>,
     results: Vec<(PortId, Result<usize, DropReason>)>,
@@ -349,6 +351,7 @@ impl NetBackend {
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let fabric = &self.inner.fabric;
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
+        let Transmit { frame, scratch } = &mut *transmit;
         let mut used_any = false;
         loop {
             if event_idx {
@@ -366,21 +369,17 @@ impl NetBackend {
                 let Some(chain) = chain else { break };
                 let head = chain.head_index();
                 let read = match Reader::<()>::new(&*memory, chain) {
-                    Ok(mut reader) => read_frame(&mut reader, &mut transmit.frame),
+                    Ok(mut reader) => read_frame(&mut reader, frame),
                     Err(_) => Err(DropReason::Malformed),
                 };
                 vring.add_used(head, 0).map_err(std::io::Error::other)?;
                 used_any = true;
                 match read {
-                    Ok(len) => {
-                        let frame = std::mem::take(&mut transmit.frame);
-                        fabric.forward(
-                            self.inner.id,
-                            &frame[NET_HEADER_BYTES..NET_HEADER_BYTES + len],
-                            &mut transmit,
-                        );
-                        transmit.frame = frame;
-                    }
+                    Ok(len) => fabric.forward(
+                        self.inner.id,
+                        &frame[NET_HEADER_BYTES..NET_HEADER_BYTES + len],
+                        scratch,
+                    ),
                     Err(reason) => fabric.switch().count_drop(self.inner.id, reason),
                 }
             }

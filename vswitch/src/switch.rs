@@ -275,6 +275,8 @@ pub struct Switch {
     macs: HashMap<MacKey, MacEntry>,
     aging: Duration,
     frame_bytes_max: usize,
+    /// When aged entries were last removed (lookups skip them meanwhile).
+    expired_at: Duration,
     /// Sources not learned because the table was full.
     pub learn_refused: u64,
 }
@@ -292,6 +294,7 @@ impl Switch {
             macs: HashMap::with_capacity(MAC_TABLE_ENTRIES_MAX),
             aging,
             frame_bytes_max,
+            expired_at: Duration::ZERO,
             learn_refused: 0,
         }
     }
@@ -368,8 +371,10 @@ impl Switch {
         self.ports.get(&id).map(|port| &port.counters)
     }
 
-    /// Drops learned addresses not seen for the aging time.
+    /// Drops learned addresses not seen for the aging time (also done by
+    /// [`Switch::switch`] now and then).
     pub fn expire(&mut self, now: Duration) {
+        self.expired_at = now;
         let aging = self.aging;
         self.macs
             .retain(|_, entry| entry.fixed || now.saturating_sub(entry.seen) < aging);
@@ -386,6 +391,11 @@ impl Switch {
         out: &mut Vec<(PortId, Egress)>,
     ) -> Result<Switched, DropReason> {
         out.clear();
+        // Aged entries are skipped by lookups; sweeping them (which walks
+        // the whole table) happens at most ten times per aging time.
+        if now.saturating_sub(self.expired_at) >= self.aging / 10 {
+            self.expire(now);
+        }
         let frame_bytes_max = self.frame_bytes_max;
         let Some(port) = self.ports.get_mut(&from) else {
             // A port being removed: nothing to count on.

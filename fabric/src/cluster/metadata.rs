@@ -128,60 +128,9 @@ impl VolumeMeta {
     }
 }
 
-/// An Ethernet MAC address, written `52:54:00:12:34:56`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Mac(pub [u8; 6]);
-
-impl Mac {
-    /// Whether the address is unicast (the group bit is clear).
-    pub fn is_unicast(self) -> bool {
-        self.0[0] & 1 == 0
-    }
-}
-
-impl std::fmt::Display for Mac {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let [a, b, c, d, e, g] = self.0;
-        write!(f, "{a:02x}:{b:02x}:{c:02x}:{d:02x}:{e:02x}:{g:02x}")
-    }
-}
-
-impl std::str::FromStr for Mac {
-    type Err = String;
-
-    fn from_str(text: &str) -> Result<Mac, String> {
-        let invalid = || format!("{text:?} is not a MAC address like 52:54:00:12:34:56");
-        let mut bytes = [0u8; 6];
-        let mut parts = text.split(':');
-        for byte in &mut bytes {
-            let part = parts.next().ok_or_else(invalid)?;
-            if part.len() != 2 {
-                return Err(invalid());
-            }
-            *byte = u8::from_str_radix(part, 16).map_err(|_| invalid())?;
-        }
-        if parts.next().is_some() {
-            return Err(invalid());
-        }
-        Ok(Mac(bytes))
-    }
-}
-
-impl Serialize for Mac {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        serializer.collect_str(self)
-    }
-}
-
-impl<'de> Deserialize<'de> for Mac {
-    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Mac, D::Error> {
-        let text = String::deserialize(deserializer)?;
-        text.parse().map_err(serde::de::Error::custom)
-    }
-}
-
-/// Highest usable 802.1Q VLAN id (0 and 4095 are reserved).
-pub const VLAN_ID_MAX: u16 = 4094;
+/// MAC addresses and VLAN ids are the switch's own types.
+pub use vswitch::frame::Mac;
+pub use vswitch::switch::VLAN_ID_MAX;
 
 /// How a switch port treats 802.1Q tags.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -671,7 +620,7 @@ impl Metadata {
         if !self.nodes.contains_key(&port.node) {
             return Err(format!("node {} is not a member", port.node));
         }
-        if !port.mac.is_unicast() {
+        if port.mac.is_group() {
             return Err(format!("{} is a multicast address", port.mac));
         }
         if let Some(other) = self
