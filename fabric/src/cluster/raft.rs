@@ -3,8 +3,7 @@
 //!
 //! - [`TypeConfig`]: the openraft types: [`Command`] in, [`Response`] out.
 //! - [`LogStore`]: the log and the vote (column families `raft_log`,
-//!   `raft_meta`), every write synced before openraft is told it is done;
-//!   in `fabricd` appends are synced on a blocking thread, batched.
+//!   `raft_meta`), every write synced before openraft is told it is done.
 //! - [`StateMachine`]: the metadata in memory, rebuilt at start from the
 //!   last snapshot (kept in `raft_meta`) plus the committed log after it.
 
@@ -122,109 +121,12 @@ fn put_json<T: Serialize>(db: &DB, key: &[u8], value: &T, sync: bool) -> Result<
 #[derive(Debug, Clone)]
 pub struct LogStore {
     db: Arc<DB>,
-    /// Where appends are synced: inline if `None`.
-    syncer: Option<Arc<Syncer>>,
-}
-
-/// Syncs appended entries on a blocking thread, so the async runtime never
-/// waits for the disk: an append writes its entries (readable at once) and
-/// returns; openraft hears they are durable from the callback, which runs
-/// once a sync of RocksDB's log covers them. One sync covers every append
-/// that arrived while the previous one ran (group commit), and callbacks
-/// run in the order of their appends.
-#[derive(Default)]
-struct Syncer {
-    queue: Mutex<SyncQueue>,
-    /// Held while a batch is synced and its callbacks run: callbacks stay
-    /// in order, and a truncate or a vote waits for those before it.
-    delivering: Mutex<()>,
-}
-
-#[derive(Default)]
-struct SyncQueue {
-    /// Callbacks of appends written but not yet synced, oldest first.
-    waiting: Vec<LogFlushed<TypeConfig>>,
-    /// A blocking task is syncing; it takes whatever is waiting.
-    running: bool,
-}
-
-impl std::fmt::Debug for Syncer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Syncer").finish_non_exhaustive()
-    }
-}
-
-impl Syncer {
-    fn push(self: &Arc<Self>, db: &Arc<DB>, callback: LogFlushed<TypeConfig>) {
-        let mut queue = self.queue.lock().expect("sync queue poisoned");
-        queue.waiting.push(callback);
-        if !queue.running {
-            queue.running = true;
-            let (syncer, db) = (self.clone(), db.clone());
-            tokio::task::spawn_blocking(move || syncer.run(&db));
-        }
-    }
-
-    fn run(&self, db: &DB) {
-        loop {
-            let _delivering = self.delivering.lock().expect("sync delivery poisoned");
-            let batch = {
-                let mut queue = self.queue.lock().expect("sync queue poisoned");
-                if queue.waiting.is_empty() {
-                    queue.running = false;
-                    return;
-                }
-                std::mem::take(&mut queue.waiting)
-            };
-            Syncer::sync(db, batch);
-        }
-    }
-
-    /// Syncs and runs the callbacks of every append made so far (on the
-    /// caller's thread): before a truncate or a vote.
-    fn settle(&self, db: &DB) {
-        let _delivering = self.delivering.lock().expect("sync delivery poisoned");
-        let batch = std::mem::take(&mut self.queue.lock().expect("sync queue poisoned").waiting);
-        if !batch.is_empty() {
-            Syncer::sync(db, batch);
-        }
-    }
-
-    fn sync(db: &DB, batch: Vec<LogFlushed<TypeConfig>>) {
-        let synced = db.flush_wal(true);
-        for callback in batch {
-            callback.log_io_completed(
-                synced
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| std::io::Error::other(e.to_string())),
-            );
-        }
-    }
 }
 
 impl LogStore {
-    /// The log store in an opened cluster database; appends are synced
-    /// before they return. The simulation uses this: every I/O inline, so
-    /// a seed replays exactly.
+    /// The log store in an opened cluster database.
     pub fn new(db: Arc<DB>) -> LogStore {
-        LogStore { db, syncer: None }
-    }
-
-    /// The log store `fabricd` runs: appends are synced on a blocking
-    /// thread, several at once (see [`Syncer`]). Needs a tokio runtime.
-    pub fn with_background_sync(db: Arc<DB>) -> LogStore {
-        LogStore {
-            db,
-            syncer: Some(Arc::default()),
-        }
-    }
-
-    /// Runs every pending append's callback, synced.
-    fn settle(&self) {
-        if let Some(syncer) = &self.syncer {
-            syncer.settle(&self.db);
-        }
+        LogStore { db }
     }
 
     fn last_entry(&self) -> StorageResult<Option<Entry<TypeConfig>>> {
@@ -297,7 +199,6 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn save_vote(&mut self, vote: &Vote<NodeId>) -> StorageResult<()> {
-        self.settle();
         put_json(&self.db, VOTE_KEY, vote, true).map_err(|e| StorageIOError::write_vote(e).into())
     }
 
@@ -330,25 +231,16 @@ impl RaftLogStorage<TypeConfig> for LogStore {
                 serde_json::to_vec(&entry).map_err(|e| StorageIOError::write_logs(io(e)))?;
             batch.put_cf(log, entry.log_id.index.to_be_bytes(), value);
         }
-        let options = match self.syncer {
-            Some(_) => WriteOptions::default(),
-            None => synced(),
-        };
-        let result = self.db.write_opt(batch, &options);
-        match (&result, &self.syncer) {
-            (Ok(()), Some(syncer)) => syncer.push(&self.db, callback),
-            _ => callback.log_io_completed(
-                result
-                    .as_ref()
-                    .map(|_| ())
-                    .map_err(|e| std::io::Error::other(e.to_string())),
-            ),
-        }
+        let result = self.db.write_opt(batch, &synced());
+        let reported = result
+            .as_ref()
+            .map(|_| ())
+            .map_err(|e| std::io::Error::other(e.to_string()));
+        callback.log_io_completed(reported);
         result.map_err(|e| StorageIOError::write_logs(io(e)).into())
     }
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> StorageResult<()> {
-        self.settle();
         let log = family(&self.db, LOG_FAMILY);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(log, log_id.index.to_be_bytes(), u64::MAX.to_be_bytes());
@@ -552,11 +444,7 @@ mod tests {
         async fn build(&self) -> StorageResult<(tempfile::TempDir, LogStore, StateMachine)> {
             let dir = tempfile::tempdir().map_err(|e| StorageIOError::write(io(e)))?;
             let db = open_db(dir.path()).map_err(|e| StorageIOError::write(io(e)))?;
-            Ok((
-                dir,
-                LogStore::with_background_sync(db.clone()),
-                StateMachine::open(db)?,
-            ))
+            Ok((dir, LogStore::new(db.clone()), StateMachine::open(db)?))
         }
     }
 

@@ -431,11 +431,12 @@ impl ClusterRuntime {
             StateMachine::open(db.clone()).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let faults: Arc<Faults> = Arc::default();
         let network = QuicNetwork::new(endpoint.clone(), faults.clone());
+        let log_store = LogStore::new(db);
         let raft = MetadataRaft::new(
             node.node_id,
             config,
             network.clone(),
-            LogStore::with_background_sync(db),
+            log_store,
             machine.clone(),
         )
         .await

@@ -304,7 +304,7 @@ async fn three_members_over_quic_with_mutual_tls() {
             id,
             config.clone(),
             QuicNetwork::new(endpoint.clone(), Arc::default()),
-            LogStore::with_background_sync(db),
+            LogStore::new(db),
             machine.clone(),
         )
         .await
