@@ -11,10 +11,13 @@
 //! - [`frame`]: MAC addresses, Ethernet headers, tag rewriting.
 //! - [`port::Fabric`]: a node's switch with its ports;
 //!   [`port::NetBackend`]: a port's vhost-user-net device;
-//!   [`server::NetServer`]: a port served on its unix socket.
+//!   [`server::NetServer`]: a port served on its unix socket;
+//!   [`port::Tunnel`]: the way out to another node's switch.
+//! - [`tunnel`]: the header of frames between nodes, and reassembly.
 
 pub mod frame;
 pub mod port;
 pub mod relay;
 pub mod server;
 pub mod switch;
+pub mod tunnel;

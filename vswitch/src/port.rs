@@ -9,6 +9,10 @@
 //! header, longer than the largest frame, or asks for offloads the port
 //! did not offer is dropped and counted; the chain goes back to the guest
 //! and the port keeps working.
+//!
+//! Frames for other nodes leave through a [`Tunnel`] (the cluster
+//! transport, given by `fabricd`); frames from other nodes come in through
+//! [`Fabric::receive`].
 
 use std::collections::HashMap;
 use std::io::{Read, Write};
@@ -26,7 +30,9 @@ use vmm_sys_util::event::{
 };
 
 use crate::frame::{rewrite, Egress, Mac, VLAN_TAG_BYTES};
-use crate::switch::{DropReason, PortConfig, PortCounters, PortId, Switch, SwitchError};
+use crate::switch::{
+    DropReason, PortConfig, PortCounters, PortId, SegmentId, Switch, SwitchError, Switched,
+};
 
 type Memory = GuestMemoryMmap<()>;
 type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
@@ -49,11 +55,25 @@ const RX_BUFFERS_MAX: usize = 64;
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
 
+/// The way to another node's switch.
+pub trait Tunnel: Send + Sync + std::fmt::Debug {
+    /// Sends an untagged frame of `segment` and `vlan` to the other node;
+    /// `Unreachable` if it cannot be sent now.
+    fn send(&self, segment: SegmentId, vlan: u16, frame: &[u8]) -> Result<(), DropReason>;
+}
+
+/// Where a port's frames go.
+#[derive(Debug, Clone)]
+enum Sink {
+    Guest(Arc<Receiver>),
+    Tunnel(Arc<dyn Tunnel>),
+}
+
 /// A node's switch and the receiving side of each of its ports.
 #[derive(Debug)]
 pub struct Fabric {
     switch: Mutex<Switch>,
-    receivers: RwLock<HashMap<PortId, Arc<Receiver>>>,
+    receivers: RwLock<HashMap<PortId, Sink>>,
     origin: Instant,
     frame_bytes_max: usize,
 }
@@ -88,7 +108,7 @@ impl Fabric {
         self.receivers
             .write()
             .expect("receivers poisoned")
-            .insert(id, receiver.clone());
+            .insert(id, Sink::Guest(receiver.clone()));
         Ok(NetBackend {
             inner: Arc::new(Inner {
                 id,
@@ -99,14 +119,62 @@ impl Fabric {
                 event_idx: AtomicBool::new(false),
                 transmit: Mutex::new(Transmit {
                     frame: vec![0; NET_HEADER_BYTES + self.frame_bytes_max],
-                    scratch: Scratch {
-                        rewritten: vec![0; self.frame_bytes_max + VLAN_TAG_BYTES],
-                        out: Vec::with_capacity(64),
-                        results: Vec::with_capacity(64),
-                    },
+                    scratch: self.scratch(),
                 }),
             }),
         })
+    }
+
+    /// Buffers for switching frames, sized for this switch: one per
+    /// thread that calls [`Fabric::receive`].
+    pub fn scratch(&self) -> Scratch {
+        Scratch {
+            rewritten: vec![0; self.frame_bytes_max + VLAN_TAG_BYTES],
+            out: Vec::with_capacity(64),
+            results: Vec::with_capacity(64),
+        }
+    }
+
+    /// Adds a tunnel to another node, carrying no segment yet.
+    pub fn add_tunnel(&self, id: PortId, tunnel: Arc<dyn Tunnel>) -> Result<(), SwitchError> {
+        self.switch().add_tunnel(id)?;
+        self.receivers
+            .write()
+            .expect("receivers poisoned")
+            .insert(id, Sink::Tunnel(tunnel));
+        Ok(())
+    }
+
+    /// Sets the segments a tunnel carries.
+    pub fn set_tunnel_segments(
+        &self,
+        id: PortId,
+        segments: std::collections::BTreeSet<SegmentId>,
+    ) -> Result<(), SwitchError> {
+        self.switch().set_tunnel_segments(id, segments)
+    }
+
+    /// Switches a frame that came through tunnel `from` and delivers it to
+    /// the ports here.
+    pub fn receive(
+        &self,
+        from: PortId,
+        segment: SegmentId,
+        vlan: u16,
+        frame: &[u8],
+        scratch: &mut Scratch,
+    ) {
+        let switched = self.switch().switch_from_tunnel(
+            self.now(),
+            from,
+            segment,
+            vlan,
+            frame,
+            &mut scratch.out,
+        );
+        if let Ok(switched) = switched {
+            self.deliver(frame, &switched, scratch);
+        }
     }
 
     /// Removes a port; frames to it are no longer delivered.
@@ -123,24 +191,34 @@ impl Fabric {
     }
 
     /// Switches one frame from port `from` and delivers it. Used by the
-    /// ports' transmit paths (and by tests, as a frame source).
+    /// ports' transmit paths.
     fn forward(&self, from: PortId, frame: &[u8], scratch: &mut Scratch) {
+        let switched = self
+            .switch()
+            .switch(self.now(), from, frame, &mut scratch.out);
+        if let Ok(switched) = switched {
+            self.deliver(frame, &switched, scratch);
+        }
+    }
+
+    /// Delivers a switched frame to the ports in `scratch.out`, and counts.
+    fn deliver(&self, frame: &[u8], switched: &Switched, scratch: &mut Scratch) {
         let Scratch {
             rewritten,
             out,
             results,
         } = scratch;
-        let switched = self.switch().switch(self.now(), from, frame, out);
-        let Ok(switched) = switched else {
-            return;
-        };
         results.clear();
         {
             let receivers = self.receivers.read().expect("receivers poisoned");
             for &(to, egress) in out.iter() {
                 let len = rewrite(frame, switched.tagged, egress, rewritten);
+                let frame = &rewritten[..len];
                 let delivered = match receivers.get(&to) {
-                    Some(receiver) => receiver.deliver(&rewritten[..len]),
+                    Some(Sink::Guest(receiver)) => receiver.deliver(frame),
+                    Some(Sink::Tunnel(tunnel)) => {
+                        tunnel.send(switched.segment, switched.vlan, frame)
+                    }
                     None => Err(DropReason::NoRoom),
                 };
                 results.push((to, delivered.map(|()| len)));
@@ -166,7 +244,7 @@ struct Transmit {
 
 /// What switching one frame needs besides the frame.
 #[derive(Debug)]
-struct Scratch {
+pub struct Scratch {
     /// The frame as it leaves on a port (tag added or removed).
     rewritten: Vec<u8>,
     out: Vec<(PortId, Egress)>,

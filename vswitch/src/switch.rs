@@ -4,12 +4,19 @@
 //! leaves on (and how it is tagged there) come out. Nothing here touches a
 //! queue, a socket or a clock, so every case is a table-driven test.
 //!
+//! Other nodes' switches are reached through tunnel ports: one per node,
+//! carrying every VLAN of the segments both nodes have ports in. Frames
+//! cross a tunnel untagged, with their segment and VLAN beside them. A
+//! frame from a tunnel is only delivered to this node's own ports (split
+//! horizon), so with every node tunnelled to every other, a flooded frame
+//! reaches each node of its segment exactly once.
+//!
 //! VLANs inside the switch: VLAN 0 is a segment's native (untagged)
 //! network. A native port sends and receives untagged frames on VLAN 0; an
 //! access port untagged frames on its one VLAN; a trunk port frames tagged
 //! with its listed VLANs, and untagged frames on VLAN 0.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use crate::frame::{Egress, Header, Mac, FRAME_BYTES_MAX_DEFAULT};
@@ -132,10 +139,14 @@ pub enum DropReason {
     NoRoom,
     /// A frame the port's device could not read (bad descriptors, header).
     Malformed,
+    /// From a tunnel, for a segment the two nodes do not share.
+    UnknownSegment,
+    /// For another node that could not be reached.
+    Unreachable,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 12] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::Spoofed,
@@ -146,6 +157,8 @@ impl DropReason {
         DropReason::Hairpin,
         DropReason::NoRoom,
         DropReason::Malformed,
+        DropReason::UnknownSegment,
+        DropReason::Unreachable,
     ];
 
     /// Its name in counters and the API.
@@ -161,6 +174,8 @@ impl DropReason {
             DropReason::Hairpin => "hairpin",
             DropReason::NoRoom => "no_room",
             DropReason::Malformed => "malformed",
+            DropReason::UnknownSegment => "unknown_segment",
+            DropReason::Unreachable => "unreachable",
         }
     }
 
@@ -209,6 +224,8 @@ pub enum SwitchError {
     GroupMac(Mac),
     #[error("address {mac} is already port {port}'s in this segment")]
     MacTaken { mac: Mac, port: PortId },
+    #[error("port {0} is not a tunnel")]
+    NotATunnel(PortId),
 }
 
 /// Where a switched frame goes.
@@ -218,6 +235,7 @@ pub struct Switched {
     pub tagged: bool,
     /// Its VLAN inside the switch.
     pub vlan: u16,
+    pub segment: SegmentId,
 }
 
 #[derive(Debug)]
@@ -252,6 +270,19 @@ struct Port {
     counters: PortCounters,
     packets: Option<Bucket>,
     bytes: Option<Bucket>,
+    /// For a tunnel: the segments it carries (`config` is unused).
+    tunnel: Option<BTreeSet<SegmentId>>,
+}
+
+impl Port {
+    /// Whether frames of `segment` and `vlan` leave on this port, and how.
+    fn egress(&self, segment: SegmentId, vlan: u16) -> Option<Egress> {
+        match &self.tunnel {
+            Some(segments) => segments.contains(&segment).then_some(Egress::Untagged),
+            None => (self.config.segment == segment && self.config.vlan.carries(vlan))
+                .then(|| self.config.vlan.egress(vlan)),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -355,8 +386,46 @@ impl Switch {
                 .map(|rate| Bucket::new(rate, largest, now)),
             config,
             counters: PortCounters::default(),
+            tunnel: None,
         };
         self.ports.insert(id, port);
+        Ok(())
+    }
+
+    /// Adds a tunnel to another node's switch, carrying no segment yet.
+    pub fn add_tunnel(&mut self, id: PortId) -> Result<(), SwitchError> {
+        if self.ports.contains_key(&id) {
+            return Err(SwitchError::PortExists(id));
+        }
+        let port = Port {
+            config: PortConfig {
+                segment: 0,
+                mac: None,
+                vlan: VlanMode::Native,
+                rate: RateLimit::default(),
+            },
+            counters: PortCounters::default(),
+            packets: None,
+            bytes: None,
+            tunnel: Some(BTreeSet::new()),
+        };
+        self.ports.insert(id, port);
+        Ok(())
+    }
+
+    /// Sets the segments a tunnel carries; addresses learned on it in
+    /// other segments are forgotten.
+    pub fn set_tunnel_segments(
+        &mut self,
+        id: PortId,
+        segments: BTreeSet<SegmentId>,
+    ) -> Result<(), SwitchError> {
+        let port = self.ports.get_mut(&id).ok_or(SwitchError::NoSuchPort(id))?;
+        let carried = port.tunnel.as_mut().ok_or(SwitchError::NotATunnel(id))?;
+        *carried = segments;
+        let carried = carried.clone();
+        self.macs
+            .retain(|key, entry| entry.port != id || carried.contains(&key.segment));
         Ok(())
     }
 
@@ -401,6 +470,11 @@ impl Switch {
             // A port being removed: nothing to count on.
             return Err(DropReason::Malformed);
         };
+        if port.tunnel.is_some() {
+            // Frames from a tunnel come in through switch_from_tunnel.
+            port.counters.drops[DropReason::Malformed.index()] += 1;
+            return Err(DropReason::Malformed);
+        }
         let decided = Switch::admit(port, now, frame, frame_bytes_max);
         let (header, vlan) = match decided {
             Ok(admitted) => admitted,
@@ -416,44 +490,140 @@ impl Switch {
         if !secured {
             self.learn(segment, vlan, header.source, from, now);
         }
-        let target = (!header.destination.is_group())
+        self.destinations(now, from, false, segment, vlan, header.destination, out)?;
+        Ok(Switched {
+            tagged: header.tag.is_some(),
+            vlan,
+            segment,
+        })
+    }
+
+    /// Decides where `frame`, arriving untagged through tunnel `from` with
+    /// its `segment` and `vlan`, goes: only to this node's own ports. Its
+    /// source is learned as being behind the tunnel, unless it is the
+    /// assigned address of a port here (then the frame is dropped).
+    pub fn switch_from_tunnel(
+        &mut self,
+        now: Duration,
+        from: PortId,
+        segment: SegmentId,
+        vlan: u16,
+        frame: &[u8],
+        out: &mut Vec<(PortId, Egress)>,
+    ) -> Result<Switched, DropReason> {
+        out.clear();
+        let frame_bytes_max = self.frame_bytes_max;
+        let Some(port) = self.ports.get_mut(&from) else {
+            return Err(DropReason::Malformed);
+        };
+        let checked = match &port.tunnel {
+            None => Err(DropReason::Malformed),
+            Some(segments) => {
+                Switch::admit_tunnelled(segments, segment, vlan, frame, frame_bytes_max)
+            }
+        };
+        let header = match checked {
+            Ok(header) => header,
+            Err(reason) => {
+                port.counters.drops[reason.index()] += 1;
+                return Err(reason);
+            }
+        };
+        let key = MacKey {
+            segment,
+            vlan,
+            mac: header.source,
+        };
+        if self.macs.get(&key).is_some_and(|entry| entry.fixed) {
+            self.count_drop(from, DropReason::Spoofed);
+            return Err(DropReason::Spoofed);
+        }
+        if let Some(port) = self.ports.get_mut(&from) {
+            port.counters.rx_packets += 1;
+            port.counters.rx_bytes += frame.len() as u64;
+        }
+        self.learn(segment, vlan, header.source, from, now);
+        self.destinations(now, from, true, segment, vlan, header.destination, out)?;
+        Ok(Switched {
+            tagged: false,
+            vlan,
+            segment,
+        })
+    }
+
+    fn admit_tunnelled(
+        segments: &BTreeSet<SegmentId>,
+        segment: SegmentId,
+        vlan: u16,
+        frame: &[u8],
+        frame_bytes_max: usize,
+    ) -> Result<Header, DropReason> {
+        let header = Header::parse(frame).ok_or(DropReason::Runt)?;
+        if frame.len() > frame_bytes_max {
+            return Err(DropReason::Oversize);
+        }
+        if header.source.is_group() {
+            return Err(DropReason::GroupSource);
+        }
+        // Tunnelled frames are untagged: the VLAN travels beside them.
+        if header.tag.is_some() || vlan > VLAN_ID_MAX {
+            return Err(DropReason::Malformed);
+        }
+        if !segments.contains(&segment) {
+            return Err(DropReason::UnknownSegment);
+        }
+        Ok(header)
+    }
+
+    /// The ports a frame for `destination` goes to: the port its address
+    /// is on, or every port of the segment and VLAN but `from`. A frame
+    /// from a tunnel never leaves on a tunnel.
+    #[allow(clippy::too_many_arguments)]
+    fn destinations(
+        &mut self,
+        now: Duration,
+        from: PortId,
+        from_tunnel: bool,
+        segment: SegmentId,
+        vlan: u16,
+        destination: Mac,
+        out: &mut Vec<(PortId, Egress)>,
+    ) -> Result<(), DropReason> {
+        let target = (!destination.is_group())
             .then(|| {
                 self.macs.get(&MacKey {
                     segment,
                     vlan,
-                    mac: header.destination,
+                    mac: destination,
                 })
             })
             .flatten()
             .filter(|entry| entry.fixed || now.saturating_sub(entry.seen) < self.aging)
             .map(|entry| entry.port);
         match target {
-            Some(to) if to == from => {
-                self.count_drop(from, DropReason::Hairpin);
-                return Err(DropReason::Hairpin);
-            }
             Some(to) => {
-                if let Some(port) = self.ports.get(&to) {
-                    if port.config.segment == segment && port.config.vlan.carries(vlan) {
-                        out.push((to, port.config.vlan.egress(vlan)));
-                    }
+                let port = self.ports.get(&to);
+                let onward = from_tunnel && port.is_some_and(|port| port.tunnel.is_some());
+                if to == from || onward {
+                    self.count_drop(from, DropReason::Hairpin);
+                    return Err(DropReason::Hairpin);
+                }
+                if let Some(egress) = port.and_then(|port| port.egress(segment, vlan)) {
+                    out.push((to, egress));
                 }
             }
             None => {
                 for (&id, port) in &self.ports {
-                    if id != from
-                        && port.config.segment == segment
-                        && port.config.vlan.carries(vlan)
-                    {
-                        out.push((id, port.config.vlan.egress(vlan)));
+                    if id == from || (from_tunnel && port.tunnel.is_some()) {
+                        continue;
+                    }
+                    if let Some(egress) = port.egress(segment, vlan) {
+                        out.push((id, egress));
                     }
                 }
             }
         }
-        Ok(Switched {
-            tagged: header.tag.is_some(),
-            vlan,
-        })
+        Ok(())
     }
 
     /// The checks a frame passes on its way in: length, source, VLAN,
@@ -839,5 +1009,217 @@ mod tests {
             .expect("switched");
         }
         assert_eq!(s.learn_refused, 10);
+    }
+
+    /// Ports 1 = A native and 3 = C access 10 of `switch()`, plus tunnels
+    /// 10 (segment 1) and 11 (segments 1 and 2).
+    fn tunnelled() -> Switch {
+        let mut s = switch();
+        s.add_tunnel(10).expect("10");
+        s.add_tunnel(11).expect("11");
+        s.set_tunnel_segments(10, [1].into()).expect("segments 10");
+        s.set_tunnel_segments(11, [1, 2].into())
+            .expect("segments 11");
+        s
+    }
+
+    fn from_tunnel(
+        s: &mut Switch,
+        from: PortId,
+        segment: SegmentId,
+        vlan: u16,
+        frame: &[u8],
+        expected: Outcome,
+    ) {
+        let mut out = Vec::new();
+        let got = s
+            .switch_from_tunnel(Duration::ZERO, from, segment, vlan, frame, &mut out)
+            .map(|_| out);
+        assert_eq!(got, expected, "frame from tunnel {from}");
+    }
+
+    #[test]
+    fn tunnels_carry_their_segments_untagged_and_never_forward_to_each_other() {
+        use Egress::*;
+        let mut s = tunnelled();
+        let remote = Mac([0x52, 0x54, 0, 0, 9, 9]);
+        // Broadcast from A (segment 1, VLAN 0) reaches B, the trunk and
+        // both tunnels, once each, untagged.
+        check(
+            &mut s,
+            0,
+            1,
+            &frame(Mac::BROADCAST, A, None, 60),
+            Ok(vec![
+                (2, Untagged),
+                (4, Untagged),
+                (10, Untagged),
+                (11, Untagged),
+            ]),
+        );
+        // Segment 2 reaches only the tunnel carrying it.
+        check(
+            &mut s,
+            0,
+            5,
+            &frame(Mac::BROADCAST, A, None, 60),
+            Ok(vec![(11, Untagged)]),
+        );
+        // A broadcast from a tunnel goes to local ports only (split
+        // horizon), on its VLAN: VLAN 10 reaches C and the trunk, tagged.
+        from_tunnel(
+            &mut s,
+            10,
+            1,
+            10,
+            &frame(Mac::BROADCAST, remote, None, 60),
+            Ok(vec![(3, Untagged), (4, Tagged(10))]),
+        );
+        // The remote source was learned behind tunnel 10: C's reply is
+        // unicast there.
+        check(
+            &mut s,
+            0,
+            3,
+            &frame(remote, C, None, 60),
+            Ok(vec![(10, Untagged)]),
+        );
+        // A frame from tunnel 11 for a station behind tunnel 10 is not
+        // passed on: the sending node reaches that node itself.
+        from_tunnel(
+            &mut s,
+            11,
+            1,
+            10,
+            &frame(remote, Mac([0x52, 0x54, 0, 0, 9, 8]), None, 60),
+            Err(DropReason::Hairpin),
+        );
+        // Unicast from a tunnel to a local port.
+        from_tunnel(
+            &mut s,
+            10,
+            1,
+            0,
+            &frame(A, remote, None, 60),
+            Ok(vec![(1, Untagged)]),
+        );
+    }
+
+    #[test]
+    fn bad_tunnelled_frames_are_dropped_and_counted() {
+        let mut s = tunnelled();
+        let remote = Mac([0x52, 0x54, 0, 0, 9, 9]);
+        let cases = [
+            // A segment this tunnel does not carry.
+            (
+                2,
+                0,
+                frame(Mac::BROADCAST, remote, None, 60),
+                DropReason::UnknownSegment,
+            ),
+            // Tags never cross a tunnel; VLAN ids are checked.
+            (
+                1,
+                10,
+                frame(Mac::BROADCAST, remote, Some(10), 60),
+                DropReason::Malformed,
+            ),
+            (
+                1,
+                4095,
+                frame(Mac::BROADCAST, remote, None, 60),
+                DropReason::Malformed,
+            ),
+            (
+                1,
+                0,
+                frame(Mac::BROADCAST, remote, None, 13),
+                DropReason::Runt,
+            ),
+            (
+                1,
+                0,
+                frame(Mac::BROADCAST, remote, None, 2000),
+                DropReason::Oversize,
+            ),
+            (
+                1,
+                0,
+                frame(Mac::BROADCAST, MULTICAST, None, 60),
+                DropReason::GroupSource,
+            ),
+            // A remote frame claiming a local port's assigned address.
+            (
+                1,
+                0,
+                frame(Mac::BROADCAST, A, None, 60),
+                DropReason::Spoofed,
+            ),
+        ];
+        for (segment, vlan, frame, reason) in cases {
+            let before = s.counters(10).expect("tunnel").drops(reason);
+            from_tunnel(&mut s, 10, segment, vlan, &frame, Err(reason));
+            let after = s.counters(10).expect("tunnel").drops(reason);
+            assert_eq!(after, before + 1, "{reason:?}");
+        }
+        // A tunnel is not a local source, nor a local port a tunnel.
+        check(
+            &mut s,
+            0,
+            10,
+            &frame(Mac::BROADCAST, remote, None, 60),
+            Err(DropReason::Malformed),
+        );
+        from_tunnel(
+            &mut s,
+            1,
+            1,
+            0,
+            &frame(Mac::BROADCAST, remote, None, 60),
+            Err(DropReason::Malformed),
+        );
+        assert_eq!(
+            s.set_tunnel_segments(1, [1].into()),
+            Err(SwitchError::NotATunnel(1))
+        );
+    }
+
+    #[test]
+    fn a_tunnel_leaving_a_segment_forgets_its_stations_there() {
+        let mut s = tunnelled();
+        let remote = Mac([0x52, 0x54, 0, 0, 9, 9]);
+        from_tunnel(
+            &mut s,
+            10,
+            1,
+            0,
+            &frame(Mac::BROADCAST, remote, None, 60),
+            Ok(vec![
+                (1, Egress::Untagged),
+                (2, Egress::Untagged),
+                (4, Egress::Untagged),
+            ]),
+        );
+        check(
+            &mut s,
+            0,
+            1,
+            &frame(remote, A, None, 60),
+            Ok(vec![(10, Egress::Untagged)]),
+        );
+        s.set_tunnel_segments(10, BTreeSet::new())
+            .expect("segments");
+        // Unknown again: flooded to what still carries segment 1.
+        check(
+            &mut s,
+            0,
+            1,
+            &frame(remote, A, None, 60),
+            Ok(vec![
+                (2, Egress::Untagged),
+                (4, Egress::Untagged),
+                (11, Egress::Untagged),
+            ]),
+        );
     }
 }
