@@ -76,6 +76,15 @@ enum SwitchCommand {
     /// the node fabctl talks to.
     #[command(subcommand)]
     Port(PortCommand),
+    /// Tunnels: this node's links to the switches of other nodes.
+    #[command(subcommand)]
+    Tunnel(TunnelCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum TunnelCommand {
+    /// List this node's tunnels, with the segments they carry and counters.
+    List,
 }
 
 #[derive(Debug, Subcommand)]
@@ -114,6 +123,10 @@ enum PortCommand {
         /// Most bytes per second the guest may send.
         #[arg(long)]
         rate_bps: Option<u64>,
+        /// The node to serve the port (name or id; default: the node
+        /// fabctl talks to).
+        #[arg(long)]
+        node: Option<String>,
     },
     /// List ports, with counters for those served by this node.
     List,
@@ -929,6 +942,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             trunk,
             rate_pps,
             rate_bps,
+            node,
         }) => {
             let name = name.clone().unwrap_or_else(|| {
                 let tail: String = mac.split(':').skip(3).collect();
@@ -946,6 +960,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                     "trunk": trunk,
                     "packets_per_second": rate_pps,
                     "bytes_per_second": rate_bps,
+                    "node": node,
                 })),
             )?;
             if json {
@@ -1003,6 +1018,51 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                         "NAME", "SEGMENT", "NODE", "MAC", "VLAN", "RX", "TX", "DROPS",
                     ],
                     &rows,
+                );
+            }
+        }
+        SwitchCommand::Tunnel(TunnelCommand::List) => {
+            let value = call(endpoint, "GET", "/v1/tunnels", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                let rows: Vec<Vec<String>> = value["tunnels"]
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|t| {
+                        let c = &t["counters"];
+                        let drops: u64 = c["drops"]
+                            .as_object()
+                            .map(|d| d.values().filter_map(Value::as_u64).sum())
+                            .unwrap_or(0);
+                        let segments = t["segments"]
+                            .as_array()
+                            .map(|v| v.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+                            .unwrap_or_default();
+                        vec![
+                            t["node"].to_string(),
+                            if t["connected"].as_bool() == Some(true) {
+                                "yes".into()
+                            } else {
+                                "no".into()
+                            },
+                            if segments.is_empty() {
+                                "-".into()
+                            } else {
+                                segments
+                            },
+                            c["rx_packets"].to_string(),
+                            c["tx_packets"].to_string(),
+                            drops.to_string(),
+                        ]
+                    })
+                    .collect();
+                print_table(&["NODE", "CONNECTED", "VNIS", "RX", "TX", "DROPS"], &rows);
+                println!(
+                    "datagrams refused: {}",
+                    value["refused_datagrams"].as_u64().unwrap_or(0)
                 );
             }
         }

@@ -120,9 +120,11 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let handle_slot: Arc<std::sync::OnceLock<std::sync::Weak<ClusterHandle>>> = Arc::default();
     let replication =
         crate::replication::node_service(node.clone(), handle_slot.clone(), incarnation());
+    let switch = crate::switch::NodeSwitch::new(config.socket_dir.clone());
     let services = NodeServices {
         replication: Some(replication),
         api: Arc::default(),
+        switch: Some(switch.clone()),
     };
     let membership = ClusterRuntime::resume(&config.data_dir, &settings, services.clone()).await?;
     let cluster = Arc::new(ClusterHandle {
@@ -135,7 +137,6 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
     let _ = handle_slot.set(Arc::downgrade(&cluster));
     tokio::spawn(api::resume_replicated(node.clone(), cluster.clone()));
     tokio::spawn(crate::replication::reclaim(node.clone(), cluster.clone()));
-    let switch = crate::switch::NodeSwitch::new(config.socket_dir.clone());
     tokio::spawn(crate::switch::reconcile_loop(
         switch.clone(),
         cluster.clone(),

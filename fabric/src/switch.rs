@@ -6,8 +6,16 @@
 //! whose `node` is this node. [`NodeSwitch::reconcile`] makes the served
 //! set match the metadata: after each port change made here, and every
 //! second for changes made elsewhere.
+//!
+//! A segment with ports on several nodes is joined across them by tunnels:
+//! one per other node, carrying the segments both nodes have ports in.
+//! Frames go to the other node as QUIC datagrams on the cluster's
+//! (mutually authenticated) connection to it, and come in through
+//! [`read_tunnel`] on the connections other nodes open to this one. A
+//! datagram is unreliable and unordered, like an Ethernet link, so a lost
+//! frame is never retransmitted behind newer ones.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -19,19 +27,27 @@ use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
-use vswitch::port::Fabric;
+use vswitch::port::{Fabric, Scratch, Tunnel};
 use vswitch::server::NetServer;
-use vswitch::switch::{PortConfig, PortCounters, PortId, RateLimit, Switch, VlanMode as PortVlan};
+use vswitch::switch::{
+    DropReason, PortConfig, PortCounters, PortId, RateLimit, SegmentId, Switch,
+    VlanMode as PortVlan,
+};
+use vswitch::tunnel::{pieces, Reassembly, TunnelHeader, TUNNEL_HEADER_BYTES};
 
 use crate::api::ApiError;
 use crate::cluster::metadata::{
     Command, Mac, Metadata, NodeId, PortMeta, RateLimit as MetaRate, Response, VlanMode,
 };
+use crate::cluster::raft::Member;
 use crate::cluster::runtime::{ClusterError, Consistency};
+use crate::cluster::transport::{QuicConnection, QuicNetwork};
 use crate::cluster_api::ClusterHandle;
 
 /// How often the served ports are compared with the metadata.
 const RECONCILE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(1);
+/// How long opening a tunnel's connection may take before the next try.
+const TUNNEL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// A port served here.
 #[derive(Debug)]
@@ -41,13 +57,82 @@ struct Served {
     server: NetServer,
 }
 
+/// This node's end of the tunnel to one other node.
+#[derive(Debug)]
+struct QuicTunnel {
+    me: NodeId,
+    peer: NodeId,
+    /// The cluster connection to the peer, once open.
+    connection: Mutex<Option<quinn::Connection>>,
+    sequence: AtomicU32,
+}
+
+impl QuicTunnel {
+    fn connection(&self) -> Option<quinn::Connection> {
+        self.connection
+            .lock()
+            .expect("tunnel connection poisoned")
+            .clone()
+            .filter(|connection| connection.close_reason().is_none())
+    }
+}
+
+impl Tunnel for QuicTunnel {
+    /// Sends the frame as one datagram, or as several pieces while the
+    /// path's datagram size is below a frame's (before MTU discovery has
+    /// run, or on a path without jumbo frames).
+    fn send(&self, segment: SegmentId, vlan: u16, frame: &[u8]) -> Result<(), DropReason> {
+        let connection = self.connection().ok_or(DropReason::Unreachable)?;
+        let datagram_bytes_max = connection
+            .max_datagram_size()
+            .ok_or(DropReason::Unreachable)?;
+        let total = u16::try_from(frame.len()).map_err(|_| DropReason::Oversize)?;
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        let mut sent = 0;
+        for (offset, piece) in pieces(frame, datagram_bytes_max) {
+            let header = TunnelHeader {
+                segment,
+                vlan,
+                sender: self.me,
+                sequence,
+                offset,
+                total,
+            };
+            let mut datagram = bytes::BytesMut::with_capacity(TUNNEL_HEADER_BYTES + piece.len());
+            datagram.extend_from_slice(&header.encode());
+            datagram.extend_from_slice(piece);
+            connection
+                .send_datagram(datagram.freeze())
+                .map_err(|_| DropReason::Unreachable)?;
+            sent += 1;
+        }
+        if sent == 0 {
+            return Err(DropReason::Unreachable);
+        }
+        Ok(())
+    }
+}
+
+/// A tunnel and the segments it carries.
+#[derive(Debug)]
+struct TunnelEnd {
+    id: PortId,
+    tunnel: Arc<QuicTunnel>,
+    segments: BTreeSet<SegmentId>,
+}
+
 /// This node's switch and the ports it serves.
 #[derive(Debug)]
 pub struct NodeSwitch {
     fabric: Arc<Fabric>,
     socket_dir: PathBuf,
     served: Mutex<HashMap<String, Served>>,
+    /// By the node at the other end.
+    tunnels: Mutex<BTreeMap<NodeId, TunnelEnd>>,
     next_id: AtomicU32,
+    /// Datagrams from other nodes that were not taken (unknown sender,
+    /// bad header).
+    tunnel_refused: std::sync::atomic::AtomicU64,
 }
 
 impl NodeSwitch {
@@ -57,7 +142,9 @@ impl NodeSwitch {
             fabric: Fabric::new(switch, vswitch::frame::FRAME_BYTES_MAX_DEFAULT),
             socket_dir,
             served: Mutex::default(),
+            tunnels: Mutex::default(),
             next_id: AtomicU32::new(1),
+            tunnel_refused: Default::default(),
         })
     }
 
@@ -131,6 +218,128 @@ impl NodeSwitch {
                 }
             }
         }
+        drop(served);
+        self.reconcile_tunnels(metadata, me);
+    }
+
+    /// Keeps one tunnel per other node, carrying the segments that both
+    /// this node and that one have ports in.
+    fn reconcile_tunnels(&self, metadata: &Metadata, me: NodeId) {
+        let mine: BTreeSet<&String> = metadata
+            .ports
+            .values()
+            .filter(|port| port.node == me)
+            .map(|port| &port.segment)
+            .collect();
+        let mut shared: BTreeMap<NodeId, BTreeSet<SegmentId>> = BTreeMap::new();
+        for port in metadata.ports.values() {
+            if port.node == me || !mine.contains(&port.segment) {
+                continue;
+            }
+            if let Some(segment) = metadata.segments.get(&port.segment) {
+                shared.entry(port.node).or_default().insert(segment.vni);
+            }
+        }
+        let mut tunnels = self.tunnels.lock().expect("tunnels poisoned");
+        let gone: Vec<NodeId> = tunnels
+            .keys()
+            .filter(|node| !metadata.nodes.contains_key(node))
+            .copied()
+            .collect();
+        for node in gone {
+            if let Some(end) = tunnels.remove(&node) {
+                let _ = self.fabric.remove_port(end.id);
+            }
+        }
+        for &node in metadata.nodes.keys().filter(|&&node| node != me) {
+            let segments = shared.remove(&node).unwrap_or_default();
+            let end = match tunnels.entry(node) {
+                std::collections::btree_map::Entry::Occupied(entry) => entry.into_mut(),
+                std::collections::btree_map::Entry::Vacant(entry) => {
+                    let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+                    let tunnel = Arc::new(QuicTunnel {
+                        me,
+                        peer: node,
+                        connection: Mutex::default(),
+                        sequence: AtomicU32::new(0),
+                    });
+                    if let Err(error) = self.fabric.add_tunnel(id, tunnel.clone()) {
+                        tracing::error!(node, %error, "cannot add a tunnel");
+                        continue;
+                    }
+                    entry.insert(TunnelEnd {
+                        id,
+                        tunnel,
+                        segments: BTreeSet::new(),
+                    })
+                }
+            };
+            if end.segments != segments {
+                tracing::info!(node, ?segments, "a tunnel's segments changed");
+                if let Err(error) = self.fabric.set_tunnel_segments(end.id, segments.clone()) {
+                    tracing::error!(node, %error, "cannot set a tunnel's segments");
+                }
+                end.segments = segments;
+            }
+        }
+    }
+
+    /// Opens the cluster connection of every tunnel that carries a
+    /// segment and has none (or lost it).
+    async fn connect_tunnels(&self, metadata: &Metadata, network: &QuicNetwork) {
+        let idle: Vec<Arc<QuicTunnel>> = self
+            .tunnels
+            .lock()
+            .expect("tunnels poisoned")
+            .values()
+            .filter(|end| !end.segments.is_empty() && end.tunnel.connection().is_none())
+            .map(|end| end.tunnel.clone())
+            .collect();
+        for tunnel in idle {
+            let Some(record) = metadata.nodes.get(&tunnel.peer) else {
+                continue;
+            };
+            let link = QuicConnection::to(network, tunnel.peer, Member::from(record));
+            match tokio::time::timeout(TUNNEL_CONNECT_TIMEOUT, link.connection()).await {
+                Ok(Ok(connection)) => {
+                    tracing::info!(node = tunnel.peer, "a tunnel is connected");
+                    *tunnel
+                        .connection
+                        .lock()
+                        .expect("tunnel connection poisoned") = Some(connection);
+                }
+                Ok(Err(error)) => {
+                    tracing::debug!(node = tunnel.peer, %error, "a tunnel cannot connect yet");
+                }
+                Err(_) => {
+                    tracing::debug!(node = tunnel.peer, "a tunnel's connection timed out");
+                }
+            }
+        }
+    }
+
+    /// The tunnel port for frames from `node`.
+    fn tunnel_from(&self, node: NodeId) -> Option<PortId> {
+        self.tunnels
+            .lock()
+            .expect("tunnels poisoned")
+            .get(&node)
+            .map(|end| end.id)
+    }
+
+    /// Each tunnel's other node, whether it is connected, its segments and
+    /// counters.
+    fn tunnel_views(&self) -> Vec<TunnelView> {
+        let tunnels = self.tunnels.lock().expect("tunnels poisoned");
+        tunnels
+            .iter()
+            .map(|(&node, end)| TunnelView {
+                node,
+                connected: end.tunnel.connection().is_some(),
+                segments: end.segments.iter().copied().collect(),
+                counters: self.fabric.counters(end.id).as_ref().map(Into::into),
+            })
+            .collect()
     }
 
     /// A served port's counters and whether a frontend is connected.
@@ -150,7 +359,8 @@ fn port_vlan(vlan: &VlanMode) -> PortVlan {
 }
 
 /// Serves, every [`RECONCILE_INTERVAL`], the ports the metadata places
-/// here (changes made through other nodes).
+/// here (changes made through other nodes), and keeps the tunnels to
+/// other nodes connected.
 pub async fn reconcile_loop(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>) {
     let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
@@ -160,19 +370,63 @@ pub async fn reconcile_loop(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>
             .read()
             .await
             .as_ref()
-            .map(|runtime| (runtime.metadata(), runtime.id()));
-        if let Some((metadata, me)) = wanted {
-            reconcile_off_runtime(&switch, metadata, me).await;
+            .map(|runtime| (runtime.metadata(), runtime.id(), runtime.network().clone()));
+        if let Some((metadata, me, network)) = wanted {
+            refresh(&switch, metadata, me, &network).await;
         }
     }
 }
 
-/// Reconciles on a blocking thread: stopping a port waits for its
-/// vhost-user worker, which must not hold up the async runtime.
-async fn reconcile_off_runtime(switch: &Arc<NodeSwitch>, metadata: Metadata, me: NodeId) {
-    let switch = switch.clone();
-    if let Err(error) = tokio::task::spawn_blocking(move || switch.reconcile(&metadata, me)).await {
+/// Reconciles on a blocking thread (stopping a port waits for its
+/// vhost-user worker, which must not hold up the async runtime), then
+/// connects the tunnels that need it.
+async fn refresh(switch: &Arc<NodeSwitch>, metadata: Metadata, me: NodeId, network: &QuicNetwork) {
+    let metadata = Arc::new(metadata);
+    let reconciled = {
+        let switch = switch.clone();
+        let metadata = metadata.clone();
+        tokio::task::spawn_blocking(move || switch.reconcile(&metadata, me)).await
+    };
+    if let Err(error) = reconciled {
         tracing::error!(%error, "reconciling the switch ports failed");
+    }
+    switch.connect_tunnels(&metadata, network).await;
+}
+
+/// Takes the frames another node sends on `connection` (datagrams) until
+/// it closes.
+pub async fn read_tunnel(switch: Arc<NodeSwitch>, connection: quinn::Connection) {
+    let mut reassembly = Reassembly::new(vswitch::frame::FRAME_BYTES_MAX_DEFAULT);
+    let mut scratch = switch.fabric.scratch();
+    while let Ok(datagram) = connection.read_datagram().await {
+        switch.receive(&datagram, &mut reassembly, &mut scratch);
+    }
+}
+
+impl NodeSwitch {
+    fn receive(&self, datagram: &[u8], reassembly: &mut Reassembly, scratch: &mut Scratch) {
+        let refuse = |why: &dyn std::fmt::Display| {
+            let refused = self.tunnel_refused.fetch_add(1, Ordering::Relaxed);
+            // The first few say why; the rest are counted.
+            if refused < 10 {
+                tracing::warn!(%why, "refused a frame from another node");
+            }
+        };
+        let (header, piece) = match TunnelHeader::decode(datagram) {
+            Ok(decoded) => decoded,
+            Err(error) => return refuse(&error),
+        };
+        let Some(tunnel) = self.tunnel_from(header.sender) else {
+            return refuse(&format!("node {} has no tunnel here (yet)", header.sender));
+        };
+        match reassembly.accept(&header, piece) {
+            Ok(Some(frame)) => {
+                self.fabric
+                    .receive(tunnel, header.segment, header.vlan, frame, scratch)
+            }
+            Ok(None) => {}
+            Err(error) => refuse(&error),
+        }
     }
 }
 
@@ -189,6 +443,7 @@ pub fn router(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>) -> Router {
         .route("/v1/segments/{name}", axum::routing::delete(delete_segment))
         .route("/v1/ports", get(list_ports).post(add_port))
         .route("/v1/ports/{name}", get(show_port).delete(delete_port))
+        .route("/v1/tunnels", get(list_tunnels))
         .with_state(SwitchState { switch, cluster })
 }
 
@@ -202,6 +457,20 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
             format!("invalid {what} name {name:?}: {reason}"),
         )),
         Err(error) => Err(ApiError::bad_request(error.to_string())),
+    }
+}
+
+/// Applies a change made here at once, not at the next tick.
+async fn refresh_now(state: &SwitchState, metadata: Metadata, me: NodeId) {
+    let network = state
+        .cluster
+        .runtime
+        .read()
+        .await
+        .as_ref()
+        .map(|runtime| runtime.network().clone());
+    if let Some(network) = network {
+        refresh(&state.switch, metadata, me, &network).await;
     }
 }
 
@@ -284,7 +553,7 @@ async fn delete_segment(
 }
 
 /// Body of `POST /v1/ports`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 struct AddPort {
     name: String,
@@ -298,6 +567,10 @@ struct AddPort {
     packets_per_second: Option<u64>,
     #[serde(default)]
     bytes_per_second: Option<u64>,
+    /// The node to serve the port (default: this one); the request is
+    /// passed on to it.
+    #[serde(default)]
+    node: Option<String>,
 }
 
 /// A port, with its counters where it is served (this node).
@@ -310,6 +583,32 @@ struct PortView {
     qemu_args: Option<Vec<String>>,
     connected: Option<bool>,
     counters: Option<CountersView>,
+}
+
+/// A tunnel to another node, as `GET /v1/tunnels` shows it.
+#[derive(Debug, Serialize)]
+struct TunnelView {
+    node: NodeId,
+    connected: bool,
+    /// The VNIs of the segments it carries.
+    segments: Vec<SegmentId>,
+    counters: Option<CountersView>,
+}
+
+/// Body of `GET /v1/tunnels`.
+#[derive(Debug, Serialize)]
+struct TunnelsView {
+    tunnels: Vec<TunnelView>,
+    /// Datagrams from other nodes that were not taken.
+    refused_datagrams: u64,
+}
+
+async fn list_tunnels(State(state): State<SwitchState>) -> Result<impl IntoResponse, ApiError> {
+    current(&state.cluster).await?;
+    Ok(Json(TunnelsView {
+        tunnels: state.switch.tunnel_views(),
+        refused_datagrams: state.switch.tunnel_refused.load(Ordering::Relaxed),
+    }))
 }
 
 #[derive(Debug, Serialize)]
@@ -364,8 +663,23 @@ async fn add_port(
     State(state): State<SwitchState>,
     body: Result<Json<AddPort>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let Json(request) = body?;
+    let Json(mut request) = body?;
     check_name("port", &request.name)?;
+    if let Some(target) = request.node.take() {
+        let body = serde_json::to_value(&request)
+            .map_err(|error| ApiError::bad_request(error.to_string()))?;
+        if let Some(answer) = crate::cluster_api::forward(
+            &state.cluster,
+            &target,
+            "POST",
+            "/v1/ports".into(),
+            Some(body),
+        )
+        .await?
+        {
+            return Ok(answer.into_response());
+        }
+    }
     let vlan = match (request.vlan, request.trunk) {
         (Some(_), Some(_)) => {
             return Err(ApiError::bad_request(
@@ -394,12 +708,12 @@ async fn add_port(
         },
     };
     let metadata = commit(&state.cluster, Command::AddPort { port }).await?;
-    reconcile_off_runtime(&state.switch, metadata.clone(), me).await;
+    refresh_now(&state, metadata.clone(), me).await;
     let meta = metadata
         .ports
         .get(&request.name)
         .ok_or_else(|| ApiError::bad_request(format!("port {:?} was deleted", request.name)))?;
-    Ok((StatusCode::CREATED, Json(view(&state.switch, me, meta))))
+    Ok((StatusCode::CREATED, Json(view(&state.switch, me, meta))).into_response())
 }
 
 async fn list_ports(State(state): State<SwitchState>) -> Result<impl IntoResponse, ApiError> {
@@ -433,6 +747,6 @@ async fn delete_port(
 ) -> Result<impl IntoResponse, ApiError> {
     let (_, me) = current(&state.cluster).await?;
     let metadata = commit(&state.cluster, Command::RemovePort { name }).await?;
-    reconcile_off_runtime(&state.switch, metadata, me).await;
+    refresh_now(&state, metadata, me).await;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -1,7 +1,8 @@
 //! Switch ports served by a real `fabricd` to real QEMU guests (TCG): two
 //! guests on one segment ping each other; a guest that changes its MAC
 //! address loses its connectivity and its port counts the spoofed frames;
-//! a 4 MiB file moves with `nc`, its checksum compared on both sides.
+//! a 4 MiB file moves with `nc`, its checksum compared on both sides; the
+//! same across two `fabricd` nodes, through their tunnel.
 
 use std::time::Duration;
 
@@ -245,5 +246,101 @@ fn two_guests_on_one_node_transfer_a_file() -> Result<()> {
         client.tail(14),
         nodes[0].node.log_text()
     );
+    Ok(())
+}
+
+/// Two guests on ports of two different nodes (port `b` added on node 2
+/// through node 1): they ping each other and move 4 MiB with `nc` through
+/// the nodes' tunnel; both tunnels show the traffic.
+#[test]
+fn two_guests_on_two_nodes_ping_and_transfer_a_file() -> Result<()> {
+    let image = GuestImage::ensure()?;
+    let dir = tempfile::tempdir()?;
+    let nodes = start_cluster(dir.path(), 2, "")?;
+    let first = &nodes[0].node;
+    first.fabctl(&["switch", "segment", "create", "lan"])?;
+    let mut sockets: Ports = Vec::new();
+    for (name, mac, node) in [
+        ("a", "52:54:00:00:00:0a", "n1"),
+        ("b", "52:54:00:00:00:0b", "n2"),
+    ] {
+        let port = first.fabctl_json(&[
+            "switch", "port", "add", "lan", "--mac", mac, "--name", name, "--node", node,
+        ])?;
+        let socket = port["socket"].as_str().context("a socket")?.to_owned();
+        sockets.push((socket.into(), mac.to_owned()));
+    }
+    ensure!(
+        sockets[1].0.starts_with(dir.path().join("n2")),
+        "port b is served by node 2: {:?}",
+        sockets[1].0
+    );
+    let unknown = first.fabctl_fails(&[
+        "switch",
+        "port",
+        "add",
+        "lan",
+        "--mac",
+        "52:54:00:00:00:0c",
+        "--node",
+        "n9",
+    ])?;
+    ensure!(unknown.contains("n9"), "{unknown}");
+
+    let server = Guest::spawn(&image, &guest(&sockets, 0, SERVER))?;
+    let client = Guest::spawn(&image, &guest(&sockets, 1, CLIENT))?;
+    let client = client.wait()?;
+    let logs = || {
+        format!(
+            "node 1's log:\n{}\nnode 2's log:\n{}",
+            nodes[0].node.log_text(),
+            nodes[1].node.log_text()
+        )
+    };
+    let server = server
+        .wait()
+        .with_context(|| format!("the client guest printed:\n{}\n{}", client.tail(40), logs()))?;
+    ensure!(
+        check_line(&client, "CHECK first-ping")? == "ok",
+        "{}\n{}",
+        client.tail(40),
+        logs()
+    );
+    ensure!(
+        client.has_line("3 packets transmitted, 3 packets received"),
+        "{}",
+        client.tail(40)
+    );
+    ensure!(
+        check_line(&client, "CHECK nc")? == "ok",
+        "{}",
+        client.tail(40)
+    );
+    let sent = check_line(&client, "CHECK sent-md5")?;
+    let got = check_line(&server, "CHECK got-md5")?;
+    ensure!(
+        got == format!("{sent} bytes 4194304"),
+        "sent {sent}, got {got}; server:\n{}\nclient:\n{}",
+        server.tail(14),
+        client.tail(14),
+    );
+    for (member, peer) in [(&nodes[0], 2), (&nodes[1], 1)] {
+        let tunnels = member.node.fabctl_json(&["switch", "tunnel", "list"])?;
+        let tunnel = tunnels["tunnels"]
+            .as_array()
+            .and_then(|all| all.iter().find(|t| t["node"].as_u64() == Some(peer)))
+            .with_context(|| format!("a tunnel to node {peer}: {tunnels}"))?;
+        // The file went one way, the acknowledgements the other.
+        let counter = |key: &str| tunnel["counters"][key].as_u64().unwrap_or(0);
+        ensure!(
+            tunnel["connected"].as_bool() == Some(true)
+                && counter("rx_packets") > 0
+                && counter("tx_packets") > 0
+                && counter("rx_bytes") + counter("tx_bytes") > 4 << 20,
+            "{tunnels}"
+        );
+    }
+    let listed = first.fabctl(&["switch", "tunnel", "list"])?;
+    ensure!(listed.contains("CONNECTED"), "{listed}");
     Ok(())
 }

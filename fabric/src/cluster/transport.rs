@@ -206,6 +206,8 @@ pub struct NodeServices {
     pub replication: Option<crate::replication::service::ReplicaService>,
     /// Set once the API is up.
     pub api: Arc<OnceLock<axum::Router>>,
+    /// The switch, which takes frames other nodes send as datagrams.
+    pub switch: Option<Arc<crate::switch::NodeSwitch>>,
 }
 
 impl std::fmt::Debug for NodeServices {
@@ -213,6 +215,7 @@ impl std::fmt::Debug for NodeServices {
         f.debug_struct("NodeServices")
             .field("replication", &self.replication.is_some())
             .field("api", &self.api.get().is_some())
+            .field("switch", &self.switch.is_some())
             .finish()
     }
 }
@@ -247,6 +250,12 @@ pub async fn serve(endpoint: quinn::Endpoint, handler: Handler) {
                 }
             };
             handler.faults.track(&connection);
+            if let Some(switch) = &handler.services.switch {
+                tokio::spawn(crate::switch::read_tunnel(
+                    switch.clone(),
+                    connection.clone(),
+                ));
+            }
             while let Ok((send, recv)) = connection.accept_bi().await {
                 tokio::spawn(answer(send, recv, handler.clone(), remote));
             }
