@@ -127,6 +127,10 @@ enum PortCommand {
         /// fabctl talks to).
         #[arg(long)]
         node: Option<String>,
+        /// Accept frames from any source address and learn them (for a
+        /// guest that bridges or routes for others, or a packet generator).
+        #[arg(long)]
+        no_port_security: bool,
     },
     /// List ports, with counters for those served by this node.
     List,
@@ -943,6 +947,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             rate_pps,
             rate_bps,
             node,
+            no_port_security,
         }) => {
             let name = name.clone().unwrap_or_else(|| {
                 let tail: String = mac.split(':').skip(3).collect();
@@ -961,6 +966,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                     "packets_per_second": rate_pps,
                     "bytes_per_second": rate_bps,
                     "node": node,
+                    "port_security": !no_port_security,
                 })),
             )?;
             if json {

@@ -184,6 +184,7 @@ impl NodeSwitch {
             let config = PortConfig {
                 segment: segment.vni,
                 mac: Some(meta.mac),
+                security: meta.port_security,
                 vlan: port_vlan(&meta.vlan),
                 rate: RateLimit {
                     packets_per_second: meta.rate.packets_per_second,
@@ -571,6 +572,9 @@ struct AddPort {
     /// passed on to it.
     #[serde(default)]
     node: Option<String>,
+    /// Port security (default on).
+    #[serde(default)]
+    port_security: Option<bool>,
 }
 
 /// A port, with its counters where it is served (this node).
@@ -706,6 +710,7 @@ async fn add_port(
             packets_per_second: request.packets_per_second,
             bytes_per_second: request.bytes_per_second,
         },
+        port_security: request.port_security.unwrap_or(true),
     };
     let metadata = commit(&state.cluster, Command::AddPort { port }).await?;
     refresh_now(&state, metadata.clone(), me).await;

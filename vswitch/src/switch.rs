@@ -108,10 +108,14 @@ pub struct RateLimit {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PortConfig {
     pub segment: SegmentId,
-    /// The only source address accepted from the port (port security), and
-    /// a static entry of the MAC table. `None` for a port that carries many
-    /// stations (a tunnel to other nodes, a host port): sources are learned.
+    /// The port's assigned address: a static entry of the MAC table and,
+    /// with `security`, the only source address accepted from the port.
+    /// `None` for a port that carries many stations (a host port).
     pub mac: Option<Mac>,
+    /// Port security: only `mac` may send (others are dropped as
+    /// spoofed). Without it, sources on the port are learned, for a guest
+    /// that bridges or routes for others, or a packet generator.
+    pub security: bool,
     pub vlan: VlanMode,
     pub rate: RateLimit,
 }
@@ -401,6 +405,7 @@ impl Switch {
             config: PortConfig {
                 segment: 0,
                 mac: None,
+                security: false,
                 vlan: VlanMode::Native,
                 rate: RateLimit::default(),
             },
@@ -486,7 +491,7 @@ impl Switch {
         port.counters.rx_packets += 1;
         port.counters.rx_bytes += frame.len() as u64;
         let segment = port.config.segment;
-        let secured = port.config.mac.is_some();
+        let secured = port.config.security && port.config.mac.is_some();
         if !secured {
             self.learn(segment, vlan, header.source, from, now);
         }
@@ -641,7 +646,8 @@ impl Switch {
         if header.source.is_group() {
             return Err(DropReason::GroupSource);
         }
-        if port.config.mac.is_some_and(|mac| mac != header.source) {
+        let secured = port.config.security;
+        if secured && port.config.mac.is_some_and(|mac| mac != header.source) {
             return Err(DropReason::Spoofed);
         }
         let vlan = port.config.vlan.ingress(header.tag)?;
@@ -736,6 +742,7 @@ mod tests {
         PortConfig {
             segment,
             mac,
+            security: mac.is_some(),
             vlan,
             rate: RateLimit::default(),
         }
@@ -1221,5 +1228,41 @@ mod tests {
                 (11, Egress::Untagged),
             ]),
         );
+    }
+
+    #[test]
+    fn a_port_without_security_learns_its_sources() {
+        let mut s = Switch::default();
+        let open = PortConfig {
+            security: false,
+            ..port(1, Some(A), VlanMode::Native)
+        };
+        s.add_port(1, open, Duration::ZERO).expect("1");
+        s.add_port(2, port(1, Some(B), VlanMode::Native), Duration::ZERO)
+            .expect("2");
+        // Another source is switched, and learned on port 1.
+        check(
+            &mut s,
+            0,
+            1,
+            &frame(B, R, None, 60),
+            Ok(vec![(2, Egress::Untagged)]),
+        );
+        check(
+            &mut s,
+            0,
+            2,
+            &frame(R, B, None, 60),
+            Ok(vec![(1, Egress::Untagged)]),
+        );
+        // The port's own address is still its static entry.
+        check(
+            &mut s,
+            0,
+            2,
+            &frame(A, B, None, 60),
+            Ok(vec![(1, Egress::Untagged)]),
+        );
+        assert_eq!(s.counters(1).expect("1").drops(DropReason::Spoofed), 0);
     }
 }

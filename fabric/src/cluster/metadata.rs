@@ -182,12 +182,19 @@ pub struct PortMeta {
     pub name: String,
     pub segment: String,
     pub node: NodeId,
-    /// The port's assigned address: the guest's MAC, and the only source
-    /// address the switch accepts from it.
+    /// The port's assigned address: the guest's MAC, and (with port
+    /// security) the only source address the switch accepts from it.
     pub mac: Mac,
     pub vlan: VlanMode,
     #[serde(default)]
     pub rate: RateLimit,
+    /// Port security (the default): sources other than `mac` are dropped.
+    #[serde(default = "port_security_default")]
+    pub port_security: bool,
+}
+
+fn port_security_default() -> bool {
+    true
 }
 
 /// A VM definition: what `vmrun` boots, and with which of the pool's
@@ -839,6 +846,7 @@ mod tests {
             mac: mac.parse().expect("mac"),
             vlan: VlanMode::Native,
             rate: RateLimit::default(),
+            port_security: true,
         }
     }
 
