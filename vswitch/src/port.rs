@@ -15,15 +15,17 @@
 //! [`Fabric::receive`].
 
 use std::collections::HashMap;
-use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{QueueOwnedT, QueueT, Reader, Writer};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic, GuestMemoryLoadGuard, GuestMemoryMmap};
+use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
+    GuestMemoryLoadGuard, GuestMemoryMmap,
+};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
@@ -51,6 +53,9 @@ pub const NET_HEADER_BYTES: usize = 12;
 pub const QUEUE_SIZE_MAX: usize = 1024;
 /// Receive buffers a frame may take with MRG_RXBUF.
 const RX_BUFFERS_MAX: usize = 64;
+/// Frames taken off a transmit queue before the guests they went to are
+/// told (and the queue is let go, for a moment).
+const TX_BATCH: usize = 64;
 
 const RX_QUEUE: u16 = 0;
 const TX_QUEUE: u16 = 1;
@@ -132,6 +137,7 @@ impl Fabric {
             rewritten: vec![0; self.frame_bytes_max + VLAN_TAG_BYTES],
             out: Vec::with_capacity(64),
             results: Vec::with_capacity(64),
+            signal: Vec::with_capacity(64),
         }
     }
 
@@ -175,6 +181,7 @@ impl Fabric {
         if let Ok(switched) = switched {
             self.deliver(frame, &switched, scratch);
         }
+        self.signal(scratch);
     }
 
     /// Removes a port; frames to it are no longer delivered.
@@ -190,38 +197,53 @@ impl Fabric {
         self.switch().counters(id).cloned()
     }
 
-    /// Switches one frame from port `from` and delivers it. Used by the
-    /// ports' transmit paths.
-    fn forward(&self, from: PortId, frame: &[u8], scratch: &mut Scratch) {
-        let switched = self
-            .switch()
-            .switch(self.now(), from, frame, &mut scratch.out);
+    /// Switches one frame from port `from` and delivers it; the guests it
+    /// went to are told by the next [`Fabric::signal`]. Used by the ports'
+    /// transmit paths.
+    fn forward_batched(&self, from: PortId, frame: &[u8], now: Duration, scratch: &mut Scratch) {
+        let switched = self.switch().switch(now, from, frame, &mut scratch.out);
         if let Ok(switched) = switched {
             self.deliver(frame, &switched, scratch);
         }
     }
 
     /// Delivers a switched frame to the ports in `scratch.out`, and counts.
+    /// Guests are told of new frames by [`Fabric::signal`], once per batch.
     fn deliver(&self, frame: &[u8], switched: &Switched, scratch: &mut Scratch) {
         let Scratch {
             rewritten,
             out,
             results,
+            signal,
         } = scratch;
         results.clear();
         {
             let receivers = self.receivers.read().expect("receivers poisoned");
             for &(to, egress) in out.iter() {
-                let len = rewrite(frame, switched.tagged, egress, rewritten);
-                let frame = &rewritten[..len];
+                let unchanged = match egress {
+                    Egress::Untagged => !switched.tagged,
+                    Egress::Tagged(vlan) => switched.tagged && vlan == switched.vlan,
+                };
+                let frame = if unchanged {
+                    frame
+                } else {
+                    let len = rewrite(frame, switched.tagged, egress, rewritten);
+                    &rewritten[..len]
+                };
                 let delivered = match receivers.get(&to) {
-                    Some(Sink::Guest(receiver)) => receiver.deliver(frame),
+                    Some(Sink::Guest(receiver)) => {
+                        let delivered = receiver.deliver(frame);
+                        if delivered != Err(DropReason::NoRoom) && !signal.contains(&to) {
+                            signal.push(to);
+                        }
+                        delivered
+                    }
                     Some(Sink::Tunnel(tunnel)) => {
                         tunnel.send(switched.segment, switched.vlan, frame)
                     }
                     None => Err(DropReason::NoRoom),
                 };
-                results.push((to, delivered.map(|()| len)));
+                results.push((to, delivered.map(|()| frame.len())));
             }
         }
         let mut switch = self.switch();
@@ -229,6 +251,20 @@ impl Fabric {
             match result {
                 Ok(len) => switch.count_tx(to, len),
                 Err(reason) => switch.count_drop(to, reason),
+            }
+        }
+    }
+
+    /// Tells the guests of the ports frames were delivered to since the
+    /// last call (as their event index asks).
+    pub fn signal(&self, scratch: &mut Scratch) {
+        if scratch.signal.is_empty() {
+            return;
+        }
+        let receivers = self.receivers.read().expect("receivers poisoned");
+        for to in scratch.signal.drain(..) {
+            if let Some(Sink::Guest(receiver)) = receivers.get(&to) {
+                receiver.signal();
             }
         }
     }
@@ -249,6 +285,8 @@ pub struct Scratch {
     rewritten: Vec<u8>,
     out: Vec<(PortId, Egress)>,
     results: Vec<(PortId, Result<usize, DropReason>)>,
+    /// Ports whose guests have frames they were not told of yet.
+    signal: Vec<PortId>,
 }
 
 /// The receiving side of a port: its receive queue, once the frontend has
@@ -278,21 +316,24 @@ impl std::fmt::Debug for ReceiveState {
 
 impl Receiver {
     /// Copies `frame`, after a virtio-net header, into the guest's receive
-    /// buffers and tells the guest. `NoRoom` if the guest has not given
-    /// enough buffers.
+    /// buffers (several with MRG_RXBUF). `NoRoom` if the guest has not
+    /// given enough buffers. The guest is told later, by [`Receiver::signal`].
     fn deliver(&self, frame: &[u8]) -> Result<(), DropReason> {
         let state = self.state.lock().expect("receiver poisoned");
         let (Some(vring), Some(memory)) = (&state.vring, &state.memory) else {
             return Err(DropReason::NoRoom);
         };
         let memory = memory.memory();
+        let memory = &*memory;
+        let mut guard = vring.get_mut();
+        let queue = guard.get_queue_mut();
         let needed = NET_HEADER_BYTES + frame.len();
         // Buffers this frame took: (head, bytes written).
         let mut used = [(0u16, 0u32); RX_BUFFERS_MAX];
         let mut count = 0;
         let mut written = 0usize;
-        let mut first = None;
-        let mut discarded = false;
+        // Where the first buffer's num_buffers field is.
+        let mut num_buffers_at = None;
         let failed = loop {
             if written == needed {
                 break None;
@@ -300,76 +341,167 @@ impl Receiver {
             if count == RX_BUFFERS_MAX || (count == 1 && !state.merge) {
                 break Some(DropReason::NoRoom);
             }
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(memory.clone());
-            let Some(chain) = chain else {
+            let Some(chain) = queue.pop_descriptor_chain(memory) else {
                 break Some(DropReason::NoRoom);
             };
             let head = chain.head_index();
-            let least = if first.is_none() { NET_HEADER_BYTES } else { 1 };
-            let writer = Writer::<()>::new(&*memory, chain.clone())
-                .ok()
-                .filter(|writer| writer.available_bytes() >= least);
-            let Some(mut writer) = writer else {
-                if count == 0 {
-                    // A buffer that is not writable guest memory (or too
-                    // small for a header) goes back to the guest empty,
-                    // so it cannot block the queue.
-                    let _ = vring.add_used(head, 0);
-                    discarded = true;
-                    continue;
-                }
-                count += 1;
-                break Some(DropReason::NoRoom);
+            let first = num_buffers_at.is_none();
+            let mut header = [0u8; NET_HEADER_BYTES];
+            header[10..12].copy_from_slice(&1u16.to_le_bytes());
+            let (header, body): (&[u8], &[u8]) = if first {
+                (&header, frame)
+            } else {
+                (&[], &frame[written - NET_HEADER_BYTES..])
             };
-            let mut length = 0;
-            if first.is_none() {
-                // num_buffers is written once the count is known.
-                if writer.write_all(&[0u8; NET_HEADER_BYTES]).is_err() {
+            match fill(memory, chain, header, body) {
+                Ok((length, start)) => {
+                    if first {
+                        num_buffers_at = Some(start.unchecked_add(10));
+                    }
+                    written += length;
+                    used[count] = (head, length as u32);
+                    count += 1;
+                }
+                Err(()) if first => {
+                    // A buffer that is not writable guest memory (or too
+                    // small for a header) goes back to the guest empty, so
+                    // it cannot block the queue.
+                    let _ = queue.add_used(memory, head, 0);
+                }
+                Err(()) => {
                     count += 1;
                     break Some(DropReason::NoRoom);
                 }
-                first = Some(chain);
-                written = NET_HEADER_BYTES;
-                length = NET_HEADER_BYTES;
             }
-            let take = writer.available_bytes().min(needed - written);
-            let from = written - NET_HEADER_BYTES;
-            if writer.write_all(&frame[from..from + take]).is_err() {
-                count += 1;
-                break Some(DropReason::NoRoom);
-            }
-            written += take;
-            length += take;
-            used[count] = (head, length as u32);
-            count += 1;
         };
-        let result = match (failed, first) {
-            (None, Some(first)) => {
-                let mut header = [0u8; NET_HEADER_BYTES];
-                header[10..12].copy_from_slice(&(count as u16).to_le_bytes());
-                if let Ok(mut writer) = Writer::<()>::new(&*memory, first) {
-                    let _ = writer.write_all(&header);
+        match (failed, num_buffers_at) {
+            (None, Some(at)) => {
+                if count > 1 {
+                    let _ = memory.write_obj((count as u16).to_le(), at);
                 }
                 for &(head, len) in &used[..count] {
-                    let _ = vring.add_used(head, len);
+                    let _ = queue.add_used(memory, head, len);
                 }
                 Ok(())
             }
             (failed, _) => {
                 // Give back, unused, the buffers this frame took.
                 for _ in 0..count {
-                    vring.get_mut().get_queue_mut().go_to_previous_position();
+                    queue.go_to_previous_position();
                 }
                 Err(failed.unwrap_or(DropReason::NoRoom))
             }
-        };
-        if result.is_ok() || discarded {
+        }
+    }
+
+    /// Tells the guest of used buffers, if its event index asks for it.
+    fn signal(&self) {
+        let state = self.state.lock().expect("receiver poisoned");
+        if let Some(vring) = &state.vring {
             signal(vring, state.event_idx);
         }
-        result
+    }
+}
+
+/// Writes `header` then `body` into a receive chain's buffers, as far as
+/// they go. Returns the bytes written and where the chain starts; `Err` if
+/// a buffer is not writable guest memory, or the first is too small for
+/// `header` (so it can be patched in place).
+fn fill(
+    memory: &Memory,
+    chain: DescriptorChain<&Memory>,
+    header: &[u8],
+    body: &[u8],
+) -> Result<(usize, GuestAddress), ()> {
+    let mut start = None;
+    let mut written = 0;
+    let total = header.len() + body.len();
+    for descriptor in chain {
+        if written == total {
+            break;
+        }
+        if !descriptor.is_write_only() {
+            return Err(());
+        }
+        let address = descriptor.addr();
+        let room = descriptor.len() as usize;
+        if start.is_none() {
+            if room < header.len() {
+                return Err(());
+            }
+            start = Some(address);
+        }
+        let mut at = address;
+        let mut left = room;
+        // The header fits the first buffer; the body goes where there is room.
+        if written < header.len() {
+            write_guest(memory, at, header)?;
+            at = at.unchecked_add(header.len() as u64);
+            left -= header.len();
+            written = header.len();
+        }
+        let from = written - header.len();
+        let take = left.min(body.len() - from);
+        if take > 0 {
+            write_guest(memory, at, &body[from..from + take])?;
+            written += take;
+        }
+    }
+    match start {
+        Some(start) if written > 0 => Ok((written, start)),
+        _ => Err(()),
+    }
+}
+
+/// Reads a transmitted chain (virtio-net header, then the frame) into
+/// `buffer`; returns the frame's length.
+fn read_frame(chain: DescriptorChain<&Memory>, buffer: &mut [u8]) -> Result<usize, DropReason> {
+    let memory = chain.memory();
+    let mut total = 0usize;
+    for descriptor in chain.clone() {
+        if descriptor.is_write_only() {
+            return Err(DropReason::Malformed);
+        }
+        let end = total.saturating_add(descriptor.len() as usize);
+        if end > buffer.len() {
+            return Err(DropReason::Oversize);
+        }
+        read_guest(memory, descriptor.addr(), &mut buffer[total..end])
+            .map_err(|()| DropReason::Malformed)?;
+        total = end;
+    }
+    if total < NET_HEADER_BYTES + crate::frame::ETHERNET_HEADER_BYTES {
+        return Err(DropReason::Runt);
+    }
+    // No offloads were offered: a header asking for checksum or
+    // segmentation work is not one this port can honour.
+    let (flags, gso_type) = (buffer[0], buffer[1]);
+    if flags != 0 || gso_type != 0 {
+        return Err(DropReason::Malformed);
+    }
+    Ok(total - NET_HEADER_BYTES)
+}
+
+/// Copies guest memory at `address` into `out`: directly when it lies in
+/// one region (the common case), else region by region.
+fn read_guest(memory: &Memory, address: GuestAddress, out: &mut [u8]) -> Result<(), ()> {
+    match memory.get_slice(address, out.len()) {
+        Ok(slice) => {
+            slice.copy_to(out);
+            Ok(())
+        }
+        Err(_) => memory.read_slice(out, address).map_err(|_| ()),
+    }
+}
+
+/// Copies `data` into guest memory at `address` (see [`read_guest`]).
+fn write_guest(memory: &Memory, address: GuestAddress, data: &[u8]) -> Result<(), ()> {
+    match memory.get_slice(address, data.len()) {
+        Ok(slice) => {
+            slice.copy_from(data);
+            Ok(())
+        }
+        Err(_) => memory.write_slice(data, address).map_err(|_| ()),
     }
 }
 
@@ -421,47 +553,62 @@ impl NetBackend {
             .map(GuestMemoryAtomic::memory)
     }
 
-    /// Takes every frame off the transmit queue and switches it.
+    /// Takes every frame off the transmit queue and switches it, in
+    /// batches: the queue is held for a batch, and the guests frames went
+    /// to are told once per batch.
     fn transmit(&self, vring: &Vring) -> std::io::Result<()> {
         let Some(memory) = self.memory() else {
             return Ok(());
         };
+        let memory = &*memory;
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let fabric = &self.inner.fabric;
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
         let Transmit { frame, scratch } = &mut *transmit;
         let mut used_any = false;
         loop {
+            let mut guard = vring.get_mut();
+            let queue = guard.get_queue_mut();
             if event_idx {
-                vring
-                    .disable_notification()
+                queue
+                    .disable_notification(memory)
                     .map_err(std::io::Error::other)?;
             }
-            loop {
-                // A statement of its own: the queue's write lock is
-                // released before add_used takes it again.
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(memory.clone());
-                let Some(chain) = chain else { break };
-                let head = chain.head_index();
-                let read = match Reader::<()>::new(&*memory, chain) {
-                    Ok(mut reader) => read_frame(&mut reader, frame),
-                    Err(_) => Err(DropReason::Malformed),
+            let mut taken = 0;
+            let now = fabric.now();
+            while taken < TX_BATCH {
+                let Some(chain) = queue.pop_descriptor_chain(memory) else {
+                    break;
                 };
-                vring.add_used(head, 0).map_err(std::io::Error::other)?;
-                used_any = true;
+                taken += 1;
+                let head = chain.head_index();
+                let read = read_frame(chain, frame);
+                queue
+                    .add_used(memory, head, 0)
+                    .map_err(std::io::Error::other)?;
                 match read {
-                    Ok(len) => fabric.forward(
+                    Ok(len) => fabric.forward_batched(
                         self.inner.id,
                         &frame[NET_HEADER_BYTES..NET_HEADER_BYTES + len],
+                        now,
                         scratch,
                     ),
                     Err(reason) => fabric.switch().count_drop(self.inner.id, reason),
                 }
             }
-            if !event_idx || !vring.enable_notification().map_err(std::io::Error::other)? {
+            used_any |= taken > 0;
+            let more = if taken == TX_BATCH {
+                true
+            } else if event_idx {
+                queue
+                    .enable_notification(memory)
+                    .map_err(std::io::Error::other)?
+            } else {
+                false
+            };
+            drop(guard);
+            fabric.signal(scratch);
+            if !more {
                 break;
             }
         }
@@ -470,28 +617,6 @@ impl NetBackend {
         }
         Ok(())
     }
-}
-
-/// Reads a transmitted chain (virtio-net header, then the frame) into
-/// `buffer`; returns the frame's length.
-fn read_frame(reader: &mut Reader<'_, ()>, buffer: &mut [u8]) -> Result<usize, DropReason> {
-    let total = reader.available_bytes();
-    if total < NET_HEADER_BYTES + crate::frame::ETHERNET_HEADER_BYTES {
-        return Err(DropReason::Runt);
-    }
-    if total > buffer.len() {
-        return Err(DropReason::Oversize);
-    }
-    reader
-        .read_exact(&mut buffer[..total])
-        .map_err(|_| DropReason::Malformed)?;
-    // No offloads were offered: a header asking for checksum or
-    // segmentation work is not one this port can honour.
-    let (flags, gso_type) = (buffer[0], buffer[1]);
-    if flags != 0 || gso_type != 0 {
-        return Err(DropReason::Malformed);
-    }
-    Ok(total - NET_HEADER_BYTES)
 }
 
 impl VhostUserBackend for NetBackend {

@@ -303,11 +303,77 @@ struct MacEntry {
     fixed: bool,
 }
 
+/// Hashes MAC table keys: a multiply-rotate hash (a tenth of SipHash's
+/// cost per frame), keyed with a random seed per switch so that a guest
+/// cannot choose addresses that collide.
+#[derive(Debug, Clone, Copy)]
+struct MacHashing {
+    seed: u64,
+}
+
+impl MacHashing {
+    fn new() -> MacHashing {
+        use std::hash::BuildHasher;
+        let seed = std::collections::hash_map::RandomState::new().hash_one(0u64);
+        MacHashing { seed }
+    }
+}
+
+impl std::hash::BuildHasher for MacHashing {
+    type Hasher = MacHasher;
+
+    fn build_hasher(&self) -> MacHasher {
+        MacHasher(self.seed)
+    }
+}
+
+#[derive(Debug)]
+struct MacHasher(u64);
+
+impl MacHasher {
+    const K: u64 = 0x9e37_79b9_7f4a_7c15;
+
+    fn add(&mut self, word: u64) {
+        self.0 = (self.0.rotate_left(5) ^ word).wrapping_mul(Self::K);
+    }
+}
+
+impl std::hash::Hasher for MacHasher {
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.add(u64::from_le_bytes(word));
+        }
+    }
+
+    fn write_u16(&mut self, value: u16) {
+        self.add(u64::from(value));
+    }
+
+    fn write_u32(&mut self, value: u32) {
+        self.add(u64::from(value));
+    }
+
+    fn write_usize(&mut self, value: usize) {
+        self.add(value as u64);
+    }
+
+    fn finish(&self) -> u64 {
+        // A last mix so the high bits (hashbrown's control bytes) depend on
+        // every input bit.
+        let mut x = self.0;
+        x ^= x >> 32;
+        x = x.wrapping_mul(Self::K);
+        x ^ (x >> 29)
+    }
+}
+
 /// One node's switch: every port of every segment here.
 #[derive(Debug)]
 pub struct Switch {
     ports: BTreeMap<PortId, Port>,
-    macs: HashMap<MacKey, MacEntry>,
+    macs: HashMap<MacKey, MacEntry, MacHashing>,
     aging: Duration,
     frame_bytes_max: usize,
     /// When aged entries were last removed (lookups skip them meanwhile).
@@ -326,7 +392,7 @@ impl Switch {
     pub fn new(aging: Duration, frame_bytes_max: usize) -> Switch {
         Switch {
             ports: BTreeMap::new(),
-            macs: HashMap::with_capacity(MAC_TABLE_ENTRIES_MAX),
+            macs: HashMap::with_capacity_and_hasher(MAC_TABLE_ENTRIES_MAX, MacHashing::new()),
             aging,
             frame_bytes_max,
             expired_at: Duration::ZERO,
