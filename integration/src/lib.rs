@@ -5,4 +5,5 @@ pub mod fabricd;
 pub mod guest;
 pub mod latency;
 pub mod storage_daemon;
+pub mod testpmd;
 pub mod vhost_blk;
