@@ -34,6 +34,7 @@ busybox=/bin/busybox
 modules=(
 	virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	virtio_blk failover net_failover virtio_net
+	llc stp garp mrp 8021q
 	crc16 mbcache jbd2 crc32c_generic ext4
 )
 

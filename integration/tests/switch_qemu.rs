@@ -2,7 +2,8 @@
 //! guests on one segment ping each other; a guest that changes its MAC
 //! address loses its connectivity and its port counts the spoofed frames;
 //! a 4 MiB file moves with `nc`, its checksum compared on both sides; the
-//! same across two `fabricd` nodes, through their tunnel.
+//! same across two `fabricd` nodes, through their tunnel; guests on
+//! different VLANs cannot reach each other, and a trunk port carries both.
 
 use std::time::Duration;
 
@@ -342,5 +343,127 @@ fn two_guests_on_two_nodes_ping_and_transfer_a_file() -> Result<()> {
     }
     let listed = first.fabctl(&["switch", "tunnel", "list"])?;
     ensure!(listed.contains("CONNECTED"), "{listed}");
+    Ok(())
+}
+
+/// Access port on VLAN 10: answers until it has heard from the trunk
+/// guest, and 25 s more while the VLAN 20 guest tries to reach it.
+const VLAN_10: &str = r#"
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.9.0.1/24 dev eth0
+for i in $(seq 240); do
+    [ $(cat /sys/class/net/eth0/statistics/rx_packets) -ge 8 ] && break
+    sleep 0.5
+done
+sleep 25
+echo "CHECK rx $(cat /sys/class/net/eth0/statistics/rx_packets)"
+"#;
+
+/// Trunk port for VLANs 10 and 20: a tagged subinterface on each.
+const TRUNK: &str = r#"
+ip link set lo up
+ip link set eth0 up
+ip link add link eth0 name eth0.10 type vlan id 10
+ip link add link eth0 name eth0.20 type vlan id 20
+ip link set eth0.10 up
+ip link set eth0.20 up
+ip addr add 10.9.0.2/24 dev eth0.10
+ip addr add 10.9.20.2/24 dev eth0.20
+ok=0
+for i in $(seq 30); do
+    if ping -c 1 -W 1 10.9.0.1 > /dev/null 2>&1; then ok=1; break; fi
+done
+[ $ok = 1 ] && echo "CHECK trunk-ping ok" || echo "CHECK trunk-ping FAILED"
+ping -c 8 -W 1 10.9.0.1 > /dev/null 2>&1
+for i in $(seq 120); do
+    [ $(cat /sys/class/net/eth0.20/statistics/rx_packets) -ge 4 ] && break
+    sleep 0.5
+done
+sleep 5
+"#;
+
+/// Access port on VLAN 20: reaches the trunk guest's VLAN 20 address, but
+/// not the VLAN 10 guest, though it has an address in that subnet too.
+const VLAN_20: &str = r#"
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.9.20.3/24 dev eth0
+ip addr add 10.9.0.3/24 dev eth0
+ok=0
+for i in $(seq 30); do
+    if ping -c 1 -W 1 10.9.20.2 > /dev/null 2>&1; then ok=1; break; fi
+done
+[ $ok = 1 ] && echo "CHECK vlan20-ping ok" || echo "CHECK vlan20-ping FAILED"
+ping -c 4 -W 1 10.9.20.2 > /dev/null 2>&1
+ping -c 3 -W 1 10.9.0.1 > /dev/null 2>&1 && echo "CHECK cross-vlan-ping answered" || echo "CHECK cross-vlan-ping lost"
+"#;
+
+/// Three guests: access VLAN 10, access VLAN 20, and a trunk for both with
+/// a tagged subinterface per VLAN. The trunk guest reaches each access
+/// guest on its VLAN; the VLAN 20 guest cannot reach the VLAN 10 guest.
+#[test]
+fn vlans_isolate_access_ports_and_a_trunk_carries_both() -> Result<()> {
+    let image = GuestImage::ensure()?;
+    let dir = tempfile::tempdir()?;
+    let nodes = start_cluster(dir.path(), 1, "")?;
+    let node = &nodes[0].node;
+    node.fabctl(&["switch", "segment", "create", "lan"])?;
+    let mut sockets: Ports = Vec::new();
+    for (name, mac, vlan) in [
+        ("v10", "52:54:00:00:00:10", ["--vlan", "10"]),
+        ("trunk", "52:54:00:00:00:11", ["--trunk", "10,20"]),
+        ("v20", "52:54:00:00:00:20", ["--vlan", "20"]),
+    ] {
+        let mut args = vec!["switch", "port", "add", "lan", "--mac", mac, "--name", name];
+        args.extend(vlan);
+        let port = node.fabctl_json(&args)?;
+        let socket = port["socket"].as_str().context("a socket")?.to_owned();
+        sockets.push((socket.into(), mac.to_owned()));
+    }
+    let both = node.fabctl_fails(&[
+        "switch",
+        "port",
+        "add",
+        "lan",
+        "--mac",
+        "52:54:00:00:00:30",
+        "--vlan",
+        "10",
+        "--trunk",
+        "20",
+    ])?;
+    ensure!(both.contains("cannot be used with"), "{both}");
+
+    let v10 = Guest::spawn(&image, &guest(&sockets, 0, VLAN_10))?;
+    let trunk = Guest::spawn(&image, &guest(&sockets, 1, TRUNK))?;
+    let v20 = Guest::spawn(&image, &guest(&sockets, 2, VLAN_20))?;
+    let v20 = v20.wait()?;
+    let trunk = trunk.wait()?;
+    let v10 = v10.wait()?;
+    ensure!(
+        check_line(&trunk, "CHECK trunk-ping")? == "ok",
+        "trunk:\n{}\nVLAN 10:\n{}",
+        trunk.tail(30),
+        v10.tail(10)
+    );
+    ensure!(
+        check_line(&v20, "CHECK vlan20-ping")? == "ok",
+        "{}",
+        v20.tail(30)
+    );
+    ensure!(
+        check_line(&v20, "CHECK cross-vlan-ping")? == "lost",
+        "{}",
+        v20.tail(30)
+    );
+    // The VLAN 10 guest was up while the VLAN 20 guest tried it.
+    ensure!(check_line(&v10, "CHECK rx").is_ok(), "{}", v10.tail(30));
+    let shown = node.fabctl_json(&["switch", "port", "show", "trunk"])?;
+    ensure!(
+        shown["counters"]["rx_packets"].as_u64() > Some(8)
+            && shown["vlan"]["mode"].as_str() == Some("trunk"),
+        "{shown}"
+    );
     Ok(())
 }
