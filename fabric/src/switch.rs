@@ -87,6 +87,11 @@ impl Tunnel for QuicTunnel {
             .max_datagram_size()
             .ok_or(DropReason::Unreachable)?;
         let total = u16::try_from(frame.len()).map_err(|_| DropReason::Oversize)?;
+        // A full send buffer (the path is congested): drop this frame here
+        // rather than queue it and push out an older one.
+        if connection.datagram_send_buffer_space() < frame.len() + TUNNEL_HEADER_BYTES {
+            return Err(DropReason::NoRoom);
+        }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
         let mut sent = 0;
         for (offset, piece) in pieces(frame, datagram_bytes_max) {
