@@ -88,8 +88,13 @@ impl Tunnel for QuicTunnel {
             .ok_or(DropReason::Unreachable)?;
         let total = u16::try_from(frame.len()).map_err(|_| DropReason::Oversize)?;
         // A full send buffer (the path is congested): drop this frame here
-        // rather than queue it and push out an older one.
-        if connection.datagram_send_buffer_space() < frame.len() + TUNNEL_HEADER_BYTES {
+        // rather than queue it and push out an older one (or its own first
+        // piece).
+        let room = datagram_bytes_max
+            .saturating_sub(TUNNEL_HEADER_BYTES)
+            .max(1);
+        let needed = frame.len() + frame.len().div_ceil(room) * TUNNEL_HEADER_BYTES;
+        if connection.datagram_send_buffer_space() < needed {
             return Err(DropReason::NoRoom);
         }
         let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
@@ -134,6 +139,9 @@ pub struct NodeSwitch {
     served: Mutex<HashMap<String, Served>>,
     /// By the node at the other end.
     tunnels: Mutex<BTreeMap<NodeId, TunnelEnd>>,
+    /// Each other node's cluster address: datagrams are taken from a node
+    /// only on a connection from its address.
+    addresses: Mutex<HashMap<std::net::SocketAddr, NodeId>>,
     next_id: AtomicU32,
     /// Datagrams from other nodes that were not taken (unknown sender,
     /// bad header).
@@ -148,6 +156,7 @@ impl NodeSwitch {
             socket_dir,
             served: Mutex::default(),
             tunnels: Mutex::default(),
+            addresses: Mutex::default(),
             next_id: AtomicU32::new(1),
             tunnel_refused: Default::default(),
         })
@@ -246,6 +255,15 @@ impl NodeSwitch {
                 shared.entry(port.node).or_default().insert(segment.vni);
             }
         }
+        *self.addresses.lock().expect("addresses poisoned") = metadata
+            .nodes
+            .iter()
+            .filter(|(&node, _)| node != me)
+            .filter_map(|(&node, record)| {
+                let address: std::net::SocketAddr = record.cluster_address.parse().ok()?;
+                Some((canonical(address), node))
+            })
+            .collect();
         let mut tunnels = self.tunnels.lock().expect("tunnels poisoned");
         let gone: Vec<NodeId> = tunnels
             .keys()
@@ -404,13 +422,40 @@ async fn refresh(switch: &Arc<NodeSwitch>, metadata: Metadata, me: NodeId, netwo
 pub async fn read_tunnel(switch: Arc<NodeSwitch>, connection: quinn::Connection) {
     let mut reassembly = Reassembly::new(vswitch::frame::FRAME_BYTES_MAX_DEFAULT);
     let mut scratch = switch.fabric.scratch();
+    let remote = canonical(connection.remote_address());
+    // The node this connection comes from, once the metadata names it.
+    let mut peer = None;
     while let Ok(datagram) = connection.read_datagram().await {
-        switch.receive(&datagram, &mut reassembly, &mut scratch);
+        if peer.is_none() {
+            peer = switch.node_at(remote);
+        }
+        switch.receive(&datagram, peer, &mut reassembly, &mut scratch);
     }
 }
 
+/// An address as the socket reports it (IPv4 rather than IPv4-mapped).
+fn canonical(address: std::net::SocketAddr) -> std::net::SocketAddr {
+    std::net::SocketAddr::new(address.ip().to_canonical(), address.port())
+}
+
 impl NodeSwitch {
-    fn receive(&self, datagram: &[u8], reassembly: &mut Reassembly, scratch: &mut Scratch) {
+    fn node_at(&self, address: std::net::SocketAddr) -> Option<NodeId> {
+        self.addresses
+            .lock()
+            .expect("addresses poisoned")
+            .get(&address)
+            .copied()
+    }
+
+    /// Takes one datagram from the node `peer` (the one at the
+    /// connection's address), which must be the sender it names.
+    fn receive(
+        &self,
+        datagram: &[u8],
+        peer: Option<NodeId>,
+        reassembly: &mut Reassembly,
+        scratch: &mut Scratch,
+    ) {
         let refuse = |why: &dyn std::fmt::Display| {
             let refused = self.tunnel_refused.fetch_add(1, Ordering::Relaxed);
             // The first few say why; the rest are counted.
@@ -422,6 +467,13 @@ impl NodeSwitch {
             Ok(decoded) => decoded,
             Err(error) => return refuse(&error),
         };
+        if peer != Some(header.sender) {
+            return refuse(&format!(
+                "a frame naming node {} as its sender came on a connection from {}",
+                header.sender,
+                peer.map_or("an address no node has".to_owned(), |p| format!("node {p}"))
+            ));
+        }
         let Some(tunnel) = self.tunnel_from(header.sender) else {
             return refuse(&format!("node {} has no tunnel here (yet)", header.sender));
         };

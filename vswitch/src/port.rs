@@ -232,11 +232,12 @@ impl Fabric {
                 };
                 let delivered = match receivers.get(&to) {
                     Some(Sink::Guest(receiver)) => {
-                        let delivered = receiver.deliver(frame);
-                        if delivered != Err(DropReason::NoRoom) && !signal.contains(&to) {
+                        // Signalled even when the frame found no room: the
+                        // guest may have buffers given back to it unused.
+                        if !signal.contains(&to) {
                             signal.push(to);
                         }
-                        delivered
+                        receiver.deliver(frame)
                     }
                     Some(Sink::Tunnel(tunnel)) => {
                         tunnel.send(switched.segment, switched.vlan, frame)
@@ -566,13 +567,17 @@ impl NetBackend {
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
         let Transmit { frame, scratch } = &mut *transmit;
         let mut used_any = false;
+        // A queue the guest broke (its rings outside memory) ends the
+        // worker, after the guests already served are told.
+        let mut failed = None;
         loop {
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
             if event_idx {
-                queue
-                    .disable_notification(memory)
-                    .map_err(std::io::Error::other)?;
+                if let Err(error) = queue.disable_notification(memory) {
+                    failed = Some(error);
+                    break;
+                }
             }
             let mut taken = 0;
             let now = fabric.now();
@@ -583,9 +588,10 @@ impl NetBackend {
                 taken += 1;
                 let head = chain.head_index();
                 let read = read_frame(chain, frame);
-                queue
-                    .add_used(memory, head, 0)
-                    .map_err(std::io::Error::other)?;
+                if let Err(error) = queue.add_used(memory, head, 0) {
+                    failed = Some(error);
+                    break;
+                }
                 match read {
                     Ok(len) => fabric.forward_batched(
                         self.inner.id,
@@ -597,12 +603,19 @@ impl NetBackend {
                 }
             }
             used_any |= taken > 0;
+            if failed.is_some() {
+                break;
+            }
             let more = if taken == TX_BATCH {
                 true
             } else if event_idx {
-                queue
-                    .enable_notification(memory)
-                    .map_err(std::io::Error::other)?
+                match queue.enable_notification(memory) {
+                    Ok(more) => more,
+                    Err(error) => {
+                        failed = Some(error);
+                        break;
+                    }
+                }
             } else {
                 false
             };
@@ -612,10 +625,14 @@ impl NetBackend {
                 break;
             }
         }
+        fabric.signal(scratch);
         if used_any {
             signal(vring, event_idx);
         }
-        Ok(())
+        match failed {
+            Some(error) => Err(std::io::Error::other(error)),
+            None => Ok(()),
+        }
     }
 }
 

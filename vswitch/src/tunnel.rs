@@ -17,6 +17,11 @@ pub const TUNNEL_HEADER_BYTES: usize = 24;
 /// Frames being reassembled at once, per receiver; the oldest is dropped
 /// to make room.
 pub const REASSEMBLY_SLOTS: usize = 8;
+/// Most pieces a frame may come in.
+pub const PIECES_MAX: usize = 16;
+/// A partly received frame this many frames older than the sender's
+/// newest is given up (its pieces were lost).
+const STALE_FRAMES: u32 = 1024;
 
 /// The header of one piece of a tunnelled frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +54,8 @@ pub enum TunnelError {
         total: u16,
         max: usize,
     },
+    #[error("piece at {offset} came twice, or a frame came in more than {PIECES_MAX} pieces")]
+    Pieces { offset: u16 },
 }
 
 impl TunnelHeader {
@@ -112,8 +119,12 @@ pub fn pieces(frame: &[u8], datagram_bytes_max: usize) -> impl Iterator<Item = (
 struct Slot {
     sender: u64,
     sequence: u32,
+    segment: SegmentId,
+    vlan: u16,
     total: u16,
-    received: usize,
+    /// The pieces in so far: (offset, length).
+    pieces: [(u16, u16); PIECES_MAX],
+    count: usize,
     used: bool,
     /// When it was last started (to pick the oldest).
     started: u64,
@@ -136,8 +147,11 @@ impl Reassembly {
             .map(|_| Slot {
                 sender: 0,
                 sequence: 0,
+                segment: 0,
+                vlan: 0,
                 total: 0,
-                received: 0,
+                pieces: [(0, 0); PIECES_MAX],
+                count: 0,
                 used: false,
                 started: 0,
                 buffer: vec![0; frame_bytes_max],
@@ -172,10 +186,23 @@ impl Reassembly {
             return Ok(Some(piece));
         }
         self.clock += 1;
+        // Frames of this sender far older than this one lost a piece.
+        for slot in &mut self.slots {
+            if slot.used
+                && slot.sender == header.sender
+                && header.sequence.wrapping_sub(slot.sequence) > STALE_FRAMES
+                && slot.sequence.wrapping_sub(header.sequence) > STALE_FRAMES
+            {
+                slot.used = false;
+                self.incomplete += 1;
+            }
+        }
         let found = self.slots.iter().position(|slot| {
             slot.used
                 && slot.sender == header.sender
                 && slot.sequence == header.sequence
+                && slot.segment == header.segment
+                && slot.vlan == header.vlan
                 && slot.total == header.total
         });
         let index = match found {
@@ -194,22 +221,49 @@ impl Reassembly {
                 }
                 slot.sender = header.sender;
                 slot.sequence = header.sequence;
+                slot.segment = header.segment;
+                slot.vlan = header.vlan;
                 slot.total = header.total;
-                slot.received = 0;
+                slot.count = 0;
                 slot.used = true;
                 slot.started = self.clock;
                 index
             }
         };
         let slot = &mut self.slots[index];
+        let seen = slot.pieces[..slot.count]
+            .iter()
+            .any(|&(at, _)| at == header.offset);
+        if seen || slot.count == PIECES_MAX {
+            // A peer that sends a piece twice, or too many: the frame is
+            // not trusted.
+            slot.used = false;
+            return Err(TunnelError::Pieces {
+                offset: header.offset,
+            });
+        }
         slot.buffer[offset..offset + piece.len()].copy_from_slice(piece);
-        slot.received += piece.len();
-        if slot.received < total {
+        slot.pieces[slot.count] = (header.offset, piece.len() as u16);
+        slot.count += 1;
+        if !covers(&mut slot.pieces[..slot.count], header.total) {
             return Ok(None);
         }
         slot.used = false;
         Ok(Some(&slot.buffer[..total]))
     }
+}
+
+/// Whether the pieces cover `0..total` with no gap (sorts them).
+fn covers(pieces: &mut [(u16, u16)], total: u16) -> bool {
+    pieces.sort_unstable();
+    let mut end = 0u32;
+    for &(offset, len) in pieces.iter() {
+        if u32::from(offset) > end {
+            return false;
+        }
+        end = end.max(u32::from(offset) + u32::from(len));
+    }
+    end >= u32::from(total)
 }
 
 #[cfg(test)]
@@ -296,6 +350,29 @@ mod tests {
         let last = REASSEMBLY_SLOTS as u32 + 2;
         assert_eq!(
             reassembly.accept(&header(last, 500, 1000), &frame[500..]),
+            Ok(Some(&frame[..]))
+        );
+        // A piece sent twice, and overlapping pieces that leave a gap, do
+        // not make a frame.
+        assert_eq!(
+            reassembly.accept(&header(200, 0, 1000), &frame[..400]),
+            Ok(None)
+        );
+        assert!(matches!(
+            reassembly.accept(&header(200, 0, 1000), &frame[..400]),
+            Err(TunnelError::Pieces { offset: 0 })
+        ));
+        assert_eq!(
+            reassembly.accept(&header(201, 0, 1000), &frame[..600]),
+            Ok(None)
+        );
+        assert_eq!(
+            reassembly.accept(&header(201, 200, 1000), &frame[..600]),
+            Ok(None),
+            "1,200 bytes in, but 800..1000 missing"
+        );
+        assert_eq!(
+            reassembly.accept(&header(201, 800, 1000), &frame[..200]),
             Ok(Some(&frame[..]))
         );
         for (offset, len, total) in [(0, 10, 2000), (900, 200, 1000), (0, 0, 10)] {
