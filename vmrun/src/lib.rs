@@ -1,8 +1,17 @@
 //! Fabric's thin KVM runner.
 //!
-//! This crate will own the `vmrun` binary: guest memory, vCPU threads, Linux
-//! boot, the serial console and the vhost-user frontends that attach a VM to
+//! This crate owns the `vmrun` binary: guest memory, vCPU threads, boot and
+//! the serial console; later the vhost-user frontends that attach a VM to
 //! Fabric's volumes and switch ports. It must not serve storage or switch
 //! frames itself; those stay in `fabricd`.
 //!
-//! Nothing is built here yet.
+//! - [`memory`]: guest RAM (memfd-backed, shareable with vhost-user
+//!   backends) and its e820 map.
+//! - [`x86`]: 64-bit mode for a vCPU: GDT, page tables, registers, CPUID.
+//! - [`devices`]: the port bus: serial console, power-off and reset ports.
+//! - [`vm`]: the VM and its vCPU threads.
+
+pub mod devices;
+pub mod memory;
+pub mod vm;
+pub mod x86;

@@ -1,0 +1,162 @@
+//! `vmrun` on KVM with small guest programs the project builds itself
+//! (`vmrun/guest/*.c`, freestanding C): a 64-bit guest prints on the serial
+//! console and powers off; every vCPU of a 4-vCPU VM reports in; bad
+//! definitions are refused with a clear error before any VM runs.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use integration::fabricd::binary;
+
+/// Builds guest program `name` into `dir`.
+fn guest_program(dir: &Path, name: &str) -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmrun/guest/build.sh");
+    let out = dir.join(format!("{name}.elf"));
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(name)
+        .arg(&out)
+        .status()
+        .context("running vmrun/guest/build.sh")?;
+    ensure!(status.success(), "building guest program {name}: {status}");
+    Ok(out)
+}
+
+/// Runs vmrun with `args`, killed after a minute (a few thousand guest
+/// instructions take milliseconds even where KVM is emulated).
+fn vmrun(args: &[&str]) -> Result<Output> {
+    let mut child = Command::new(binary("vmrun")?)
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start vmrun")?;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait()?.is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let output = child.wait_with_output()?;
+            bail!(
+                "vmrun did not end in 60 s; stdout:\n{}\nstderr:\n{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(child.wait_with_output()?)
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+#[test]
+fn a_64_bit_guest_prints_on_the_serial_console_and_powers_off() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hello = guest_program(dir.path(), "hello")?;
+    let log = dir.path().join("serial.log");
+    let output = vmrun(&[
+        "--kernel",
+        hello.to_str().context("path")?,
+        "--memory",
+        "16M",
+        "--serial-log",
+        log.to_str().context("path")?,
+    ])?;
+    let stderr = text(&output.stderr);
+    ensure!(output.status.success(), "{}: {stderr}", output.status);
+    ensure!(stderr.contains("the guest powered off"), "{stderr}");
+    let console = std::fs::read_to_string(&log)?;
+    ensure!(
+        console == "hello from a 64-bit guest on vCPU 0\n",
+        "console: {console:?}"
+    );
+    // Without --serial-log, the console is vmrun's standard output.
+    let output = vmrun(&[
+        "--kernel",
+        hello.to_str().context("path")?,
+        "--memory",
+        "16M",
+    ])?;
+    ensure!(
+        text(&output.stdout).contains("hello from a 64-bit guest"),
+        "{}",
+        text(&output.stdout)
+    );
+    Ok(())
+}
+
+#[test]
+fn every_vcpu_reports_in() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let program = guest_program(dir.path(), "vcpus")?;
+    let output = vmrun(&[
+        "--kernel",
+        program.to_str().context("path")?,
+        "--memory",
+        "16M",
+        "--cpus",
+        "4",
+    ])?;
+    let stdout = text(&output.stdout);
+    let stderr = text(&output.stderr);
+    ensure!(output.status.success(), "{}: {stderr}", output.status);
+    ensure!(stderr.contains("every vCPU halted"), "{stderr}");
+    for cpu in 0..4 {
+        ensure!(
+            stdout
+                .lines()
+                .any(|line| line == format!("vcpu {cpu} reporting in")),
+            "vCPU {cpu} did not report in:\n{stdout}"
+        );
+    }
+    ensure!(stdout.lines().count() == 4, "{stdout}");
+    Ok(())
+}
+
+#[test]
+fn bad_definitions_are_refused_before_any_vm_runs() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hello = guest_program(dir.path(), "hello")?;
+    let hello = hello.to_str().context("path")?;
+    let not_elf = dir.path().join("notes.txt");
+    std::fs::write(&not_elf, "not a kernel")?;
+    let cases: [(Vec<&str>, &str); 7] = [
+        (
+            vec!["--kernel", "/nonexistent/vmlinux"],
+            "cannot read the kernel /nonexistent/vmlinux",
+        ),
+        (
+            vec!["--kernel", not_elf.to_str().context("path")?],
+            "is not a 64-bit ELF",
+        ),
+        (vec!["--kernel", hello, "--memory", "4M"], "too small"),
+        (
+            vec!["--kernel", hello, "--memory", "9M"],
+            "not a multiple of 2 MiB",
+        ),
+        (
+            vec!["--kernel", hello, "--memory", "8G"],
+            "more than the 3 GiB",
+        ),
+        (
+            vec!["--kernel", hello, "--memory", "12Q"],
+            "the unit must be K, M or G",
+        ),
+        (vec!["--kernel", hello, "--cpus", "0"], "1 to 32 vCPUs"),
+    ];
+    for (args, expected) in cases {
+        let output = vmrun(&args)?;
+        let stderr = text(&output.stderr);
+        ensure!(
+            !output.status.success() && stderr.contains(expected),
+            "{args:?}: {} {stderr}",
+            output.status
+        );
+        ensure!(output.stdout.is_empty(), "{args:?} ran a guest");
+    }
+    Ok(())
+}

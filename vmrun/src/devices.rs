@@ -1,0 +1,151 @@
+//! The devices every VM has, on the I/O port bus: the 16550 serial port
+//! at 0x3f8 (the console), the ACPI power-management control port (a
+//! guest's power-off), and the reset ports.
+
+use std::io::Write;
+use std::sync::Mutex;
+
+use vm_superio::{Serial, Trigger};
+
+/// COM1.
+pub const SERIAL_PORT: u16 = 0x3f8;
+/// PM1a control, where a guest writes SLP_TYP | SLP_EN to power off
+/// (the address QEMU's machines use).
+pub const POWER_PORT: u16 = 0x604;
+const SLP_EN: u16 = 1 << 13;
+/// The reset control register (write with bit 2 set: reset).
+pub const RESET_PORT: u16 = 0xcf9;
+/// The i8042 command port (0xfe: pulse the reset line).
+pub const I8042_COMMAND_PORT: u16 = 0x64;
+
+/// What a guest asked for through a port.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuestRequest {
+    PowerOff,
+    Reset,
+}
+
+/// The serial port's interrupt line: not wired yet (guests poll the line
+/// status register).
+#[derive(Debug)]
+pub struct NoInterrupt;
+
+impl Trigger for NoInterrupt {
+    type E = std::convert::Infallible;
+
+    fn trigger(&self) -> Result<(), Self::E> {
+        Ok(())
+    }
+}
+
+pub type Console = Box<dyn Write + Send>;
+
+/// The port-I/O devices, shared by the vCPU threads.
+pub struct PortBus {
+    serial: Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, Console>>,
+}
+
+impl std::fmt::Debug for PortBus {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PortBus").finish_non_exhaustive()
+    }
+}
+
+impl PortBus {
+    pub fn new(console: Console) -> PortBus {
+        PortBus {
+            serial: Mutex::new(Serial::new(NoInterrupt, console)),
+        }
+    }
+
+    /// A guest's write to `port`.
+    pub fn write(&self, port: u16, data: &[u8]) -> Option<GuestRequest> {
+        match port {
+            SERIAL_PORT..=0x3ff => {
+                let mut serial = self.serial.lock().expect("serial poisoned");
+                if let Some(&byte) = data.first() {
+                    let _ = serial.write((port - SERIAL_PORT) as u8, byte);
+                }
+                let _ = serial.writer_mut().flush();
+                None
+            }
+            POWER_PORT => {
+                let value = match data {
+                    [low, high, ..] => u16::from_le_bytes([*low, *high]),
+                    [low] => u16::from(*low),
+                    [] => 0,
+                };
+                (value & SLP_EN != 0).then_some(GuestRequest::PowerOff)
+            }
+            RESET_PORT => data
+                .first()
+                .filter(|&&value| value & 0x4 != 0)
+                .map(|_| GuestRequest::Reset),
+            I8042_COMMAND_PORT => (data.first() == Some(&0xfe)).then_some(GuestRequest::Reset),
+            // Ports nothing is behind: ignored, as on real hardware.
+            _ => None,
+        }
+    }
+
+    /// A guest's read of `port`; nothing behind a port reads as all ones.
+    pub fn read(&self, port: u16, data: &mut [u8]) {
+        match port {
+            SERIAL_PORT..=0x3ff => {
+                let mut serial = self.serial.lock().expect("serial poisoned");
+                let value = serial.read((port - SERIAL_PORT) as u8);
+                data.fill(0);
+                if let Some(first) = data.first_mut() {
+                    *first = value;
+                }
+            }
+            _ => data.fill(0xff),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().expect("buffer").extend_from_slice(buf);
+            Ok(buf.len())
+        }
+
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn the_serial_port_prints_and_the_power_port_powers_off() {
+        let out = Shared::default();
+        let bus = PortBus::new(Box::new(out.clone()));
+        for byte in b"hi\n" {
+            assert_eq!(bus.write(SERIAL_PORT, &[*byte]), None);
+        }
+        assert_eq!(&out.0.lock().expect("out")[..], b"hi\n");
+        // The line status register says the transmitter is empty.
+        let mut lsr = [0u8];
+        bus.read(SERIAL_PORT + 5, &mut lsr);
+        assert_ne!(lsr[0] & 0x20, 0);
+        assert_eq!(
+            bus.write(POWER_PORT, &[0, 0x20]),
+            Some(GuestRequest::PowerOff)
+        );
+        assert_eq!(bus.write(POWER_PORT, &[0, 0]), None);
+        assert_eq!(bus.write(RESET_PORT, &[0x6]), Some(GuestRequest::Reset));
+        assert_eq!(
+            bus.write(I8042_COMMAND_PORT, &[0xfe]),
+            Some(GuestRequest::Reset)
+        );
+        let mut unknown = [0u8; 2];
+        bus.read(0x80, &mut unknown);
+        assert_eq!(unknown, [0xff, 0xff]);
+    }
+}

@@ -1,0 +1,95 @@
+//! `vmrun`: runs one VM on KVM until the guest powers off.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Parser;
+use vmrun::vm::{Ended, Vm, VmConfig};
+
+/// Run a VM on KVM: load a 64-bit ELF kernel or program, start it on every
+/// vCPU in 64-bit mode, print its serial console, and stop when it powers
+/// off (exit 0), resets (exit 2), hits a triple fault (exit 3) or halts
+/// (exit 0).
+#[derive(Debug, Parser)]
+#[command(name = "vmrun", version)]
+struct Args {
+    /// The 64-bit ELF to boot.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Guest RAM, e.g. 128M or 1G (a multiple of 2 MiB, at least 8 MiB).
+    #[arg(long, default_value = "128M", value_parser = parse_size)]
+    memory: u64,
+    /// vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Where the serial console goes (default: standard output).
+    #[arg(long)]
+    serial_log: Option<PathBuf>,
+}
+
+/// A size with an optional K, M or G suffix (powers of 1024).
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let (digits, unit) = match text.char_indices().find(|(_, c)| !c.is_ascii_digit()) {
+        Some((at, _)) => text.split_at(at),
+        None => (text, ""),
+    };
+    let shift = match unit.to_ascii_uppercase().as_str() {
+        "" => 0,
+        "K" | "KIB" => 10,
+        "M" | "MIB" => 20,
+        "G" | "GIB" => 30,
+        _ => return Err(format!("{text:?}: the unit must be K, M or G")),
+    };
+    let number: u64 = digits
+        .parse()
+        .map_err(|_| format!("{text:?} is not a size like 128M"))?;
+    number
+        .checked_mul(1 << shift)
+        .ok_or_else(|| format!("{text:?} is too large"))
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let config = VmConfig {
+        vcpus: args.cpus,
+        memory_bytes: args.memory,
+        kernel: args.kernel,
+    };
+    let console: vmrun::devices::Console = match &args.serial_log {
+        Some(path) => match std::fs::File::create(path) {
+            Ok(file) => Box::new(file),
+            Err(error) => {
+                eprintln!(
+                    "vmrun: cannot create the serial log {}: {error}",
+                    path.display()
+                );
+                return ExitCode::FAILURE;
+            }
+        },
+        None => Box::new(std::io::stdout()),
+    };
+    let ended = Vm::new(&config, console).and_then(Vm::run);
+    match ended {
+        Ok(Ended::PoweredOff) => {
+            eprintln!("vmrun: the guest powered off");
+            ExitCode::SUCCESS
+        }
+        Ok(Ended::Halted) => {
+            eprintln!("vmrun: every vCPU halted");
+            ExitCode::SUCCESS
+        }
+        Ok(Ended::Reset) => {
+            eprintln!("vmrun: the guest asked for a reset");
+            ExitCode::from(2)
+        }
+        Ok(Ended::TripleFault { vcpu }) => {
+            eprintln!("vmrun: vCPU {vcpu} hit a triple fault");
+            ExitCode::from(3)
+        }
+        Err(error) => {
+            eprintln!("vmrun: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,302 @@
+//! A VM: KVM's VM and vCPUs, guest RAM and the port bus, and the vCPU
+//! threads that run it until the guest powers off, resets, faults or every
+//! vCPU halts.
+//!
+//! State is kept apart the way a checkpoint will need it: guest RAM
+//! ([`GuestRam`]), per-vCPU register state (in KVM, read and written only
+//! through [`crate::x86`]), and device state ([`PortBus`]).
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use linux_loader::loader::{Elf, KernelLoader};
+use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+
+use crate::devices::{Console, GuestRequest, PortBus};
+use crate::memory::{GuestRam, MemoryError, HIGH_RAM_START};
+use crate::x86;
+
+/// Most vCPUs a VM may have.
+pub const VCPUS_MAX: u8 = 32;
+/// KVM's TSS area (three pages just below 4 GiB, outside RAM).
+const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
+/// Where the stacks of vCPUs other than the first start (downwards, 4 KiB
+/// each), for programs that run on every vCPU from the entry.
+const SECONDARY_STACKS_TOP: u64 = 0x8_0000;
+
+/// What to run.
+#[derive(Debug, Clone)]
+pub struct VmConfig {
+    pub vcpus: u8,
+    pub memory_bytes: u64,
+    /// A 64-bit ELF: its entry is called in 64-bit mode on every vCPU,
+    /// with the vCPU's index in `rdi`.
+    pub kernel: PathBuf,
+}
+
+/// Why a VM ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ended {
+    /// The guest wrote the power-off port.
+    PoweredOff,
+    /// The guest asked for a reset.
+    Reset,
+    /// Every vCPU halted with nothing left to wake it.
+    Halted,
+    /// A vCPU hit a triple fault (KVM shut it down).
+    TripleFault { vcpu: u8 },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    #[error("a VM needs 1 to {VCPUS_MAX} vCPUs, not {0}")]
+    Vcpus(u8),
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    #[error("cannot read the kernel {path}: {source}")]
+    Kernel {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a 64-bit ELF this runner can load: {reason}")]
+    KernelFormat { path: PathBuf, reason: String },
+    #[error("cannot use KVM (/dev/kvm): {0}")]
+    Kvm(kvm_ioctls::Error),
+    #[error("KVM refused {what}: {source}")]
+    KvmCall {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+    #[error(transparent)]
+    Setup(#[from] x86::SetupError),
+    #[error("vCPU {vcpu} stopped on an exit the runner does not handle: {exit}")]
+    Exit { vcpu: u8, exit: String },
+    #[error("vCPU {vcpu} failed to run: {source}")]
+    Run { vcpu: u8, source: kvm_ioctls::Error },
+}
+
+fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
+    move |source| VmError::KvmCall { what, source }
+}
+
+/// A VM ready to run.
+#[derive(Debug)]
+pub struct Vm {
+    // Kept open for the VM's lifetime.
+    _kvm: Kvm,
+    _fd: VmFd,
+    ram: GuestRam,
+    vcpus: Vec<VcpuFd>,
+    bus: Arc<PortBus>,
+}
+
+/// Checks a definition without touching KVM: what can be wrong with it is
+/// said before any VM exists.
+pub fn check(config: &VmConfig) -> Result<File, VmError> {
+    if config.vcpus == 0 || config.vcpus > VCPUS_MAX {
+        return Err(VmError::Vcpus(config.vcpus));
+    }
+    crate::memory::check_size(config.memory_bytes)?;
+    File::open(&config.kernel).map_err(|source| VmError::Kernel {
+        path: config.kernel.clone(),
+        source,
+    })
+}
+
+impl Vm {
+    /// Builds the VM: RAM, the kernel loaded, every vCPU at its entry.
+    pub fn new(config: &VmConfig, console: Console) -> Result<Vm, VmError> {
+        let mut kernel = check(config)?;
+        let kvm = Kvm::new().map_err(VmError::Kvm)?;
+        let fd = kvm.create_vm().map_err(VmError::Kvm)?;
+        fd.set_tss_address(KVM_TSS_ADDRESS)
+            .map_err(kvm_call("the TSS address"))?;
+        let ram = GuestRam::new(config.memory_bytes)?;
+        let host = ram
+            .memory()
+            .get_host_address(GuestAddress(0))
+            .map_err(|error| MemoryError::Map(error.to_string()))?;
+        let region = kvm_userspace_memory_region {
+            slot: 0,
+            flags: 0,
+            guest_phys_addr: 0,
+            memory_size: ram.bytes(),
+            userspace_addr: host as u64,
+        };
+        // SAFETY: the region is RAM this VM owns (`ram`), mapped for its
+        // whole size, and outlives the VM fd (both are fields of `Vm`,
+        // and `_fd` is dropped before `ram`).
+        unsafe { fd.set_user_memory_region(region) }.map_err(kvm_call("guest memory"))?;
+
+        let loaded = Elf::load(
+            ram.memory(),
+            None,
+            &mut kernel,
+            Some(GuestAddress(HIGH_RAM_START)),
+        )
+        .map_err(|error| VmError::KernelFormat {
+            path: config.kernel.clone(),
+            reason: error.to_string(),
+        })?;
+        x86::write_boot_tables(ram.memory())?;
+
+        let supported = kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_call("a CPUID query"))?;
+        let mut vcpus = Vec::new();
+        for index in 0..config.vcpus {
+            let vcpu = fd
+                .create_vcpu(u64::from(index))
+                .map_err(kvm_call("a vCPU"))?;
+            x86::set_cpuid(&vcpu, &supported, index)?;
+            x86::start_long_mode(&vcpu, loaded.kernel_load.0, 0, u64::from(index))?;
+            if index > 0 {
+                let mut regs = vcpu.get_regs().map_err(kvm_call("registers"))?;
+                regs.rsp = SECONDARY_STACKS_TOP - (u64::from(index) - 1) * 0x1000;
+                regs.rbp = regs.rsp;
+                vcpu.set_regs(&regs).map_err(kvm_call("registers"))?;
+            }
+            vcpus.push(vcpu);
+        }
+        Ok(Vm {
+            _kvm: kvm,
+            _fd: fd,
+            ram,
+            vcpus,
+            bus: Arc::new(PortBus::new(console)),
+        })
+    }
+
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
+    }
+
+    /// Runs every vCPU on its own thread until the VM ends.
+    pub fn run(self) -> Result<Ended, VmError> {
+        install_kick_handler();
+        let stop = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        let mut threads = Vec::new();
+        for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
+            let bus = self.bus.clone();
+            let stop = stop.clone();
+            let done = done_tx.clone();
+            let index = index as u8;
+            let thread = std::thread::Builder::new()
+                .name(format!("vcpu{index}"))
+                .spawn(move || {
+                    let result = run_vcpu(index, &mut vcpu, &bus, &stop);
+                    let _ = done.send(());
+                    result
+                })
+                .map_err(|error| VmError::Exit {
+                    vcpu: index,
+                    exit: format!("cannot start its thread: {error}"),
+                })?;
+            threads.push(thread);
+        }
+        drop(done_tx);
+        // Wait for the first vCPU to end; if it ended the VM, take the
+        // others out of KVM_RUN (a signal, repeated until they notice).
+        let mut running = threads.len();
+        while running > 0 {
+            if done_rx.recv().is_err() {
+                break;
+            }
+            running -= 1;
+            if stop.load(Ordering::Acquire) {
+                break;
+            }
+        }
+        while threads.iter().any(|thread| !thread.is_finished()) {
+            for thread in threads.iter().filter(|thread| !thread.is_finished()) {
+                let _ = thread.kill(SIGRTMIN());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let mut ended = Ended::Halted;
+        for thread in threads {
+            let result = thread.join().map_err(|_| VmError::Exit {
+                vcpu: 0,
+                exit: "a vCPU thread panicked".into(),
+            })?;
+            match result? {
+                Some(Ended::Halted) | None => {}
+                Some(other) => ended = other,
+            }
+        }
+        Ok(ended)
+    }
+}
+
+extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
+
+/// A signal that only interrupts KVM_RUN (EINTR), to stop a vCPU.
+fn install_kick_handler() {
+    static INSTALLED: std::sync::Once = std::sync::Once::new();
+    INSTALLED.call_once(|| {
+        if let Err(error) = register_signal_handler(SIGRTMIN(), kick) {
+            eprintln!("vmrun: cannot install the vCPU kick handler: {error}");
+        }
+    });
+}
+
+/// Runs one vCPU until it halts, the VM ends, or `stop` is set (by
+/// another vCPU ending the VM). Returns how it ended the VM, if it did.
+fn run_vcpu(
+    index: u8,
+    vcpu: &mut VcpuFd,
+    bus: &PortBus,
+    stop: &AtomicBool,
+) -> Result<Option<Ended>, VmError> {
+    let end = |ended: Ended| {
+        stop.store(true, Ordering::Release);
+        Ok(Some(ended))
+    };
+    loop {
+        if stop.load(Ordering::Acquire) {
+            return Ok(None);
+        }
+        match vcpu.run() {
+            Ok(VcpuExit::IoOut(port, data)) => match bus.write(port, data) {
+                Some(GuestRequest::PowerOff) => return end(Ended::PoweredOff),
+                Some(GuestRequest::Reset) => return end(Ended::Reset),
+                None => {}
+            },
+            Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
+            // Nothing is mapped outside RAM yet: reads see all ones.
+            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
+            Ok(VcpuExit::MmioWrite(..)) => {}
+            // No interrupt can wake a halted vCPU yet: it is done.
+            Ok(VcpuExit::Hlt) => return Ok(Some(Ended::Halted)),
+            Ok(VcpuExit::Shutdown) => return end(Ended::TripleFault { vcpu: index }),
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                return end(match kind {
+                    kvm_bindings::KVM_SYSTEM_EVENT_RESET => Ended::Reset,
+                    _ => Ended::PoweredOff,
+                })
+            }
+            Ok(other) => {
+                stop.store(true, Ordering::Release);
+                return Err(VmError::Exit {
+                    vcpu: index,
+                    exit: format!("{other:?}"),
+                });
+            }
+            Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {}
+            Err(source) => {
+                stop.store(true, Ordering::Release);
+                return Err(VmError::Run {
+                    vcpu: index,
+                    source,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,201 @@
+//! What a vCPU needs to start in 64-bit mode: a GDT, identity-mapped page
+//! tables for the first GiB, long-mode control registers, and the CPUID
+//! the host's KVM supports. The boot structures live below 1 MiB, where
+//! the e820 map calls the memory RAM (the kernel reserves it as it boots).
+
+use kvm_bindings::{kvm_fpu, kvm_regs, kvm_segment, kvm_sregs, CpuId};
+use kvm_ioctls::VcpuFd;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::memory::Memory;
+
+/// The GDT: null, 64-bit code, data, TSS.
+pub const GDT_ADDRESS: u64 = 0x500;
+/// An empty IDT: any exception before the guest sets its own is a triple
+/// fault, which ends the VM with a clear reason.
+pub const IDT_ADDRESS: u64 = 0x520;
+/// Linux's boot parameters (the "zero page"), pointed to by `rsi`.
+pub const ZERO_PAGE_ADDRESS: u64 = 0x7000;
+/// Top of the boot stack.
+pub const BOOT_STACK: u64 = 0x8ff0;
+pub const PML4_ADDRESS: u64 = 0x9000;
+const PDPT_ADDRESS: u64 = 0xa000;
+const PD_ADDRESS: u64 = 0xb000;
+
+const CR0_PE: u64 = 1;
+const CR0_ET: u64 = 0x10;
+const CR0_PG: u64 = 0x8000_0000;
+const CR4_PAE: u64 = 0x20;
+const EFER_LME: u64 = 0x100;
+const EFER_LMA: u64 = 0x400;
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot write the boot structures into guest memory: {0}")]
+    Memory(#[from] vm_memory::GuestMemoryError),
+    #[error("KVM refused the vCPU's {what}: {source}")]
+    Kvm {
+        what: &'static str,
+        source: kvm_ioctls::Error,
+    },
+}
+
+fn kvm(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> SetupError {
+    move |source| SetupError::Kvm { what, source }
+}
+
+/// A GDT entry from its flags (access byte and granularity nibble), base
+/// and limit.
+pub fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    let (flags, base, limit) = (u64::from(flags), u64::from(base), u64::from(limit));
+    ((base & 0xff00_0000) << (56 - 24))
+        | ((flags & 0x0000_f0ff) << 40)
+        | ((limit & 0x000f_0000) << (48 - 16))
+        | ((base & 0x00ff_ffff) << 16)
+        | (limit & 0x0000_ffff)
+}
+
+/// The KVM segment register a GDT entry at `index` loads.
+pub fn segment(entry: u64, index: u16) -> kvm_segment {
+    let bit = |at: u32| ((entry >> at) & 1) as u8;
+    let granular = bit(55) == 1;
+    let limit = (((entry >> 32) & 0x000f_0000) | (entry & 0xffff)) as u32;
+    let present = bit(47);
+    kvm_segment {
+        base: ((entry >> 32) & 0xff00_0000) | ((entry >> 16) & 0x00ff_ffff),
+        limit: if granular {
+            (limit << 12) | 0xfff
+        } else {
+            limit
+        },
+        selector: index * 8,
+        type_: ((entry >> 40) & 0xf) as u8,
+        present,
+        dpl: ((entry >> 45) & 3) as u8,
+        db: bit(54),
+        s: bit(44),
+        l: bit(53),
+        g: bit(55),
+        avl: bit(52),
+        unusable: u8::from(present == 0),
+        padding: 0,
+    }
+}
+
+/// The boot GDT's entries.
+pub fn boot_gdt() -> [u64; 4] {
+    [
+        0,
+        gdt_entry(0xa09b, 0, 0xfffff), // code: 64-bit, present, execute/read
+        gdt_entry(0xc093, 0, 0xfffff), // data: present, read/write
+        gdt_entry(0x808b, 0, 0xfffff), // TSS
+    ]
+}
+
+/// Writes the GDT, IDT and page tables identity-mapping the first GiB
+/// with 2 MiB pages.
+pub fn write_boot_tables(memory: &Memory) -> Result<(), SetupError> {
+    for (i, entry) in boot_gdt().iter().enumerate() {
+        memory.write_obj(*entry, GuestAddress(GDT_ADDRESS + i as u64 * 8))?;
+    }
+    memory.write_obj(0u64, GuestAddress(IDT_ADDRESS))?;
+    memory.write_obj(PDPT_ADDRESS | 0x3, GuestAddress(PML4_ADDRESS))?;
+    memory.write_obj(PD_ADDRESS | 0x3, GuestAddress(PDPT_ADDRESS))?;
+    for i in 0..512u64 {
+        // Present, writable, 2 MiB page.
+        memory.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDRESS + i * 8))?;
+    }
+    Ok(())
+}
+
+/// Puts `vcpu` in 64-bit mode at `entry`, with `rsi` holding
+/// `boot_params` (Linux's zero page; anything for other guests) and `rdi`
+/// the vCPU's index.
+pub fn start_long_mode(
+    vcpu: &VcpuFd,
+    entry: u64,
+    boot_params: u64,
+    index: u64,
+) -> Result<(), SetupError> {
+    let mut sregs: kvm_sregs = vcpu.get_sregs().map_err(kvm("special registers"))?;
+    let gdt = boot_gdt();
+    let code = segment(gdt[1], 1);
+    let data = segment(gdt[2], 2);
+    sregs.cs = code;
+    sregs.ds = data;
+    sregs.es = data;
+    sregs.fs = data;
+    sregs.gs = data;
+    sregs.ss = data;
+    sregs.tr = segment(gdt[3], 3);
+    sregs.gdt.base = GDT_ADDRESS;
+    sregs.gdt.limit = (gdt.len() * 8 - 1) as u16;
+    sregs.idt.base = IDT_ADDRESS;
+    sregs.idt.limit = 7;
+    sregs.cr3 = PML4_ADDRESS;
+    sregs.cr4 |= CR4_PAE;
+    sregs.cr0 |= CR0_PE | CR0_ET | CR0_PG;
+    sregs.efer |= EFER_LME | EFER_LMA;
+    vcpu.set_sregs(&sregs).map_err(kvm("special registers"))?;
+
+    let fpu = kvm_fpu {
+        fcw: 0x37f,
+        mxcsr: 0x1f80,
+        ..Default::default()
+    };
+    vcpu.set_fpu(&fpu).map_err(kvm("FPU state"))?;
+
+    let regs = kvm_regs {
+        rip: entry,
+        rsp: BOOT_STACK,
+        rbp: BOOT_STACK,
+        rsi: boot_params,
+        rdi: index,
+        rflags: 0x2,
+        ..Default::default()
+    };
+    vcpu.set_regs(&regs).map_err(kvm("registers"))?;
+    Ok(())
+}
+
+/// Gives `vcpu` the CPUID KVM supports, with its own APIC id in leaf 1.
+pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<(), SetupError> {
+    let mut cpuid = supported.clone();
+    for entry in cpuid.as_mut_slice() {
+        if entry.function == 1 {
+            entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+        }
+    }
+    vcpu.set_cpuid2(&cpuid).map_err(kvm("CPUID"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gdt_entries_encode_and_decode() {
+        let gdt = boot_gdt();
+        assert_eq!(gdt[1], 0x00af_9b00_0000_ffff);
+        assert_eq!(gdt[2], 0x00cf_9300_0000_ffff);
+        assert_eq!(gdt[3], 0x008f_8b00_0000_ffff);
+        let code = segment(gdt[1], 1);
+        assert_eq!((code.selector, code.l, code.db, code.present), (8, 1, 0, 1));
+        assert_eq!(code.limit, 0xffff_ffff);
+        let data = segment(gdt[2], 2);
+        assert_eq!((data.selector, data.type_, data.db), (16, 3, 1));
+        assert_eq!(segment(0, 0).unusable, 1);
+    }
+
+    #[test]
+    fn page_tables_map_the_first_gib() {
+        let memory = Memory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
+        write_boot_tables(&memory).expect("tables");
+        let pml4: u64 = memory.read_obj(GuestAddress(PML4_ADDRESS)).expect("pml4");
+        assert_eq!(pml4, PDPT_ADDRESS | 3);
+        let last: u64 = memory
+            .read_obj(GuestAddress(PD_ADDRESS + 511 * 8))
+            .expect("pd");
+        assert_eq!(last, (511 << 21) | 0x83);
+    }
+}
