@@ -9,9 +9,13 @@
 //!   backends) and its e820 map.
 //! - [`x86`]: 64-bit mode for a vCPU: GDT, page tables, registers, CPUID.
 //! - [`devices`]: the port bus: serial console, power-off and reset ports.
-//! - [`vm`]: the VM and its vCPU threads.
+//! - [`virtio_mmio`]: the virtio-mmio transport's registers, pure.
+//! - [`vhost_user`]: a virtio device served by a vhost-user backend.
+//! - [`vm`]: the VM, its vCPU threads and its MMIO bus.
 
 pub mod devices;
 pub mod memory;
+pub mod vhost_user;
+pub mod virtio_mmio;
 pub mod vm;
 pub mod x86;

@@ -25,6 +25,10 @@ struct Args {
     /// Where the serial console goes (default: standard output).
     #[arg(long)]
     serial_log: Option<PathBuf>,
+    /// A vhost-user-blk socket (e.g. a fabricd volume's): a virtio-blk
+    /// disk on virtio-mmio at 0xd0000000, the next at +4 KiB. Repeatable.
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
 }
 
 /// A size with an optional K, M or G suffix (powers of 1024).
@@ -55,6 +59,7 @@ fn main() -> ExitCode {
         vcpus: args.cpus,
         memory_bytes: args.memory,
         kernel: args.kernel,
+        disks: args.disks,
     };
     let console: vmrun::devices::Console = match &args.serial_log {
         Some(path) => match std::fs::File::create(path) {

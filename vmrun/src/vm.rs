@@ -9,17 +9,19 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
-use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::{Console, GuestRequest, PortBus};
-use crate::memory::{GuestRam, MemoryError, HIGH_RAM_START};
+use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
+use crate::vhost_user::{VhostUserDevice, VhostUserError, QUEUE_MAX, VIRTIO_ID_BLOCK};
+use crate::virtio_mmio::{self, MmioTransport};
 use crate::x86;
 
 /// Most vCPUs a VM may have.
@@ -29,6 +31,9 @@ const KVM_TSS_ADDRESS: usize = 0xfffb_d000;
 /// Where the stacks of vCPUs other than the first start (downwards, 4 KiB
 /// each), for programs that run on every vCPU from the entry.
 const SECONDARY_STACKS_TOP: u64 = 0x8_0000;
+/// The first virtio-mmio device's window (above RAM, below 4 GiB); the
+/// next ones follow every 4 KiB, disks first.
+pub const MMIO_BASE: u64 = 0xd000_0000;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -38,6 +43,8 @@ pub struct VmConfig {
     /// A 64-bit ELF: its entry is called in 64-bit mode on every vCPU,
     /// with the vCPU's index in `rdi`.
     pub kernel: PathBuf,
+    /// vhost-user-blk sockets: each a virtio-blk disk (virtio-mmio).
+    pub disks: Vec<PathBuf>,
 }
 
 /// Why a VM ended.
@@ -79,6 +86,11 @@ pub enum VmError {
     Exit { vcpu: u8, exit: String },
     #[error("vCPU {vcpu} failed to run: {source}")]
     Run { vcpu: u8, source: kvm_ioctls::Error },
+    #[error("disk {index}: {source}")]
+    Disk {
+        index: usize,
+        source: VhostUserError,
+    },
 }
 
 fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
@@ -94,6 +106,67 @@ pub struct Vm {
     ram: GuestRam,
     vcpus: Vec<VcpuFd>,
     bus: Arc<PortBus>,
+    mmio: Arc<MmioBus>,
+}
+
+/// A virtio device on the MMIO bus, served by a vhost-user backend.
+#[derive(Debug)]
+struct VirtioDevice {
+    base: u64,
+    transport: MmioTransport,
+    backend: VhostUserDevice,
+}
+
+/// The virtio-mmio devices, shared by the vCPU threads.
+#[derive(Debug)]
+pub struct MmioBus {
+    devices: Vec<Mutex<VirtioDevice>>,
+    memory: Memory,
+}
+
+impl MmioBus {
+    fn find(&self, address: u64) -> Option<(&Mutex<VirtioDevice>, u64)> {
+        let index = address.checked_sub(MMIO_BASE)? / virtio_mmio::WINDOW_BYTES;
+        let device = self.devices.get(index as usize)?;
+        Some((device, (address - MMIO_BASE) % virtio_mmio::WINDOW_BYTES))
+    }
+
+    /// A guest's read in the device window; nothing there reads as ones.
+    pub fn read(&self, address: u64, data: &mut [u8]) {
+        match self.find(address) {
+            Some((device, offset)) => device
+                .lock()
+                .expect("device poisoned")
+                .transport
+                .read(offset, data),
+            None => data.fill(0xff),
+        }
+    }
+
+    /// A guest's write in the device window.
+    pub fn write(&self, address: u64, data: &[u8]) {
+        let Some((device, offset)) = self.find(address) else {
+            return;
+        };
+        let mut device = device.lock().expect("device poisoned");
+        let VirtioDevice {
+            base,
+            transport,
+            backend,
+        } = &mut *device;
+        match transport.write(offset, data) {
+            Some(virtio_mmio::Event::Activate) => {
+                let features = transport.driver_features();
+                let queues = transport.queues().to_vec();
+                if let Err(error) = backend.activate(&self.memory, features, &queues) {
+                    eprintln!("vmrun: the device at {base:#x} cannot start: {error}");
+                    transport.fail();
+                }
+            }
+            Some(virtio_mmio::Event::Reset) => backend.reset(transport.queues().len()),
+            None => {}
+        }
+    }
 }
 
 /// Checks a definition without touching KVM: what can be wrong with it is
@@ -103,6 +176,14 @@ pub fn check(config: &VmConfig) -> Result<File, VmError> {
         return Err(VmError::Vcpus(config.vcpus));
     }
     crate::memory::check_size(config.memory_bytes)?;
+    for (index, disk) in config.disks.iter().enumerate() {
+        if !disk.exists() {
+            return Err(VmError::Disk {
+                index,
+                source: VhostUserError::NoSocket { path: disk.clone() },
+            });
+        }
+    }
     File::open(&config.kernel).map_err(|source| VmError::Kernel {
         path: config.kernel.clone(),
         source,
@@ -146,6 +227,41 @@ impl Vm {
         })?;
         x86::write_boot_tables(ram.memory())?;
 
+        let mut devices = Vec::new();
+        for (index, path) in config.disks.iter().enumerate() {
+            let disk_error = |source| VmError::Disk { index, source };
+            let backend = VhostUserDevice::connect(path, VIRTIO_ID_BLOCK, 1).map_err(disk_error)?;
+            let base = MMIO_BASE + index as u64 * virtio_mmio::WINDOW_BYTES;
+            // The guest's queue notifications go straight to the backend.
+            for queue in 0..1usize {
+                let kick = backend.kick(queue).ok_or(VmError::Exit {
+                    vcpu: 0,
+                    exit: "a disk without its kick eventfd".into(),
+                })?;
+                fd.register_ioevent(
+                    kick,
+                    &IoEventAddress::Mmio(base + virtio_mmio::reg::QUEUE_NOTIFY),
+                    queue as u32,
+                )
+                .map_err(kvm_call("a queue notification address"))?;
+            }
+            let transport = MmioTransport::new(
+                VIRTIO_ID_BLOCK,
+                backend.features(),
+                &[QUEUE_MAX],
+                backend.config().to_vec(),
+            );
+            devices.push(Mutex::new(VirtioDevice {
+                base,
+                transport,
+                backend,
+            }));
+        }
+        let mmio = Arc::new(MmioBus {
+            devices,
+            memory: ram.memory().clone(),
+        });
+
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_call("a CPUID query"))?;
@@ -170,6 +286,7 @@ impl Vm {
             ram,
             vcpus,
             bus: Arc::new(PortBus::new(console)),
+            mmio,
         })
     }
 
@@ -185,13 +302,14 @@ impl Vm {
         let mut threads = Vec::new();
         for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
             let bus = self.bus.clone();
+            let mmio = self.mmio.clone();
             let stop = stop.clone();
             let done = done_tx.clone();
             let index = index as u8;
             let thread = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let result = run_vcpu(index, &mut vcpu, &bus, &stop);
+                    let result = run_vcpu(index, &mut vcpu, &bus, &mmio, &stop);
                     let _ = done.send(());
                     result
                 })
@@ -253,6 +371,7 @@ fn run_vcpu(
     index: u8,
     vcpu: &mut VcpuFd,
     bus: &PortBus,
+    mmio: &MmioBus,
     stop: &AtomicBool,
 ) -> Result<Option<Ended>, VmError> {
     let end = |ended: Ended| {
@@ -270,9 +389,8 @@ fn run_vcpu(
                 None => {}
             },
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
-            // Nothing is mapped outside RAM yet: reads see all ones.
-            Ok(VcpuExit::MmioRead(_, data)) => data.fill(0xff),
-            Ok(VcpuExit::MmioWrite(..)) => {}
+            Ok(VcpuExit::MmioRead(address, data)) => mmio.read(address, data),
+            Ok(VcpuExit::MmioWrite(address, data)) => mmio.write(address, data),
             // No interrupt can wake a halted vCPU yet: it is done.
             Ok(VcpuExit::Hlt) => return Ok(Some(Ended::Halted)),
             Ok(VcpuExit::Shutdown) => return end(Ended::TripleFault { vcpu: index }),

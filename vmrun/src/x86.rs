@@ -1,5 +1,5 @@
 //! What a vCPU needs to start in 64-bit mode: a GDT, identity-mapped page
-//! tables for the first GiB, long-mode control registers, and the CPUID
+//! tables for the first 4 GiB (RAM and the device window below 4 GiB), long-mode control registers, and the CPUID
 //! the host's KVM supports. The boot structures live below 1 MiB, where
 //! the e820 map calls the memory RAM (the kernel reserves it as it boots).
 
@@ -20,7 +20,9 @@ pub const ZERO_PAGE_ADDRESS: u64 = 0x7000;
 pub const BOOT_STACK: u64 = 0x8ff0;
 pub const PML4_ADDRESS: u64 = 0x9000;
 const PDPT_ADDRESS: u64 = 0xa000;
+/// Four page directories (one per GiB), 0xb000 to 0xefff.
 const PD_ADDRESS: u64 = 0xb000;
+const MAPPED_GIB: u64 = 4;
 
 const CR0_PE: u64 = 1;
 const CR0_ET: u64 = 0x10;
@@ -92,7 +94,7 @@ pub fn boot_gdt() -> [u64; 4] {
     ]
 }
 
-/// Writes the GDT, IDT and page tables identity-mapping the first GiB
+/// Writes the GDT, IDT and page tables identity-mapping the first 4 GiB
 /// with 2 MiB pages.
 pub fn write_boot_tables(memory: &Memory) -> Result<(), SetupError> {
     for (i, entry) in boot_gdt().iter().enumerate() {
@@ -100,8 +102,11 @@ pub fn write_boot_tables(memory: &Memory) -> Result<(), SetupError> {
     }
     memory.write_obj(0u64, GuestAddress(IDT_ADDRESS))?;
     memory.write_obj(PDPT_ADDRESS | 0x3, GuestAddress(PML4_ADDRESS))?;
-    memory.write_obj(PD_ADDRESS | 0x3, GuestAddress(PDPT_ADDRESS))?;
-    for i in 0..512u64 {
+    for gib in 0..MAPPED_GIB {
+        let directory = PD_ADDRESS + gib * 0x1000;
+        memory.write_obj(directory | 0x3, GuestAddress(PDPT_ADDRESS + gib * 8))?;
+    }
+    for i in 0..512 * MAPPED_GIB {
         // Present, writable, 2 MiB page.
         memory.write_obj((i << 21) | 0x83, GuestAddress(PD_ADDRESS + i * 8))?;
     }
@@ -188,14 +193,18 @@ mod tests {
     }
 
     #[test]
-    fn page_tables_map_the_first_gib() {
+    fn page_tables_map_the_first_4_gib() {
         let memory = Memory::from_ranges(&[(GuestAddress(0), 2 << 20)]).expect("memory");
         write_boot_tables(&memory).expect("tables");
         let pml4: u64 = memory.read_obj(GuestAddress(PML4_ADDRESS)).expect("pml4");
         assert_eq!(pml4, PDPT_ADDRESS | 3);
         let last: u64 = memory
-            .read_obj(GuestAddress(PD_ADDRESS + 511 * 8))
+            .read_obj(GuestAddress(PD_ADDRESS + 2047 * 8))
             .expect("pd");
-        assert_eq!(last, (511 << 21) | 0x83);
+        assert_eq!(last, (2047 << 21) | 0x83);
+        let fourth: u64 = memory
+            .read_obj(GuestAddress(PDPT_ADDRESS + 3 * 8))
+            .expect("pdpt");
+        assert_eq!(fourth, (PD_ADDRESS + 0x3000) | 3);
     }
 }
