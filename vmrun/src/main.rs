@@ -60,6 +60,7 @@ fn main() -> ExitCode {
         memory_bytes: args.memory,
         kernel: args.kernel,
         disks: args.disks,
+        dirty_log: false,
     };
     let console: vmrun::devices::Console = match &args.serial_log {
         Some(path) => match std::fs::File::create(path) {

@@ -45,6 +45,8 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// vhost-user-blk sockets: each a virtio-blk disk (virtio-mmio).
     pub disks: Vec<PathBuf>,
+    /// Log the pages the guest writes ([`Vm::dirty_pages`]).
+    pub dirty_log: bool,
 }
 
 /// Why a VM ended.
@@ -102,8 +104,9 @@ fn kvm_call(what: &'static str) -> impl FnOnce(kvm_ioctls::Error) -> VmError {
 pub struct Vm {
     // Kept open for the VM's lifetime.
     _kvm: Kvm,
-    _fd: VmFd,
+    fd: Arc<VmFd>,
     ram: GuestRam,
+    dirty_log: bool,
     vcpus: Vec<VcpuFd>,
     bus: Arc<PortBus>,
     mmio: Arc<MmioBus>,
@@ -204,15 +207,21 @@ impl Vm {
             .get_host_address(GuestAddress(0))
             .map_err(|error| MemoryError::Map(error.to_string()))?;
         let region = kvm_userspace_memory_region {
-            slot: 0,
-            flags: 0,
+            slot: RAM_SLOT,
+            flags: if config.dirty_log {
+                kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
+            } else {
+                0
+            },
             guest_phys_addr: 0,
             memory_size: ram.bytes(),
             userspace_addr: host as u64,
         };
         // SAFETY: the region is RAM this VM owns (`ram`), mapped for its
-        // whole size, and outlives the VM fd (both are fields of `Vm`,
-        // and `_fd` is dropped before `ram`).
+        // whole size. The mapping outlives every use of the VM fd that
+        // could reach it: vCPUs run only inside `Vm::run`, which `ram`
+        // outlives; a `DirtyPages` handle keeps the fd, not the mapping,
+        // and only reads the log.
         unsafe { fd.set_user_memory_region(region) }.map_err(kvm_call("guest memory"))?;
 
         let loaded = Elf::load(
@@ -282,8 +291,9 @@ impl Vm {
         }
         Ok(Vm {
             _kvm: kvm,
-            _fd: fd,
+            fd: Arc::new(fd),
             ram,
+            dirty_log: config.dirty_log,
             vcpus,
             bus: Arc::new(PortBus::new(console)),
             mmio,
@@ -292,6 +302,15 @@ impl Vm {
 
     pub fn ram(&self) -> &GuestRam {
         &self.ram
+    }
+
+    /// The guest-written page log, if the VM was made with `dirty_log`;
+    /// usable while the VM runs and after.
+    pub fn dirty_pages(&self) -> Option<DirtyPages> {
+        self.dirty_log.then(|| DirtyPages {
+            fd: self.fd.clone(),
+            bytes: self.ram.bytes(),
+        })
     }
 
     /// Runs every vCPU on its own thread until the VM ends.
@@ -350,6 +369,38 @@ impl Vm {
             }
         }
         Ok(ended)
+    }
+}
+
+/// KVM's memory slot for guest RAM.
+const RAM_SLOT: u32 = 0;
+
+/// The pages the guest has written, from KVM's dirty log of guest RAM:
+/// the base of live migration and of streaming a VM to a standby node.
+#[derive(Debug, Clone)]
+pub struct DirtyPages {
+    fd: Arc<VmFd>,
+    bytes: u64,
+}
+
+impl DirtyPages {
+    /// The guest page numbers (4 KiB) written since the last call (or
+    /// since the VM started), and clears the log.
+    pub fn take(&self) -> Result<Vec<u64>, VmError> {
+        let bitmap = self
+            .fd
+            .get_dirty_log(RAM_SLOT, self.bytes as usize)
+            .map_err(kvm_call("the dirty log"))?;
+        let mut pages = Vec::new();
+        for (word_index, &word) in bitmap.iter().enumerate() {
+            let mut word = word;
+            while word != 0 {
+                let bit = u64::from(word.trailing_zeros());
+                pages.push(word_index as u64 * 64 + bit);
+                word &= word - 1;
+            }
+        }
+        Ok(pages)
     }
 }
 

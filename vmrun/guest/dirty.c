@@ -1,0 +1,14 @@
+/* Writes one byte into each of three pages (guest page numbers 0x600,
+ * 0x605 and 0x64d, i.e. 6 MiB + 0, 5 and 77 pages) and powers off: the
+ * runner's dirty log must name those pages and not their neighbours. */
+#include "guest.h"
+
+void _start(unsigned long cpu)
+{
+	(void)cpu;
+	static const unsigned long pages[] = {0x600, 0x605, 0x64d};
+	for (unsigned i = 0; i < sizeof(pages) / sizeof(pages[0]); i++)
+		*(volatile unsigned char *)(pages[i] << 12) = 0x5a;
+	put_string("dirty: wrote 3 pages\n");
+	power_off();
+}

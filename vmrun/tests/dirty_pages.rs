@@ -1,0 +1,53 @@
+//! KVM's dirty log through the runner's API: a guest program writes three
+//! pages; the log names them, not their neighbours, and is empty once
+//! taken.
+
+use std::path::Path;
+use std::process::Command;
+
+use vmrun::vm::{Ended, Vm, VmConfig};
+
+#[test]
+fn pages_the_guest_writes_show_up_in_the_dirty_log() {
+    let dir = std::env::temp_dir().join(format!("vmrun-dirty-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let program = dir.join("dirty.elf");
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg("dirty")
+        .arg(&program)
+        .status()
+        .expect("run guest/build.sh");
+    assert!(status.success(), "building the guest program: {status}");
+
+    let config = VmConfig {
+        vcpus: 1,
+        memory_bytes: 16 << 20,
+        kernel: program,
+        disks: Vec::new(),
+        dirty_log: true,
+    };
+    let console = Box::new(std::io::sink());
+    let vm = Vm::new(&config, console).expect("a VM");
+    let dirty = vm.dirty_pages().expect("dirty logging was asked for");
+    // Nothing ran yet: what the loader wrote is not the guest's doing.
+    assert_eq!(dirty.take().expect("log"), Vec::<u64>::new());
+    assert_eq!(vm.run().expect("run"), Ended::PoweredOff);
+    let pages = dirty.take().expect("log");
+    for page in [0x600, 0x605, 0x64d] {
+        assert!(
+            pages.contains(&page),
+            "page {page:#x} missing from {pages:x?}"
+        );
+    }
+    for page in [0x601, 0x604, 0x64c, 0x64e] {
+        assert!(
+            !pages.contains(&page),
+            "page {page:#x} was not written: {pages:x?}"
+        );
+    }
+    // Taking the log clears it.
+    assert_eq!(dirty.take().expect("log"), Vec::<u64>::new());
+    let _ = std::fs::remove_dir_all(&dir);
+}
