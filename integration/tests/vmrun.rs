@@ -1,15 +1,16 @@
 //! `vmrun` on KVM with small guest programs the project builds itself
 //! (`vmrun/guest/*.c`, freestanding C): a 64-bit guest prints on the serial
 //! console and powers off; every vCPU of a 4-vCPU VM reports in; a guest
-//! drives a virtio-blk queue served by a real `fabricd` volume; bad
-//! definitions are refused with a clear error before any VM runs.
+//! drives a virtio-blk queue served by a real `fabricd` volume; two guests
+//! exchange frames through `fabricd`'s switch ports; bad definitions are
+//! refused with a clear error before any VM runs.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use integration::fabricd::{binary, Fabricd};
+use integration::fabricd::{binary, start_cluster, Fabricd};
 use integration::vhost_blk::{BlkClient, ClientConfig, RequestType};
 
 /// Builds guest program `name` into `dir`.
@@ -29,12 +30,16 @@ fn guest_program(dir: &Path, name: &str) -> Result<PathBuf> {
 /// Runs vmrun with `args`, killed after a minute (a few thousand guest
 /// instructions take milliseconds even where KVM is emulated).
 fn vmrun(args: &[&str]) -> Result<Output> {
-    let mut child = Command::new(binary("vmrun")?)
+    let child = Command::new(binary("vmrun")?)
         .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
         .context("cannot start vmrun")?;
+    wait(child)
+}
+
+fn wait(mut child: std::process::Child) -> Result<Output> {
     let deadline = Instant::now() + Duration::from_secs(60);
     while child.try_wait()?.is_none() {
         if Instant::now() > deadline {
@@ -181,6 +186,53 @@ fn a_guest_drives_a_virtio_blk_queue_served_by_fabricd() -> Result<()> {
     Ok(())
 }
 
+/// Two VMs, each with a virtio-net NIC on a port of one segment: the
+/// first pings the second with raw frames until it answers; both ports
+/// count the frames.
+#[test]
+fn two_guests_exchange_frames_through_switch_ports() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let program = guest_program(dir.path(), "net")?;
+    let program = program.to_str().context("path")?;
+    let nodes = start_cluster(dir.path(), 1, "")?;
+    let node = &nodes[0].node;
+    node.fabctl(&["switch", "segment", "create", "lan"])?;
+    let mut nics = Vec::new();
+    for (name, mac) in [("a", "52:54:00:00:00:0a"), ("b", "52:54:00:00:00:0b")] {
+        let port =
+            node.fabctl_json(&["switch", "port", "add", "lan", "--mac", mac, "--name", name])?;
+        let socket = port["socket"].as_str().context("a socket")?;
+        nics.push(format!("{socket},mac={mac}"));
+    }
+    let answering = Command::new(binary("vmrun")?)
+        .args(["--kernel", program, "--memory", "16M", "--nic", &nics[1]])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let pinging = vmrun(&["--kernel", program, "--memory", "16M", "--nic", &nics[0]])?;
+    let answering = wait(answering)?;
+    let (a, b) = (text(&pinging.stdout), text(&answering.stdout));
+    ensure!(
+        a.contains("net: pong from 52:54:00:00:00:0b"),
+        "pinging guest:\n{a}{}\nanswering guest:\n{b}{}",
+        text(&pinging.stderr),
+        text(&answering.stderr)
+    );
+    ensure!(
+        b.contains("net: answered a ping from 52:54:00:00:00:0a"),
+        "answering guest:\n{b}"
+    );
+    for port in ["a", "b"] {
+        let counters = &node.fabctl_json(&["switch", "port", "show", port])?["counters"];
+        ensure!(
+            counters["rx_packets"].as_u64() >= Some(1)
+                && counters["tx_packets"].as_u64() >= Some(1),
+            "port {port}: {counters}"
+        );
+    }
+    Ok(())
+}
+
 #[test]
 fn bad_definitions_are_refused_before_any_vm_runs() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -188,7 +240,7 @@ fn bad_definitions_are_refused_before_any_vm_runs() -> Result<()> {
     let hello = hello.to_str().context("path")?;
     let not_elf = dir.path().join("notes.txt");
     std::fs::write(&not_elf, "not a kernel")?;
-    let cases: [(Vec<&str>, &str); 8] = [
+    let cases: [(Vec<&str>, &str); 11] = [
         (
             vec!["--kernel", "/nonexistent/vmlinux"],
             "cannot read the kernel /nonexistent/vmlinux",
@@ -214,6 +266,23 @@ fn bad_definitions_are_refused_before_any_vm_runs() -> Result<()> {
         (
             vec!["--kernel", hello, "--disk", "/nonexistent/disk.sock"],
             "disk 0: no vhost-user socket at /nonexistent/disk.sock",
+        ),
+        (
+            vec![
+                "--kernel",
+                hello,
+                "--nic",
+                "/nonexistent/port.sock,mac=52:54:00:00:00:01",
+            ],
+            "NIC 0: no vhost-user socket at /nonexistent/port.sock",
+        ),
+        (
+            vec!["--kernel", hello, "--nic", "/tmp/port.sock"],
+            "a NIC is SOCKET,mac=",
+        ),
+        (
+            vec!["--kernel", hello, "--nic", "/tmp/port.sock,mac=52:54:00"],
+            "is not a MAC address",
         ),
     ];
     for (args, expected) in cases {

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmrun::vm::{Ended, Vm, VmConfig};
+use vmrun::vm::{Ended, NicConfig, Vm, VmConfig};
 
 /// Run a VM on KVM: load a 64-bit ELF kernel or program, start it on every
 /// vCPU in 64-bit mode, print its serial console, and stop when it powers
@@ -29,6 +29,36 @@ struct Args {
     /// disk on virtio-mmio at 0xd0000000, the next at +4 KiB. Repeatable.
     #[arg(long = "disk")]
     disks: Vec<PathBuf>,
+    /// A vhost-user-net socket and the guest's MAC, as
+    /// SOCKET,mac=52:54:00:12:34:56 (e.g. a fabricd switch port): a
+    /// virtio-net NIC on virtio-mmio after the disks. Repeatable.
+    #[arg(long = "nic", value_parser = parse_nic)]
+    nics: Vec<NicConfig>,
+}
+
+fn parse_nic(text: &str) -> Result<NicConfig, String> {
+    let (socket, mac) = text
+        .rsplit_once(",mac=")
+        .ok_or_else(|| format!("{text:?}: a NIC is SOCKET,mac=52:54:00:12:34:56"))?;
+    let mut bytes = [0u8; 6];
+    let mut parts = mac.split(':');
+    for byte in &mut bytes {
+        let part = parts
+            .next()
+            .filter(|p| p.len() == 2)
+            .ok_or_else(|| format!("{mac:?} is not a MAC address like 52:54:00:12:34:56"))?;
+        *byte = u8::from_str_radix(part, 16)
+            .map_err(|_| format!("{mac:?} is not a MAC address like 52:54:00:12:34:56"))?;
+    }
+    if parts.next().is_some() {
+        return Err(format!(
+            "{mac:?} is not a MAC address like 52:54:00:12:34:56"
+        ));
+    }
+    Ok(NicConfig {
+        socket: PathBuf::from(socket),
+        mac: bytes,
+    })
 }
 
 /// A size with an optional K, M or G suffix (powers of 1024).
@@ -60,6 +90,7 @@ fn main() -> ExitCode {
         memory_bytes: args.memory,
         kernel: args.kernel,
         disks: args.disks,
+        nics: args.nics,
         dirty_log: false,
     };
     let console: vmrun::devices::Console = match &args.serial_log {

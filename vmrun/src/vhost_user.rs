@@ -30,6 +30,8 @@ pub const QUEUE_MAX: u16 = 256;
 pub enum VhostUserError {
     #[error("no vhost-user socket at {path}")]
     NoSocket { path: PathBuf },
+    #[error("a NIC needs a unicast MAC, not {0:02x?}")]
+    Mac([u8; 6]),
     #[error("cannot connect to the vhost-user socket {path}: {source}")]
     Connect { path: PathBuf, source: vhost::Error },
     #[error("the vhost-user backend at {path} refused {request}: {source}")]

@@ -20,7 +20,9 @@ use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
 use crate::devices::{Console, GuestRequest, PortBus};
 use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
-use crate::vhost_user::{VhostUserDevice, VhostUserError, QUEUE_MAX, VIRTIO_ID_BLOCK};
+use crate::vhost_user::{
+    VhostUserDevice, VhostUserError, QUEUE_MAX, VIRTIO_ID_BLOCK, VIRTIO_ID_NET,
+};
 use crate::virtio_mmio::{self, MmioTransport};
 use crate::x86;
 
@@ -34,6 +36,8 @@ const SECONDARY_STACKS_TOP: u64 = 0x8_0000;
 /// The first virtio-mmio device's window (above RAM, below 4 GiB); the
 /// next ones follow every 4 KiB, disks first.
 pub const MMIO_BASE: u64 = 0xd000_0000;
+/// Devices (disks and NICs) a VM may have: windows up to 0xd001_ffff.
+pub const DEVICES_MAX: usize = 32;
 
 /// What to run.
 #[derive(Debug, Clone)]
@@ -45,8 +49,18 @@ pub struct VmConfig {
     pub kernel: PathBuf,
     /// vhost-user-blk sockets: each a virtio-blk disk (virtio-mmio).
     pub disks: Vec<PathBuf>,
+    /// vhost-user-net sockets (e.g. a `fabricd` switch port's), each a
+    /// virtio-net NIC with its MAC (virtio-mmio, after the disks).
+    pub nics: Vec<NicConfig>,
     /// Log the pages the guest writes ([`Vm::dirty_pages`]).
     pub dirty_log: bool,
+}
+
+/// A NIC: its vhost-user-net socket and the MAC the guest is given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NicConfig {
+    pub socket: PathBuf,
+    pub mac: [u8; 6],
 }
 
 /// Why a VM ended.
@@ -90,6 +104,13 @@ pub enum VmError {
     Run { vcpu: u8, source: kvm_ioctls::Error },
     #[error("disk {index}: {source}")]
     Disk {
+        index: usize,
+        source: VhostUserError,
+    },
+    #[error("a VM has at most {DEVICES_MAX} disks and NICs together, not {0}")]
+    Devices(usize),
+    #[error("NIC {index}: {source}")]
+    Nic {
         index: usize,
         source: VhostUserError,
     },
@@ -187,6 +208,26 @@ pub fn check(config: &VmConfig) -> Result<File, VmError> {
             });
         }
     }
+    for (index, nic) in config.nics.iter().enumerate() {
+        if !nic.socket.exists() {
+            return Err(VmError::Nic {
+                index,
+                source: VhostUserError::NoSocket {
+                    path: nic.socket.clone(),
+                },
+            });
+        }
+        if nic.mac[0] & 1 == 1 || nic.mac == [0; 6] {
+            return Err(VmError::Nic {
+                index,
+                source: VhostUserError::Mac(nic.mac),
+            });
+        }
+    }
+    let windows = config.disks.len() + config.nics.len();
+    if windows > DEVICES_MAX {
+        return Err(VmError::Devices(windows));
+    }
     File::open(&config.kernel).map_err(|source| VmError::Kernel {
         path: config.kernel.clone(),
         source,
@@ -236,16 +277,34 @@ impl Vm {
         })?;
         x86::write_boot_tables(ram.memory())?;
 
+        // Disks first, then NICs, one window each.
+        let specs = config
+            .disks
+            .iter()
+            .enumerate()
+            .map(|(index, path)| (path, VIRTIO_ID_BLOCK, None, index))
+            .chain(
+                config
+                    .nics
+                    .iter()
+                    .enumerate()
+                    .map(|(index, nic)| (&nic.socket, VIRTIO_ID_NET, Some(nic.mac), index)),
+            );
         let mut devices = Vec::new();
-        for (index, path) in config.disks.iter().enumerate() {
-            let disk_error = |source| VmError::Disk { index, source };
-            let backend = VhostUserDevice::connect(path, VIRTIO_ID_BLOCK, 1).map_err(disk_error)?;
-            let base = MMIO_BASE + index as u64 * virtio_mmio::WINDOW_BYTES;
+        for (slot, (path, device_id, mac, index)) in specs.enumerate() {
+            let device_error = |source| match mac {
+                None => VmError::Disk { index, source },
+                Some(_) => VmError::Nic { index, source },
+            };
+            let queues = if device_id == VIRTIO_ID_NET { 2 } else { 1 };
+            let backend =
+                VhostUserDevice::connect(path, device_id, queues).map_err(device_error)?;
+            let base = MMIO_BASE + slot as u64 * virtio_mmio::WINDOW_BYTES;
             // The guest's queue notifications go straight to the backend.
-            for queue in 0..1usize {
+            for queue in 0..queues {
                 let kick = backend.kick(queue).ok_or(VmError::Exit {
                     vcpu: 0,
-                    exit: "a disk without its kick eventfd".into(),
+                    exit: "a device without its kick eventfd".into(),
                 })?;
                 fd.register_ioevent(
                     kick,
@@ -254,11 +313,22 @@ impl Vm {
                 )
                 .map_err(kvm_call("a queue notification address"))?;
             }
+            // A NIC's config space is the runner's: its MAC, link up, one
+            // queue pair (the switch's ports do not serve config).
+            let config_space = match mac {
+                Some(mac) => {
+                    let mut space = mac.to_vec();
+                    space.extend_from_slice(&1u16.to_le_bytes());
+                    space.extend_from_slice(&1u16.to_le_bytes());
+                    space
+                }
+                None => backend.config().to_vec(),
+            };
             let transport = MmioTransport::new(
-                VIRTIO_ID_BLOCK,
+                device_id,
                 backend.features(),
-                &[QUEUE_MAX],
-                backend.config().to_vec(),
+                &vec![QUEUE_MAX; queues],
+                config_space,
             );
             devices.push(Mutex::new(VirtioDevice {
                 base,

@@ -26,6 +26,7 @@ fn pages_the_guest_writes_show_up_in_the_dirty_log() {
         memory_bytes: 16 << 20,
         kernel: program,
         disks: Vec::new(),
+        nics: Vec::new(),
         dirty_log: true,
     };
     let console = Box::new(std::io::sink());
