@@ -60,6 +60,10 @@ enum Command {
     /// vhost-user-net ports.
     #[command(subcommand)]
     Switch(SwitchCommand),
+    /// VMs: run by `vmrun` on the node that defines them, with volumes as
+    /// disks and switch ports as NICs.
+    #[command(subcommand)]
+    Vm(VmCommand),
     /// The pooled resources of the cluster, with a row per node.
     Pool,
     /// Check that fabricd answers.
@@ -85,6 +89,47 @@ enum SwitchCommand {
 enum TunnelCommand {
     /// List this node's tunnels, with the segments they carry and counters.
     List,
+}
+
+#[derive(Debug, Subcommand)]
+enum VmCommand {
+    /// Define a VM on the node fabctl talks to.
+    Create {
+        name: String,
+        /// The kernel (a 64-bit ELF), as a path on that node.
+        #[arg(long)]
+        kernel: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        /// Guest RAM (a multiple of 2 MiB, at least 8 MiB).
+        #[arg(long, default_value = "128M", value_parser = parse_size)]
+        memory: u64,
+        /// A volume attached on that node, as the next disk. Repeatable.
+        #[arg(long = "volume")]
+        volumes: Vec<String>,
+        /// A switch port served by that node, as the next NIC. Repeatable.
+        #[arg(long = "port")]
+        ports: Vec<String>,
+    },
+    Start {
+        name: String,
+    },
+    /// Stop a VM (its runner is killed; the guest is not asked).
+    Stop {
+        name: String,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Print the VM's serial console (the last 64 KiB).
+    Console {
+        name: String,
+    },
+    /// Delete a stopped VM's definition.
+    Delete {
+        name: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -537,6 +582,7 @@ fn run(args: &Args) -> Result<(), CliError> {
             }
         }
         Command::Switch(command) => switch(&endpoint, command, json)?,
+        Command::Vm(command) => vm(&endpoint, command, json)?,
         Command::Volume(command) => match command {
             VolumeCommand::Create {
                 name,
@@ -1090,6 +1136,133 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             )?;
             if !json {
                 println!("deleted port {name}");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliError> {
+    let done = |value: Value, text: String| {
+        if json {
+            print_json(&value);
+        } else {
+            println!("{text}");
+        }
+    };
+    match command {
+        VmCommand::Create {
+            name,
+            kernel,
+            vcpus,
+            memory,
+            volumes,
+            ports,
+        } => {
+            let value = call(
+                endpoint,
+                "POST",
+                "/v1/vms",
+                Some(json!({
+                    "name": name,
+                    "kernel": kernel,
+                    "vcpus": vcpus,
+                    "memory_bytes": memory,
+                    "volumes": volumes,
+                    "ports": ports,
+                })),
+            )?;
+            done(
+                value,
+                format!("defined VM {name}; `fabctl vm start {name}` runs it"),
+            );
+        }
+        VmCommand::Start { name } => {
+            let value = call(
+                endpoint,
+                "POST",
+                &format!("/v1/vms/{}/start", segment(name)),
+                None,
+            )?;
+            done(value, format!("started VM {name}"));
+        }
+        VmCommand::Stop { name } => {
+            let value = call(
+                endpoint,
+                "POST",
+                &format!("/v1/vms/{}/stop", segment(name)),
+                None,
+            )?;
+            done(value, format!("stopped VM {name}"));
+        }
+        VmCommand::Delete { name } => {
+            let value = call(
+                endpoint,
+                "DELETE",
+                &format!("/v1/vms/{}", segment(name)),
+                None,
+            )?;
+            done(value, format!("deleted VM {name}"));
+        }
+        VmCommand::Show { name } => {
+            let value = call(endpoint, "GET", &format!("/v1/vms/{}", segment(name)), None)?;
+            print_json(&value);
+        }
+        VmCommand::List => {
+            let value = call(endpoint, "GET", "/v1/vms", None)?;
+            if json {
+                print_json(&value);
+            } else {
+                let rows: Vec<Vec<String>> = value
+                    .as_array()
+                    .map(Vec::as_slice)
+                    .unwrap_or_default()
+                    .iter()
+                    .map(|v| {
+                        let runner = &v["runner"];
+                        vec![
+                            v["name"].as_str().unwrap_or("?").to_owned(),
+                            v["node"].to_string(),
+                            v["vcpus"].to_string(),
+                            bytes(&v["memory_bytes"]),
+                            runner["state"].as_str().unwrap_or("defined").to_owned(),
+                            runner["restarts"]
+                                .as_u64()
+                                .map_or("-".into(), |n| n.to_string()),
+                            runner["last_error"].as_str().unwrap_or("").to_owned(),
+                        ]
+                    })
+                    .collect();
+                print_table(
+                    &[
+                        "NAME",
+                        "NODE",
+                        "VCPUS",
+                        "MEMORY",
+                        "STATE",
+                        "RESTARTS",
+                        "LAST ERROR",
+                    ],
+                    &rows,
+                );
+            }
+        }
+        VmCommand::Console { name } => {
+            let path = format!("/v1/vms/{}/console", segment(name));
+            let response = request(endpoint, "GET", &path, None)?;
+            if response.status >= 400 {
+                let value: Value = serde_json::from_slice(&response.body).unwrap_or(Value::Null);
+                let message = value["error"]["message"].as_str().map_or_else(
+                    || format!("fabricd answered HTTP {}", response.status),
+                    str::to_owned,
+                );
+                return Err(CliError::Api { message });
+            }
+            let text = String::from_utf8_lossy(&response.body);
+            if json {
+                print_json(&json!({ "console": text }));
+            } else {
+                print!("{text}");
             }
         }
     }

@@ -141,9 +141,22 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         switch.clone(),
         cluster.clone(),
     ));
+    // VMs run `vmrun`, found beside this binary.
+    let vmrun = std::env::current_exe()
+        .ok()
+        .and_then(|exe| exe.parent().map(|dir| dir.join("vmrun")))
+        .unwrap_or_else(|| "vmrun".into());
+    let vms = crate::vms::VmSupervisor::new(vmrun, config.data_dir.join("vms"));
+    tokio::spawn(crate::vms::watch(vms.clone()));
     let router = api::router(node.clone(), cluster.clone())
         .merge(cluster_api::router(cluster.clone()))
-        .merge(crate::switch::router(switch, cluster.clone()));
+        .merge(crate::switch::router(switch.clone(), cluster.clone()))
+        .merge(crate::vms::router(
+            vms.clone(),
+            node.clone(),
+            switch,
+            cluster.clone(),
+        ));
     let _ = services.api.set(router.clone());
 
     let unix = bind_unix(&config.api_socket)?;
@@ -192,6 +205,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         }
     }
     let _ = stop_tx.send(true);
+    {
+        let vms = vms.clone();
+        let _ = tokio::task::spawn_blocking(move || vms.shutdown()).await;
+    }
     let shutdown = tokio::time::timeout(Duration::from_secs(10), async {
         while servers.join_next().await.is_some() {}
     });

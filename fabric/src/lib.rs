@@ -20,3 +20,4 @@ pub mod daemon;
 pub mod node;
 pub mod replication;
 pub mod switch;
+pub mod vms;
