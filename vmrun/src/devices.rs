@@ -25,16 +25,20 @@ pub enum GuestRequest {
     Reset,
 }
 
-/// The serial port's interrupt line: not wired yet (guests poll the line
-/// status register).
-#[derive(Debug)]
-pub struct NoInterrupt;
+/// The serial port's interrupt line: an eventfd KVM turns into IRQ 4
+/// (irqfd) when the VM has an interrupt controller; otherwise none, and
+/// guests poll the line status register.
+#[derive(Debug, Default)]
+pub struct IrqLine(pub Option<vmm_sys_util::eventfd::EventFd>);
 
-impl Trigger for NoInterrupt {
-    type E = std::convert::Infallible;
+impl Trigger for IrqLine {
+    type E = std::io::Error;
 
     fn trigger(&self) -> Result<(), Self::E> {
-        Ok(())
+        match &self.0 {
+            Some(fd) => fd.write(1),
+            None => Ok(()),
+        }
     }
 }
 
@@ -42,7 +46,7 @@ pub type Console = Box<dyn Write + Send>;
 
 /// The port-I/O devices, shared by the vCPU threads.
 pub struct PortBus {
-    serial: Mutex<Serial<NoInterrupt, vm_superio::serial::NoEvents, Console>>,
+    serial: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, Console>>,
 }
 
 impl std::fmt::Debug for PortBus {
@@ -52,9 +56,9 @@ impl std::fmt::Debug for PortBus {
 }
 
 impl PortBus {
-    pub fn new(console: Console) -> PortBus {
+    pub fn new(console: Console, serial_irq: IrqLine) -> PortBus {
         PortBus {
-            serial: Mutex::new(Serial::new(NoInterrupt, console)),
+            serial: Mutex::new(Serial::new(serial_irq, console)),
         }
     }
 
@@ -125,7 +129,7 @@ mod tests {
     #[test]
     fn the_serial_port_prints_and_the_power_port_powers_off() {
         let out = Shared::default();
-        let bus = PortBus::new(Box::new(out.clone()));
+        let bus = PortBus::new(Box::new(out.clone()), IrqLine::default());
         for byte in b"hi\n" {
             assert_eq!(bus.write(SERIAL_PORT, &[*byte]), None);
         }

@@ -9,11 +9,14 @@
 //!   backends) and its e820 map.
 //! - [`x86`]: 64-bit mode for a vCPU: GDT, page tables, registers, CPUID.
 //! - [`devices`]: the port bus: serial console, power-off and reset ports.
+//! - [`linux`]: Linux's 64-bit boot protocol (bzImage, command line,
+//!   initramfs, zero page).
 //! - [`virtio_mmio`]: the virtio-mmio transport's registers, pure.
 //! - [`vhost_user`]: a virtio device served by a vhost-user backend.
 //! - [`vm`]: the VM, its vCPU threads and its MMIO bus.
 
 pub mod devices;
+pub mod linux;
 pub mod memory;
 pub mod vhost_user;
 pub mod virtio_mmio;

@@ -6,14 +6,14 @@ use std::process::ExitCode;
 use clap::Parser;
 use vmrun::vm::{Ended, NicConfig, Vm, VmConfig};
 
-/// Run a VM on KVM: load a 64-bit ELF kernel or program, start it on every
-/// vCPU in 64-bit mode, print its serial console, and stop when it powers
+/// Run a VM on KVM: boot a Linux bzImage (one vCPU), or load a 64-bit ELF
+/// program and start it on every vCPU in 64-bit mode; print its serial console, and stop when it powers
 /// off (exit 0), resets (exit 2), hits a triple fault (exit 3) or halts
 /// (exit 0).
 #[derive(Debug, Parser)]
 #[command(name = "vmrun", version)]
 struct Args {
-    /// The 64-bit ELF to boot.
+    /// The Linux bzImage or 64-bit ELF to boot.
     #[arg(long)]
     kernel: PathBuf,
     /// Guest RAM, e.g. 128M or 1G (a multiple of 2 MiB, at least 8 MiB).
@@ -22,6 +22,12 @@ struct Args {
     /// vCPUs.
     #[arg(long, default_value_t = 1)]
     cpus: u8,
+    /// A Linux bzImage's command line.
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// A Linux bzImage's initramfs.
+    #[arg(long)]
+    initramfs: Option<PathBuf>,
     /// Where the serial console goes (default: standard output).
     #[arg(long)]
     serial_log: Option<PathBuf>,
@@ -89,6 +95,8 @@ fn main() -> ExitCode {
         vcpus: args.cpus,
         memory_bytes: args.memory,
         kernel: args.kernel,
+        cmdline: args.cmdline,
+        initramfs: args.initramfs,
         disks: args.disks,
         nics: args.nics,
         dirty_log: false,

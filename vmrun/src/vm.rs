@@ -18,7 +18,7 @@ use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
 
-use crate::devices::{Console, GuestRequest, PortBus};
+use crate::devices::{Console, GuestRequest, IrqLine, PortBus};
 use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
 use crate::vhost_user::{
     VhostUserDevice, VhostUserError, QUEUE_MAX, VIRTIO_ID_BLOCK, VIRTIO_ID_NET,
@@ -36,6 +36,12 @@ const SECONDARY_STACKS_TOP: u64 = 0x8_0000;
 /// The first virtio-mmio device's window (above RAM, below 4 GiB); the
 /// next ones follow every 4 KiB, disks first.
 pub const MMIO_BASE: u64 = 0xd000_0000;
+/// COM1's interrupt line.
+const SERIAL_IRQ: u32 = 4;
+/// A Linux guest's command line unless one is given: the console on COM1,
+/// with early messages, no ACPI or PCI to probe (the runner has neither yet).
+pub const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 noapic acpi=off pci=off";
 /// Devices (disks and NICs) a VM may have: windows up to 0xd001_ffff.
 pub const DEVICES_MAX: usize = 32;
 
@@ -47,6 +53,10 @@ pub struct VmConfig {
     /// A 64-bit ELF: its entry is called in 64-bit mode on every vCPU,
     /// with the vCPU's index in `rdi`.
     pub kernel: PathBuf,
+    /// A Linux bzImage's command line (default [`DEFAULT_CMDLINE`]).
+    pub cmdline: Option<String>,
+    /// A Linux bzImage's initramfs.
+    pub initramfs: Option<PathBuf>,
     /// vhost-user-blk sockets: each a virtio-blk disk (virtio-mmio).
     pub disks: Vec<PathBuf>,
     /// vhost-user-net sockets (e.g. a `fabricd` switch port's), each a
@@ -106,6 +116,15 @@ pub enum VmError {
     Disk {
         index: usize,
         source: VhostUserError,
+    },
+    #[error("a Linux guest gets one vCPU until the runner writes ACPI tables, not {0}")]
+    LinuxVcpus(u8),
+    #[error(transparent)]
+    Linux(#[from] crate::linux::LinuxError),
+    #[error("cannot read the initramfs {path}: {source}")]
+    Initramfs {
+        path: PathBuf,
+        source: std::io::Error,
     },
     #[error("a VM has at most {DEVICES_MAX} disks and NICs together, not {0}")]
     Devices(usize),
@@ -265,16 +284,69 @@ impl Vm {
         // and only reads the log.
         unsafe { fd.set_user_memory_region(region) }.map_err(kvm_call("guest memory"))?;
 
-        let loaded = Elf::load(
-            ram.memory(),
-            None,
-            &mut kernel,
-            Some(GuestAddress(HIGH_RAM_START)),
-        )
-        .map_err(|error| VmError::KernelFormat {
-            path: config.kernel.clone(),
-            reason: error.to_string(),
-        })?;
+        // A bzImage, or an ELF given a command line or initramfs (a
+        // vmlinux), boots as Linux: interrupt controller, timer, zero
+        // page. Any other 64-bit ELF is entered directly on every vCPU.
+        let linux = crate::linux::is_bzimage(&mut kernel)
+            || config.cmdline.is_some()
+            || config.initramfs.is_some();
+        let (entry, boot_params) = if linux {
+            if config.vcpus != 1 {
+                return Err(VmError::LinuxVcpus(config.vcpus));
+            }
+            let mut initramfs = match &config.initramfs {
+                Some(path) => Some(File::open(path).map_err(|source| VmError::Initramfs {
+                    path: path.clone(),
+                    source,
+                })?),
+                None => None,
+            };
+            let mut cmdline = config
+                .cmdline
+                .clone()
+                .unwrap_or_else(|| DEFAULT_CMDLINE.to_owned());
+            if x86::emulating_kvm() {
+                // This host's KVM emulates guests and cannot run XRSTOR.
+                eprintln!(
+                    "vmrun: KVM here emulates guests (kvm_pvm): CMPXCHG16B hidden, noxsave added"
+                );
+                cmdline.push_str(" noxsave");
+            }
+            let loaded = crate::linux::load(&ram, &mut kernel, &cmdline, initramfs.as_mut())?;
+            (loaded.entry, loaded.boot_params)
+        } else {
+            let loaded = Elf::load(
+                ram.memory(),
+                None,
+                &mut kernel,
+                Some(GuestAddress(HIGH_RAM_START)),
+            )
+            .map_err(|error| VmError::KernelFormat {
+                path: config.kernel.clone(),
+                reason: error.to_string(),
+            })?;
+            (loaded.kernel_load.0, 0)
+        };
+        let serial_irq = if linux {
+            fd.create_irq_chip()
+                .map_err(kvm_call("an interrupt controller"))?;
+            let pit = kvm_bindings::kvm_pit_config {
+                flags: kvm_bindings::KVM_PIT_SPEAKER_DUMMY,
+                ..Default::default()
+            };
+            fd.create_pit2(pit).map_err(kvm_call("a PIT"))?;
+            let line = vmm_sys_util::eventfd::EventFd::new(libc::EFD_NONBLOCK).map_err(|e| {
+                VmError::Exit {
+                    vcpu: 0,
+                    exit: format!("cannot make the serial interrupt's eventfd: {e}"),
+                }
+            })?;
+            fd.register_irqfd(&line, SERIAL_IRQ)
+                .map_err(kvm_call("the serial interrupt"))?;
+            IrqLine(Some(line))
+        } else {
+            IrqLine(None)
+        };
         x86::write_boot_tables(ram.memory())?;
 
         // Disks first, then NICs, one window each.
@@ -350,7 +422,10 @@ impl Vm {
                 .create_vcpu(u64::from(index))
                 .map_err(kvm_call("a vCPU"))?;
             x86::set_cpuid(&vcpu, &supported, index)?;
-            x86::start_long_mode(&vcpu, loaded.kernel_load.0, 0, u64::from(index))?;
+            if linux {
+                x86::set_lint(&vcpu)?;
+            }
+            x86::start_long_mode(&vcpu, entry, boot_params, u64::from(index))?;
             if index > 0 {
                 let mut regs = vcpu.get_regs().map_err(kvm_call("registers"))?;
                 regs.rsp = SECONDARY_STACKS_TOP - (u64::from(index) - 1) * 0x1000;
@@ -365,7 +440,7 @@ impl Vm {
             ram,
             dirty_log: config.dirty_log,
             vcpus,
-            bus: Arc::new(PortBus::new(console)),
+            bus: Arc::new(PortBus::new(console, serial_irq)),
             mmio,
         })
     }
@@ -523,9 +598,15 @@ fn run_vcpu(
             }
             Ok(other) => {
                 stop.store(true, Ordering::Release);
+                let exit = format!("{other:?}");
+                // Where the guest was, to find the instruction.
+                let at = vcpu
+                    .get_regs()
+                    .map(|r| format!(" at rip {:#x}", r.rip))
+                    .unwrap_or_default();
                 return Err(VmError::Exit {
                     vcpu: index,
-                    exit: format!("{other:?}"),
+                    exit: format!("{exit}{at}"),
                 });
             }
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {}

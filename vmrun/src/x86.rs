@@ -163,12 +163,44 @@ pub fn start_long_mode(
     Ok(())
 }
 
+/// Wires the local APIC's LINT0 to the PIC (ExtINT) and LINT1 to NMI, as
+/// a PC's firmware leaves them, so legacy interrupts reach a Linux guest.
+pub fn set_lint(vcpu: &VcpuFd) -> Result<(), SetupError> {
+    const LVT_LINT0: usize = 0x350;
+    const LVT_LINT1: usize = 0x360;
+    const DELIVERY_EXTINT: u32 = 0x7 << 8;
+    const DELIVERY_NMI: u32 = 0x4 << 8;
+    let mut lapic = vcpu.get_lapic().map_err(kvm("local APIC"))?;
+    for (offset, mode) in [(LVT_LINT0, DELIVERY_EXTINT), (LVT_LINT1, DELIVERY_NMI)] {
+        let bytes: [u8; 4] = std::array::from_fn(|i| lapic.regs[offset + i] as u8);
+        let value = (u32::from_le_bytes(bytes) & !0x700) | mode;
+        for (i, byte) in value.to_le_bytes().iter().enumerate() {
+            lapic.regs[offset + i] = *byte as _;
+        }
+    }
+    vcpu.set_lapic(&lapic).map_err(kvm("local APIC"))
+}
+
+/// CPUID leaf 1, ECX: CMPXCHG16B.
+const CPUID_1_ECX_CX16: u32 = 1 << 13;
+
+/// Whether the host's KVM runs guests by emulation (the `kvm_pvm` module),
+/// which cannot execute CMPXCHG16B: Linux stops with an internal error in
+/// its allocator unless CPUID hides the instruction.
+pub fn emulating_kvm() -> bool {
+    std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
 /// Gives `vcpu` the CPUID KVM supports, with its own APIC id in leaf 1.
 pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<(), SetupError> {
     let mut cpuid = supported.clone();
+    let emulated = emulating_kvm();
     for entry in cpuid.as_mut_slice() {
         if entry.function == 1 {
             entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+            if emulated {
+                entry.ecx &= !CPUID_1_ECX_CX16;
+            }
         }
     }
     vcpu.set_cpuid2(&cpuid).map_err(kvm("CPUID"))

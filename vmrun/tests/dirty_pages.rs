@@ -25,6 +25,8 @@ fn pages_the_guest_writes_show_up_in_the_dirty_log() {
         vcpus: 1,
         memory_bytes: 16 << 20,
         kernel: program,
+        cmdline: None,
+        initramfs: None,
         disks: Vec::new(),
         nics: Vec::new(),
         dirty_log: true,
