@@ -139,17 +139,21 @@ impl VmSupervisor {
         Ok(())
     }
 
-    /// Stops a VM's runner (killing it: the guest is not asked).
+    /// Stops a VM's runner (killing it: the guest is not asked). The
+    /// runner is waited for after the lock is let go.
     fn stop(&self, name: &str) -> bool {
-        let mut runners = self.runners.lock().expect("runners poisoned");
-        let Some(runner) = runners.get_mut(name) else {
-            return false;
+        let child = {
+            let mut runners = self.runners.lock().expect("runners poisoned");
+            let Some(runner) = runners.get_mut(name) else {
+                return false;
+            };
+            runner.state = VmState::Stopped;
+            runner.child.take()
         };
-        if let Some(mut child) = runner.child.take() {
+        if let Some(mut child) = child {
             let _ = child.kill();
             let _ = child.wait();
         }
-        runner.state = VmState::Stopped;
         true
     }
 

@@ -66,8 +66,9 @@ impl PortBus {
     pub fn write(&self, port: u16, data: &[u8]) -> Option<GuestRequest> {
         match port {
             SERIAL_PORT..=0x3ff => {
+                // String output (`rep outsb`) brings several bytes.
                 let mut serial = self.serial.lock().expect("serial poisoned");
-                if let Some(&byte) = data.first() {
+                for &byte in data {
                     let _ = serial.write((port - SERIAL_PORT) as u8, byte);
                 }
                 let _ = serial.writer_mut().flush();
@@ -95,11 +96,10 @@ impl PortBus {
     pub fn read(&self, port: u16, data: &mut [u8]) {
         match port {
             SERIAL_PORT..=0x3ff => {
+                // Byte registers; string input (`rep insb`) reads each.
                 let mut serial = self.serial.lock().expect("serial poisoned");
-                let value = serial.read((port - SERIAL_PORT) as u8);
-                data.fill(0);
-                if let Some(first) = data.first_mut() {
-                    *first = value;
+                for byte in data.iter_mut() {
+                    *byte = serial.read((port - SERIAL_PORT) as u8);
                 }
             }
             _ => data.fill(0xff),

@@ -25,6 +25,10 @@ pub const CMDLINE_ADDRESS: u64 = 0x2_0000;
 pub const CMDLINE_BYTES_MAX: usize = 2048;
 /// The 64-bit entry's offset from the load address.
 const ENTRY_64_OFFSET: u64 = 0x200;
+/// xloadflags: the kernel has the 64-bit entry.
+const XLF_KERNEL_64: u16 = 1;
+/// Where a bzImage decompresses itself at the latest (CONFIG_PHYSICAL_START).
+const DECOMPRESSED_START: u64 = 0x100_0000;
 const E820_RAM: u32 = 1;
 const E820_RESERVED: u32 = 2;
 
@@ -76,6 +80,11 @@ pub fn load(
                 .ok_or(LinuxError::Kernel(linux_loader::loader::Error::Bzimage(
                     linux_loader::loader::bzimage::Error::InvalidBzImage,
                 )))?;
+        if header.xloadflags & XLF_KERNEL_64 == 0 {
+            return Err(LinuxError::Kernel(linux_loader::loader::Error::Bzimage(
+                linux_loader::loader::bzimage::Error::InvalidBzImage,
+            )));
+        }
         let entry = loaded.kernel_load.0 + ENTRY_64_OFFSET;
         (loaded, entry, header)
     } else {
@@ -106,10 +115,20 @@ pub fn load(
 
     if let Some(initramfs) = initramfs {
         let bytes = initramfs.metadata().map_err(LinuxError::Initramfs)?.len();
-        // As high as the kernel allows, page-aligned, above the kernel.
+        // As high as the kernel allows, page-aligned, above what the kernel
+        // takes once running: a bzImage decompresses itself to
+        // max(pref_address, 16 MiB) and uses init_size bytes from there.
         let limit = ram.bytes().min(u64::from(header.initrd_addr_max) + 1);
         let address = limit.saturating_sub(bytes) & !0xfff;
-        if bytes == 0 || address < loaded.kernel_end || limit < bytes {
+        let runtime_end = if header.init_size == 0 {
+            loaded.kernel_end
+        } else {
+            let start = header.pref_address.max(DECOMPRESSED_START);
+            loaded
+                .kernel_end
+                .max(start.saturating_add(u64::from(header.init_size)))
+        };
+        if bytes == 0 || address < runtime_end || limit < bytes {
             return Err(LinuxError::InitramfsTooLarge { bytes, limit });
         }
         memory

@@ -28,7 +28,7 @@ struct Args {
     /// A Linux bzImage's initramfs.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// Where the serial console goes (default: standard output).
+    /// Where the serial console goes, appended (default: standard output).
     #[arg(long)]
     serial_log: Option<PathBuf>,
     /// A vhost-user-blk socket (e.g. a fabricd volume's): a virtio-blk
@@ -102,7 +102,12 @@ fn main() -> ExitCode {
         dirty_log: false,
     };
     let console: vmrun::devices::Console = match &args.serial_log {
-        Some(path) => match std::fs::File::create(path) {
+        // Appended to: a restarted VM's console follows the last one's.
+        Some(path) => match std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(path)
+        {
             Ok(file) => Box::new(file),
             Err(error) => {
                 eprintln!(

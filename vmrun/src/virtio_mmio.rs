@@ -242,7 +242,10 @@ impl MmioTransport {
             );
             return Some(Event::Reset);
         }
-        let mut value = value;
+        // Bits are only ever set (0 resets): a driver clearing DRIVER_OK
+        // does not make the queue registers writable again, nor start the
+        // backend a second time on rings it is serving.
+        let mut value = value | (self.status & !STATUS_NEEDS_RESET);
         // FEATURES_OK only for features the device offered.
         if value & STATUS_FEATURES_OK != 0
             && self.status & STATUS_FEATURES_OK == 0
@@ -310,6 +313,10 @@ mod tests {
         let mut config = [0u8; 2];
         t.read(reg::CONFIG + 6, &mut config);
         assert_eq!(config, [7, 8]);
+        // Clearing DRIVER_OK without a reset changes nothing.
+        assert_eq!(write(&mut t, reg::STATUS, 0x3), None);
+        assert_eq!(read(&t, reg::STATUS), 0xf);
+        assert_eq!(write(&mut t, reg::STATUS, 0xf), None);
         assert_eq!(write(&mut t, reg::STATUS, 0), Some(Event::Reset));
         assert_eq!(
             t.queues()[0],

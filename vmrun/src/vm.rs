@@ -277,11 +277,12 @@ impl Vm {
             memory_size: ram.bytes(),
             userspace_addr: host as u64,
         };
-        // SAFETY: the region is RAM this VM owns (`ram`), mapped for its
-        // whole size. The mapping outlives every use of the VM fd that
-        // could reach it: vCPUs run only inside `Vm::run`, which `ram`
-        // outlives; a `DirtyPages` handle keeps the fd, not the mapping,
-        // and only reads the log.
+        // SAFETY: the region is RAM this VM owns, mapped for its whole
+        // size. The mapping lives as long as any clone of the `Memory`
+        // (reference-counted regions): the MMIO bus holds one, and every
+        // vCPU thread holds the bus, so the mapping outlives every vCPU
+        // that could touch it. A `DirtyPages` handle keeps the VM fd, not
+        // the mapping, and only reads KVM's log.
         unsafe { fd.set_user_memory_region(region) }.map_err(kvm_call("guest memory"))?;
 
         // A bzImage, or an ELF given a command line or initramfs (a
@@ -460,28 +461,39 @@ impl Vm {
 
     /// Runs every vCPU on its own thread until the VM ends.
     pub fn run(self) -> Result<Ended, VmError> {
-        install_kick_handler();
+        install_kick_handler()?;
         let stop = Arc::new(AtomicBool::new(false));
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
+        let mut spawn_error = None;
         for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
             let bus = self.bus.clone();
             let mmio = self.mmio.clone();
-            let stop = stop.clone();
+            let thread_stop = stop.clone();
             let done = done_tx.clone();
             let index = index as u8;
-            let thread = std::thread::Builder::new()
+            let spawned = std::thread::Builder::new()
                 .name(format!("vcpu{index}"))
                 .spawn(move || {
-                    let result = run_vcpu(index, &mut vcpu, &bus, &mmio, &stop);
-                    let _ = done.send(());
-                    result
-                })
-                .map_err(|error| VmError::Exit {
-                    vcpu: index,
-                    exit: format!("cannot start its thread: {error}"),
-                })?;
-            threads.push(thread);
+                    // Ends the VM and says so even if this thread panics.
+                    let _finished = Finished {
+                        stop: &thread_stop,
+                        done,
+                    };
+                    run_vcpu(index, &mut vcpu, &bus, &mmio, &thread_stop)
+                });
+            match spawned {
+                Ok(thread) => threads.push(thread),
+                Err(error) => {
+                    // Stop the vCPUs already running before giving up.
+                    stop.store(true, Ordering::Release);
+                    spawn_error = Some(VmError::Exit {
+                        vcpu: index,
+                        exit: format!("cannot start its thread: {error}"),
+                    });
+                    break;
+                }
+            }
         }
         drop(done_tx);
         // Wait for the first vCPU to end; if it ended the VM, take the
@@ -501,6 +513,12 @@ impl Vm {
                 let _ = thread.kill(SIGRTMIN());
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+        if let Some(error) = spawn_error {
+            for thread in threads {
+                let _ = thread.join();
+            }
+            return Err(error);
         }
         let mut ended = Ended::Halted;
         for thread in threads {
@@ -551,14 +569,35 @@ impl DirtyPages {
 
 extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
-/// A signal that only interrupts KVM_RUN (EINTR), to stop a vCPU.
-fn install_kick_handler() {
-    static INSTALLED: std::sync::Once = std::sync::Once::new();
-    INSTALLED.call_once(|| {
-        if let Err(error) = register_signal_handler(SIGRTMIN(), kick) {
-            eprintln!("vmrun: cannot install the vCPU kick handler: {error}");
+/// Set when a vCPU thread ends, however it ends (a panic included): the
+/// VM stops unless the thread only halted, and the waiting thread hears.
+struct Finished<'a> {
+    stop: &'a AtomicBool,
+    done: std::sync::mpsc::Sender<()>,
+}
+
+impl Drop for Finished<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.stop.store(true, Ordering::Release);
         }
-    });
+        let _ = self.done.send(());
+    }
+}
+
+/// A signal that only interrupts KVM_RUN (EINTR), to stop a vCPU. Without
+/// the handler the signal would end the process.
+fn install_kick_handler() -> Result<(), VmError> {
+    static INSTALLED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    INSTALLED
+        .get_or_init(|| {
+            register_signal_handler(SIGRTMIN(), kick).map_err(|error| error.to_string())
+        })
+        .clone()
+        .map_err(|error| VmError::Exit {
+            vcpu: 0,
+            exit: format!("cannot install the vCPU kick handler: {error}"),
+        })
 }
 
 /// Runs one vCPU until it halts, the VM ends, or `stop` is set (by
