@@ -7,7 +7,9 @@
 //! vhost-user-net sockets and assigned MACs). A `vmrun` that exits with
 //! success (the guest powered off) leaves the VM stopped; one that fails
 //! or is killed is started again, up to [`RESTARTS_MAX`] times a minute,
-//! then the VM is reported failed with the runner's last words.
+//! then the VM is reported failed with the runner's last words. Runners'
+//! pids are kept in files, so that a `fabricd` started after a crash
+//! kills the runners its predecessor left.
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path as FsPath, PathBuf};
@@ -82,11 +84,49 @@ impl VmSupervisor {
     /// VMs run `vmrun` (the binary beside `fabricd` unless given) and keep
     /// their consoles under `dir`.
     pub fn new(vmrun: PathBuf, dir: PathBuf) -> Arc<VmSupervisor> {
-        Arc::new(VmSupervisor {
+        let supervisor = VmSupervisor {
             vmrun,
             dir,
             runners: Mutex::default(),
-        })
+        };
+        supervisor.kill_leftovers();
+        Arc::new(supervisor)
+    }
+
+    fn pidfile(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.pid"))
+    }
+
+    /// Kills the runners a previous `fabricd` on this data directory left
+    /// (it was killed before it could stop them): a VM runs only when this
+    /// daemon started it, never twice on the same sockets.
+    fn kill_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+                continue;
+            }
+            let pid: Option<i32> = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse().ok());
+            let _ = std::fs::remove_file(&path);
+            let Some(pid) = pid.filter(|&pid| pid > 0) else {
+                continue;
+            };
+            // Only a process that is still this runner binary.
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if exe.as_deref() != Some(self.vmrun.as_path()) {
+                continue;
+            }
+            // SAFETY: kill(2) with a pid read above and a valid signal.
+            let killed = unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
+            if killed {
+                tracing::warn!(pid, "killed a VM runner left by an earlier fabricd");
+            }
+        }
     }
 
     fn console(&self, name: &str) -> PathBuf {
@@ -102,7 +142,7 @@ impl VmSupervisor {
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         let stderr = std::fs::File::create(self.stderr(name))
             .map_err(|e| format!("cannot create the runner's log: {e}"))?;
-        Command::new(&self.vmrun)
+        let child = Command::new(&self.vmrun)
             .args(&launch.args)
             .arg("--serial-log")
             .arg(self.console(name))
@@ -110,7 +150,11 @@ impl VmSupervisor {
             .stdout(Stdio::null())
             .stderr(stderr)
             .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.vmrun.display()))
+            .map_err(|e| format!("cannot start {}: {e}", self.vmrun.display()))?;
+        if let Err(error) = std::fs::write(self.pidfile(name), child.id().to_string()) {
+            tracing::warn!(vm = name, %error, "cannot record a VM runner's pid");
+        }
+        Ok(child)
     }
 
     /// Starts a VM (again, if it had stopped or failed).
@@ -162,6 +206,7 @@ impl VmSupervisor {
         self.runners.lock().expect("runners poisoned").remove(name);
         let _ = std::fs::remove_file(self.console(name));
         let _ = std::fs::remove_file(self.stderr(name));
+        let _ = std::fs::remove_file(self.pidfile(name));
     }
 
     /// Notices runners that ended: a clean end stops the VM; a failure

@@ -153,6 +153,40 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     wait_vm(node, "vm2", "stopped", |v| {
         v["runner"]["state"].as_str() == Some("stopped")
     })?;
+
+    // fabricd killed while a VM runs: the next fabricd kills the runner
+    // it left, and the VM can be started again.
+    node.fabctl(&["vm", "start", "vm2"])?;
+    let running = wait_vm(node, "vm2", "ran", |v| {
+        v["runner"]["pid"].as_u64().is_some()
+    })?;
+    let orphan = running["runner"]["pid"].as_u64().context("a pid")?;
+    let mut nodes = nodes;
+    let node = &mut nodes[0].node;
+    node.kill9()?;
+    ensure!(
+        Path::new(&format!("/proc/{orphan}")).exists(),
+        "the runner outlives a killed fabricd"
+    );
+    node.restart()?;
+    let mut gone = false;
+    for _ in 0..100 {
+        // A zombie (reaped by init later) counts as gone.
+        let state = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
+        if state.is_empty() || state.contains(") Z") {
+            gone = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    ensure!(gone, "runner {orphan} survived the new fabricd");
+    let node = &nodes[0].node;
+    wait_vm(node, "vm2", "answered", |v| v["name"] == "vm2")?;
+    node.fabctl(&["vm", "start", "vm2"])?;
+    wait_vm(node, "vm2", "ran again", |v| {
+        v["runner"]["pid"].as_u64().is_some()
+    })?;
+    node.fabctl(&["vm", "stop", "vm2"])?;
     for vm in ["vm1", "vm2", "vm3"] {
         node.fabctl(&["vm", "delete", vm])?;
     }
