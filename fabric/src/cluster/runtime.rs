@@ -425,8 +425,7 @@ impl ClusterRuntime {
         );
         let endpoint = bind(settings.listen, identity)?;
         let db_path = cluster_dir(data_dir).join("db");
-        let db = open_db(&db_path)
-            .map_err(|e| ClusterError::Storage(format!("{}: {e}", db_path.display())))?;
+        let db = open_db_released(&db_path).await?;
         let machine =
             StateMachine::open(db.clone()).map_err(|e| ClusterError::Storage(e.to_string()))?;
         let faults: Arc<Faults> = Arc::default();
@@ -901,6 +900,37 @@ impl ClusterRuntime {
         self.endpoint.close(0u32.into(), b"shutdown");
     }
 }
+
+/// Opens the cluster database. A runtime that stopped in this process may
+/// still be releasing it: its aborted tasks (connection handlers holding
+/// the state machine) drop their handles only when next polled, and
+/// RocksDB refuses a second open while one is live ("lock hold by current
+/// process"). That case is waited out, up to [`DB_RELEASE_WAIT`]; any other
+/// error is returned at once.
+async fn open_db_released(path: &std::path::Path) -> Result<Arc<rocksdb::DB>, ClusterError> {
+    let deadline = Instant::now() + DB_RELEASE_WAIT;
+    loop {
+        match open_db(path) {
+            Ok(db) => return Ok(db),
+            Err(error)
+                if error.to_string().contains("lock hold by current process")
+                    && Instant::now() < deadline =>
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => {
+                return Err(ClusterError::Storage(format!(
+                    "{}: {error}",
+                    path.display()
+                )))
+            }
+        }
+    }
+}
+
+/// How long a restart in the same process waits for the old runtime to
+/// let go of the database.
+const DB_RELEASE_WAIT: Duration = Duration::from_secs(5);
 
 /// A node to add, as the admitting node asks the leader.
 #[derive(Debug, Clone, Serialize, Deserialize)]
