@@ -1177,32 +1177,15 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
                 format!("defined VM {name}; `fabctl vm start {name}` runs it"),
             );
         }
-        VmCommand::Start { name } => {
-            let value = call(
-                endpoint,
-                "POST",
-                &format!("/v1/vms/{}/start", segment(name)),
-                None,
-            )?;
-            done(value, format!("started VM {name}"));
-        }
-        VmCommand::Stop { name } => {
-            let value = call(
-                endpoint,
-                "POST",
-                &format!("/v1/vms/{}/stop", segment(name)),
-                None,
-            )?;
-            done(value, format!("stopped VM {name}"));
-        }
-        VmCommand::Delete { name } => {
-            let value = call(
-                endpoint,
-                "DELETE",
-                &format!("/v1/vms/{}", segment(name)),
-                None,
-            )?;
-            done(value, format!("deleted VM {name}"));
+        VmCommand::Start { name } | VmCommand::Stop { name } | VmCommand::Delete { name } => {
+            let (method, action, done_text) = match command {
+                VmCommand::Start { .. } => ("POST", "/start", "started"),
+                VmCommand::Stop { .. } => ("POST", "/stop", "stopped"),
+                _ => ("DELETE", "", "deleted"),
+            };
+            let path = format!("/v1/vms/{}{action}", segment(name));
+            let value = call(endpoint, method, &path, None)?;
+            done(value, format!("{done_text} VM {name}"));
         }
         VmCommand::Show { name } => {
             let value = call(endpoint, "GET", &format!("/v1/vms/{}", segment(name)), None)?;

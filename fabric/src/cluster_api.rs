@@ -516,3 +516,54 @@ async fn pool(
     };
     Ok(Json(PoolView { totals, nodes }))
 }
+
+/// The error for a request about something that lives in the cluster
+/// metadata (`what`), on a node in no cluster.
+pub(crate) fn outside_cluster(what: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::CONFLICT,
+        "not_in_cluster",
+        format!(
+            "{what} live in the cluster metadata; `fabctl cluster init` makes a one-node cluster"
+        ),
+    )
+}
+
+/// The metadata as of now (a read-index read) and this node's id.
+pub(crate) async fn current_metadata(
+    cluster: &ClusterHandle,
+    what: &str,
+) -> Result<
+    (
+        crate::cluster::metadata::Metadata,
+        crate::cluster::metadata::NodeId,
+    ),
+    ApiError,
+> {
+    let guard = cluster.runtime.read().await;
+    let runtime = guard.as_ref().ok_or_else(|| outside_cluster(what))?;
+    runtime
+        .read_barrier(crate::cluster::runtime::Consistency::Current)
+        .await?;
+    Ok((runtime.metadata(), runtime.id()))
+}
+
+/// Commits `command` and returns the metadata after it, or says why not.
+pub(crate) async fn commit_metadata(
+    cluster: &ClusterHandle,
+    what: &str,
+    command: crate::cluster::metadata::Command,
+) -> Result<crate::cluster::metadata::Metadata, ApiError> {
+    let guard = cluster.runtime.read().await;
+    let runtime = guard.as_ref().ok_or_else(|| outside_cluster(what))?;
+    match runtime.write_retrying(command).await? {
+        crate::cluster::metadata::Response::Applied => {}
+        crate::cluster::metadata::Response::Rejected { reason } => {
+            return Err(ClusterError::Rejected(reason).into())
+        }
+    }
+    runtime
+        .read_barrier(crate::cluster::runtime::Consistency::Current)
+        .await?;
+    Ok(runtime.metadata())
+}

@@ -37,10 +37,9 @@ use vswitch::tunnel::{pieces, Reassembly, TunnelHeader, TUNNEL_HEADER_BYTES};
 
 use crate::api::ApiError;
 use crate::cluster::metadata::{
-    Command, Mac, Metadata, NodeId, PortMeta, RateLimit as MetaRate, Response, VlanMode,
+    Command, Mac, Metadata, NodeId, PortMeta, RateLimit as MetaRate, VlanMode,
 };
 use crate::cluster::raft::Member;
-use crate::cluster::runtime::{ClusterError, Consistency};
 use crate::cluster::transport::{QuicConnection, QuicNetwork};
 use crate::cluster_api::ClusterHandle;
 
@@ -532,31 +531,16 @@ async fn refresh_now(state: &SwitchState, metadata: Metadata, me: NodeId) {
     }
 }
 
+/// What the switch keeps in the metadata, for errors outside a cluster.
+const SWITCH_METADATA: &str = "segments and ports";
+
 /// Commits `command`, or says why not.
 async fn commit(cluster: &ClusterHandle, command: Command) -> Result<Metadata, ApiError> {
-    let guard = cluster.runtime.read().await;
-    let runtime = guard.as_ref().ok_or_else(not_in_cluster)?;
-    match runtime.write_retrying(command).await? {
-        Response::Applied => {}
-        Response::Rejected { reason } => return Err(ClusterError::Rejected(reason).into()),
-    }
-    runtime.read_barrier(Consistency::Current).await?;
-    Ok(runtime.metadata())
-}
-
-fn not_in_cluster() -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "not_in_cluster",
-        "segments and ports live in the cluster metadata; `fabctl cluster init` makes a one-node cluster".into(),
-    )
+    crate::cluster_api::commit_metadata(cluster, SWITCH_METADATA, command).await
 }
 
 async fn current(cluster: &ClusterHandle) -> Result<(Metadata, NodeId), ApiError> {
-    let guard = cluster.runtime.read().await;
-    let runtime = guard.as_ref().ok_or_else(not_in_cluster)?;
-    runtime.read_barrier(Consistency::Current).await?;
-    Ok((runtime.metadata(), runtime.id()))
+    crate::cluster_api::current_metadata(cluster, SWITCH_METADATA).await
 }
 
 /// Body of `POST /v1/segments`.

@@ -26,8 +26,7 @@ use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
 
 use crate::api::ApiError;
-use crate::cluster::metadata::{Command as MetaCommand, Metadata, NodeId, Response, VmMeta};
-use crate::cluster::runtime::{ClusterError, Consistency};
+use crate::cluster::metadata::{Command as MetaCommand, Metadata, NodeId, VmMeta};
 use crate::cluster_api::ClusterHandle;
 use crate::node::Node;
 use crate::switch::NodeSwitch;
@@ -343,31 +342,15 @@ pub fn router(
         })
 }
 
-fn not_in_cluster() -> ApiError {
-    ApiError::new(
-        StatusCode::CONFLICT,
-        "not_in_cluster",
-        "VM definitions live in the cluster metadata; `fabctl cluster init` makes a one-node cluster"
-            .into(),
-    )
-}
+/// What this module keeps in the metadata, for errors outside a cluster.
+const VM_METADATA: &str = "VM definitions";
 
 async fn current(cluster: &ClusterHandle) -> Result<(Metadata, NodeId), ApiError> {
-    let guard = cluster.runtime.read().await;
-    let runtime = guard.as_ref().ok_or_else(not_in_cluster)?;
-    runtime.read_barrier(Consistency::Current).await?;
-    Ok((runtime.metadata(), runtime.id()))
+    crate::cluster_api::current_metadata(cluster, VM_METADATA).await
 }
 
 async fn commit(cluster: &ClusterHandle, command: MetaCommand) -> Result<Metadata, ApiError> {
-    let guard = cluster.runtime.read().await;
-    let runtime = guard.as_ref().ok_or_else(not_in_cluster)?;
-    match runtime.write_retrying(command).await? {
-        Response::Applied => {}
-        Response::Rejected { reason } => return Err(ClusterError::Rejected(reason).into()),
-    }
-    runtime.read_barrier(Consistency::Current).await?;
-    Ok(runtime.metadata())
+    crate::cluster_api::commit_metadata(cluster, VM_METADATA, command).await
 }
 
 fn vm_not_found(name: &str) -> ApiError {

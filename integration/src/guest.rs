@@ -658,6 +658,21 @@ impl Drop for RunningGuest {
     }
 }
 
+/// Builds the runner's guest program `name` (`vmrun/guest/NAME.c`, with
+/// `vmrun/guest/build.sh`) into `dir`; returns the ELF's path.
+pub fn vmrun_program(dir: &Path, name: &str) -> Result<PathBuf> {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmrun/guest/build.sh");
+    let out = dir.join(format!("{name}.elf"));
+    let status = Command::new("bash")
+        .arg(&script)
+        .arg(name)
+        .arg(&out)
+        .status()
+        .context("running vmrun/guest/build.sh")?;
+    anyhow::ensure!(status.success(), "building guest program {name}: {status}");
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

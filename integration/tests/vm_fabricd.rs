@@ -3,24 +3,12 @@
 //! work; a runner killed with SIGKILL is started again; bad definitions
 //! and wrong orders are refused with clear errors.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use integration::fabricd::{start_cluster, Fabricd};
-
-fn guest_program(dir: &Path, name: &str) -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmrun/guest/build.sh");
-    let out = dir.join(format!("{name}.elf"));
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(name)
-        .arg(&out)
-        .status()?;
-    ensure!(status.success(), "building guest program {name}: {status}");
-    Ok(out)
-}
 
 /// Waits up to 30 s for `check` on `vm show NAME`.
 fn wait_vm(
@@ -43,8 +31,8 @@ fn wait_vm(
 #[test]
 fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let blk = guest_program(dir.path(), "blk")?;
-    let spin = guest_program(dir.path(), "spin")?;
+    let blk = integration::guest::vmrun_program(dir.path(), "blk")?;
+    let spin = integration::guest::vmrun_program(dir.path(), "spin")?;
     let (blk, spin) = (
         blk.to_str().context("path")?,
         spin.to_str().context("path")?,

@@ -5,27 +5,12 @@
 //! exchange frames through `fabricd`'s switch ports; bad definitions are
 //! refused with a clear error before any VM runs.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use integration::fabricd::{binary, start_cluster, Fabricd};
 use integration::vhost_blk::{BlkClient, ClientConfig, RequestType};
-
-/// Builds guest program `name` into `dir`.
-fn guest_program(dir: &Path, name: &str) -> Result<PathBuf> {
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../vmrun/guest/build.sh");
-    let out = dir.join(format!("{name}.elf"));
-    let status = Command::new("bash")
-        .arg(&script)
-        .arg(name)
-        .arg(&out)
-        .status()
-        .context("running vmrun/guest/build.sh")?;
-    ensure!(status.success(), "building guest program {name}: {status}");
-    Ok(out)
-}
 
 /// Runs vmrun with `args`, killed after a minute (a few thousand guest
 /// instructions take milliseconds even where KVM is emulated).
@@ -67,7 +52,7 @@ fn text(bytes: &[u8]) -> String {
 #[test]
 fn a_64_bit_guest_prints_on_the_serial_console_and_powers_off() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let hello = guest_program(dir.path(), "hello")?;
+    let hello = integration::guest::vmrun_program(dir.path(), "hello")?;
     let log = dir.path().join("serial.log");
     let output = vmrun(&[
         "--kernel",
@@ -103,7 +88,7 @@ fn a_64_bit_guest_prints_on_the_serial_console_and_powers_off() -> Result<()> {
 #[test]
 fn every_vcpu_reports_in() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let program = guest_program(dir.path(), "vcpus")?;
+    let program = integration::guest::vmrun_program(dir.path(), "vcpus")?;
     let output = vmrun(&[
         "--kernel",
         program.to_str().context("path")?,
@@ -136,7 +121,7 @@ fn every_vcpu_reports_in() -> Result<()> {
 #[test]
 fn a_guest_drives_a_virtio_blk_queue_served_by_fabricd() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let program = guest_program(dir.path(), "blk")?;
+    let program = integration::guest::vmrun_program(dir.path(), "blk")?;
     let node = Fabricd::start(&dir.path().join("node"))?;
     let socket = node.create_attached_volume("disk1", "64M")?;
     let output = vmrun(&[
@@ -196,7 +181,7 @@ fn a_guest_drives_a_virtio_blk_queue_served_by_fabricd() -> Result<()> {
 #[test]
 fn two_guests_exchange_frames_through_switch_ports() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let program = guest_program(dir.path(), "net")?;
+    let program = integration::guest::vmrun_program(dir.path(), "net")?;
     let program = program.to_str().context("path")?;
     let nodes = start_cluster(dir.path(), 1, "")?;
     let node = &nodes[0].node;
@@ -240,7 +225,7 @@ fn two_guests_exchange_frames_through_switch_ports() -> Result<()> {
 #[test]
 fn bad_definitions_are_refused_before_any_vm_runs() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let hello = guest_program(dir.path(), "hello")?;
+    let hello = integration::guest::vmrun_program(dir.path(), "hello")?;
     let hello = hello.to_str().context("path")?;
     let not_elf = dir.path().join("notes.txt");
     std::fs::write(&not_elf, "not a kernel")?;

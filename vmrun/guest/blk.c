@@ -3,42 +3,12 @@
  * sectors of a pattern, reads them back, compares, flushes, and reports on
  * the serial console. The disk is a vhost-user-blk backend (fabricd). */
 #include "guest.h"
+#include "virtio.h"
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-
-#define MMIO 0xd0000000UL
-#define QUEUE 8
 #define VIRTIO_BLK_T_IN 0
 #define VIRTIO_BLK_T_OUT 1
 #define VIRTIO_BLK_T_FLUSH 4
-#define DESC_F_NEXT 1
-#define DESC_F_WRITE 2
 
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-struct avail {
-	u16 flags;
-	u16 idx;
-	u16 ring[QUEUE];
-	u16 used_event;
-};
-struct used_elem {
-	u32 id;
-	u32 len;
-};
-struct used {
-	u16 flags;
-	u16 idx;
-	struct used_elem ring[QUEUE];
-	u16 avail_event;
-};
 struct request {
 	u32 type;
 	u32 reserved;
@@ -52,16 +22,6 @@ static struct request header;
 static u8 data[4096] __attribute__((aligned(4096)));
 static u8 back[4096] __attribute__((aligned(4096)));
 static volatile u8 status;
-
-static volatile u32 *reg(u32 offset)
-{
-	return (volatile u32 *)(MMIO + offset);
-}
-
-static void barrier(void)
-{
-	__asm__ volatile("mfence" : : : "memory");
-}
 
 /* One request: header, optional data, status; waits for the device. */
 static int submit(u32 type, u64 sector, u8 *buffer, u32 bytes)

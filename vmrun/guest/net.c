@@ -5,42 +5,13 @@
  * ping with a pong to the sender. Frames use the local experimental
  * EtherType 0x88b5. */
 #include "guest.h"
+#include "virtio.h"
 
-typedef unsigned char u8;
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef unsigned long u64;
-
-#define MMIO 0xd0000000UL
-#define QUEUE 8
 #define RX 0
 #define TX 1
 #define NET_HDR 12
 #define BUFFER 2048
-#define DESC_F_WRITE 2
 
-struct desc {
-	u64 addr;
-	u32 len;
-	u16 flags;
-	u16 next;
-};
-struct avail {
-	u16 flags;
-	u16 idx;
-	u16 ring[QUEUE];
-	u16 used_event;
-};
-struct used_elem {
-	u32 id;
-	u32 len;
-};
-struct used {
-	u16 flags;
-	u16 idx;
-	struct used_elem ring[QUEUE];
-	u16 avail_event;
-};
 struct queue {
 	struct desc descs[QUEUE] __attribute__((aligned(16)));
 	struct avail avail __attribute__((aligned(2)));
@@ -53,16 +24,6 @@ static u8 rx_buffers[QUEUE][BUFFER] __attribute__((aligned(4096)));
 static u8 tx_buffer[NET_HDR + 64] __attribute__((aligned(64)));
 static u8 mac[6];
 static const u8 peer[6] = {0x52, 0x54, 0, 0, 0, 0x0b};
-
-static volatile u32 *reg(u32 offset)
-{
-	return (volatile u32 *)(MMIO + offset);
-}
-
-static void barrier(void)
-{
-	__asm__ volatile("mfence" : : : "memory");
-}
 
 static void setup_queue(u32 index)
 {
