@@ -71,18 +71,21 @@ impl std::fmt::Debug for VhostUserDevice {
     }
 }
 
+/// Maps a failed request to the backend at `path` to a clear error.
+fn refused(path: &Path, request: &'static str) -> impl FnOnce(vhost::Error) -> VhostUserError {
+    let path = path.to_path_buf();
+    move |source| VhostUserError::Protocol {
+        path,
+        request,
+        source,
+    }
+}
+
 impl VhostUserDevice {
     /// Connects to `path` and learns the device's features and config.
     pub fn connect(path: &Path, device_id: u32, queues: usize) -> Result<Self, VhostUserError> {
         let path = path.to_path_buf();
-        let protocol = |request: &'static str| {
-            let path = path.clone();
-            move |source| VhostUserError::Protocol {
-                path,
-                request,
-                source,
-            }
-        };
+        let protocol = |request: &'static str| refused(&path, request);
         let mut frontend =
             Frontend::connect(&path, queues as u64).map_err(|source| VhostUserError::Connect {
                 path: path.clone(),
@@ -161,14 +164,7 @@ impl VhostUserDevice {
         queues: &[QueueConfig],
     ) -> Result<(), VhostUserError> {
         let path = self.path.clone();
-        let protocol = |request: &'static str| {
-            let path = path.clone();
-            move |source| VhostUserError::Protocol {
-                path,
-                request,
-                source,
-            }
-        };
+        let protocol = |request: &'static str| refused(&path, request);
         self.frontend
             .set_features((driver_features & self.features) | self.protocol_bit)
             .map_err(protocol("SET_FEATURES"))?;
