@@ -44,6 +44,51 @@ impl Trigger for IrqLine {
 
 pub type Console = Box<dyn Write + Send>;
 
+/// A console log that stops growing at `limit` bytes, so a guest cannot
+/// fill its host's disk: once full, one line says so and the rest of the
+/// guest's output is dropped.
+#[derive(Debug)]
+pub struct CappedLog<W: Write> {
+    out: W,
+    written: u64,
+    limit: u64,
+}
+
+/// How much console a VM keeps in its log.
+pub const CONSOLE_LOG_BYTES_MAX: u64 = 64 << 20;
+
+impl<W: Write> CappedLog<W> {
+    /// `already` bytes are in the log (it is appended to).
+    pub fn new(out: W, already: u64, limit: u64) -> CappedLog<W> {
+        CappedLog {
+            out,
+            written: already,
+            limit,
+        }
+    }
+}
+
+impl<W: Write> Write for CappedLog<W> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        if self.written < self.limit {
+            let room = (self.limit - self.written) as usize;
+            let take = buf.len().min(room);
+            self.out.write_all(&buf[..take])?;
+            self.written += take as u64;
+            if self.written >= self.limit {
+                self.out
+                    .write_all(b"\n[vmrun: console log full; later output dropped]\n")?;
+            }
+        }
+        // The guest's bytes are taken either way: a full log never stalls it.
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.out.flush()
+    }
+}
+
 /// The port-I/O devices, shared by the vCPU threads.
 pub struct PortBus {
     serial: Mutex<Serial<IrqLine, vm_superio::serial::NoEvents, Console>>,
@@ -124,6 +169,21 @@ mod tests {
         fn flush(&mut self) -> std::io::Result<()> {
             Ok(())
         }
+    }
+
+    #[test]
+    fn a_capped_log_stops_at_its_limit_and_says_so() {
+        let out = Shared::default();
+        let mut log = CappedLog::new(out.clone(), 2, 8);
+        log.write_all(b"abcd").expect("write");
+        log.write_all(b"efgh")
+            .expect("write past the limit is taken");
+        log.write_all(b"ijkl").expect("and dropped");
+        let text = String::from_utf8(out.0.lock().expect("out").clone()).expect("utf8");
+        assert_eq!(
+            text,
+            "abcdef\n[vmrun: console log full; later output dropped]\n"
+        );
     }
 
     #[test]

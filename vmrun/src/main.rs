@@ -28,7 +28,8 @@ struct Args {
     /// A Linux bzImage's initramfs.
     #[arg(long)]
     initramfs: Option<PathBuf>,
-    /// Where the serial console goes, appended (default: standard output).
+    /// Where the serial console goes, appended, at most 64 MiB (default:
+    /// standard output).
     #[arg(long)]
     serial_log: Option<PathBuf>,
     /// A vhost-user-blk socket (e.g. a fabricd volume's): a virtio-blk
@@ -102,13 +103,21 @@ fn main() -> ExitCode {
         dirty_log: false,
     };
     let console: vmrun::devices::Console = match &args.serial_log {
-        // Appended to: a restarted VM's console follows the last one's.
+        // Appended to: a restarted VM's console follows the last one's;
+        // capped, so a guest cannot fill the disk.
         Some(path) => match std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(path)
         {
-            Ok(file) => Box::new(file),
+            Ok(file) => {
+                let already = file.metadata().map_or(0, |m| m.len());
+                Box::new(vmrun::devices::CappedLog::new(
+                    file,
+                    already,
+                    vmrun::devices::CONSOLE_LOG_BYTES_MAX,
+                ))
+            }
             Err(error) => {
                 eprintln!(
                     "vmrun: cannot create the serial log {}: {error}",
