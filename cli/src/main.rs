@@ -957,19 +957,13 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             if json {
                 print_json(&value);
             } else {
-                let rows: Vec<Vec<String>> = value
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|s| {
-                        vec![
-                            s["name"].as_str().unwrap_or("?").to_owned(),
-                            s["vni"].to_string(),
-                            s["ports"].to_string(),
-                        ]
-                    })
-                    .collect();
+                let rows = table_rows(&value, |s| {
+                    vec![
+                        s["name"].as_str().unwrap_or("?").to_owned(),
+                        s["vni"].to_string(),
+                        s["ports"].to_string(),
+                    ]
+                });
                 print_table(&["NAME", "VNI", "PORTS"], &rows);
             }
         }
@@ -1036,35 +1030,21 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             if json {
                 print_json(&value);
             } else {
-                let rows: Vec<Vec<String>> = value
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|p| {
-                        let c = &p["counters"];
-                        let drops: u64 = c["drops"]
-                            .as_object()
-                            .map(|d| d.values().filter_map(Value::as_u64).sum())
-                            .unwrap_or(0);
-                        let counter =
-                            |key: &str| c[key].as_u64().map_or("-".to_owned(), |v| v.to_string());
-                        vec![
-                            p["name"].as_str().unwrap_or("?").to_owned(),
-                            p["segment"].as_str().unwrap_or("?").to_owned(),
-                            p["node"].to_string(),
-                            p["mac"].as_str().unwrap_or("?").to_owned(),
-                            vlan_text(&p["vlan"]),
-                            counter("rx_packets"),
-                            counter("tx_packets"),
-                            if c.is_null() {
-                                "-".into()
-                            } else {
-                                drops.to_string()
-                            },
-                        ]
-                    })
-                    .collect();
+                let rows = table_rows(&value, |p| {
+                    let c = &p["counters"];
+                    let counter =
+                        |key: &str| c[key].as_u64().map_or("-".to_owned(), |v| v.to_string());
+                    vec![
+                        p["name"].as_str().unwrap_or("?").to_owned(),
+                        p["segment"].as_str().unwrap_or("?").to_owned(),
+                        p["node"].to_string(),
+                        p["mac"].as_str().unwrap_or("?").to_owned(),
+                        vlan_text(&p["vlan"]),
+                        counter("rx_packets"),
+                        counter("tx_packets"),
+                        drops_total(c).map_or("-".into(), |n| n.to_string()),
+                    ]
+                });
                 print_table(
                     &[
                         "NAME", "SEGMENT", "NODE", "MAC", "VLAN", "RX", "TX", "DROPS",
@@ -1078,39 +1058,29 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             if json {
                 print_json(&value);
             } else {
-                let rows: Vec<Vec<String>> = value["tunnels"]
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|t| {
-                        let c = &t["counters"];
-                        let drops: u64 = c["drops"]
-                            .as_object()
-                            .map(|d| d.values().filter_map(Value::as_u64).sum())
-                            .unwrap_or(0);
-                        let segments = t["segments"]
-                            .as_array()
-                            .map(|v| v.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
-                            .unwrap_or_default();
-                        vec![
-                            t["node"].to_string(),
-                            if t["connected"].as_bool() == Some(true) {
-                                "yes".into()
-                            } else {
-                                "no".into()
-                            },
-                            if segments.is_empty() {
-                                "-".into()
-                            } else {
-                                segments
-                            },
-                            c["rx_packets"].to_string(),
-                            c["tx_packets"].to_string(),
-                            drops.to_string(),
-                        ]
-                    })
-                    .collect();
+                let rows = table_rows(&value["tunnels"], |t| {
+                    let c = &t["counters"];
+                    let segments = t["segments"]
+                        .as_array()
+                        .map(|v| v.iter().map(Value::to_string).collect::<Vec<_>>().join(","))
+                        .unwrap_or_default();
+                    vec![
+                        t["node"].to_string(),
+                        if t["connected"].as_bool() == Some(true) {
+                            "yes".into()
+                        } else {
+                            "no".into()
+                        },
+                        if segments.is_empty() {
+                            "-".into()
+                        } else {
+                            segments
+                        },
+                        c["rx_packets"].to_string(),
+                        c["tx_packets"].to_string(),
+                        drops_total(c).unwrap_or(0).to_string(),
+                    ]
+                });
                 print_table(&["NODE", "CONNECTED", "VNIS", "RX", "TX", "DROPS"], &rows);
                 println!(
                     "datagrams refused: {}",
@@ -1196,26 +1166,20 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
             if json {
                 print_json(&value);
             } else {
-                let rows: Vec<Vec<String>> = value
-                    .as_array()
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                    .iter()
-                    .map(|v| {
-                        let runner = &v["runner"];
-                        vec![
-                            v["name"].as_str().unwrap_or("?").to_owned(),
-                            v["node"].to_string(),
-                            v["vcpus"].to_string(),
-                            bytes(&v["memory_bytes"]),
-                            runner["state"].as_str().unwrap_or("defined").to_owned(),
-                            runner["restarts"]
-                                .as_u64()
-                                .map_or("-".into(), |n| n.to_string()),
-                            runner["last_error"].as_str().unwrap_or("").to_owned(),
-                        ]
-                    })
-                    .collect();
+                let rows = table_rows(&value, |v| {
+                    let runner = &v["runner"];
+                    vec![
+                        v["name"].as_str().unwrap_or("?").to_owned(),
+                        v["node"].to_string(),
+                        v["vcpus"].to_string(),
+                        bytes(&v["memory_bytes"]),
+                        runner["state"].as_str().unwrap_or("defined").to_owned(),
+                        runner["restarts"]
+                            .as_u64()
+                            .map_or("-".into(), |n| n.to_string()),
+                        runner["last_error"].as_str().unwrap_or("").to_owned(),
+                    ]
+                });
                 print_table(
                     &[
                         "NAME",
@@ -1250,6 +1214,24 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
         }
     }
     Ok(())
+}
+
+/// One table row per item of a JSON list.
+fn table_rows(list: &Value, row: impl Fn(&Value) -> Vec<String>) -> Vec<Vec<String>> {
+    list.as_array()
+        .map(Vec::as_slice)
+        .unwrap_or_default()
+        .iter()
+        .map(row)
+        .collect()
+}
+
+/// Drops of every reason in a port's or tunnel's counters (`None` where
+/// the node shows no counters).
+fn drops_total(counters: &Value) -> Option<u64> {
+    counters["drops"]
+        .as_object()
+        .map(|drops| drops.values().filter_map(Value::as_u64).sum())
 }
 
 fn vlan_text(vlan: &Value) -> String {

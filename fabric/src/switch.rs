@@ -67,11 +67,17 @@ struct QuicTunnel {
 }
 
 impl QuicTunnel {
-    fn connection(&self) -> Option<quinn::Connection> {
+    /// The connection as last set, live or not.
+    fn current(&self) -> Option<quinn::Connection> {
         self.connection
             .lock()
             .expect("tunnel connection poisoned")
             .clone()
+    }
+
+    /// The connection, if it is still open.
+    fn connection(&self) -> Option<quinn::Connection> {
+        self.current()
             .filter(|connection| connection.close_reason().is_none())
     }
 }
@@ -81,7 +87,9 @@ impl Tunnel for QuicTunnel {
     /// path's datagram size is below a frame's (before MTU discovery has
     /// run, or on a path without jumbo frames).
     fn send(&self, segment: SegmentId, vlan: u16, frame: &[u8]) -> Result<(), DropReason> {
-        let connection = self.connection().ok_or(DropReason::Unreachable)?;
+        // No liveness check per frame: a closed connection refuses the
+        // datagram, and the reconcile loop opens a new one.
+        let connection = self.current().ok_or(DropReason::Unreachable)?;
         let datagram_bytes_max = connection
             .max_datagram_size()
             .ok_or(DropReason::Unreachable)?;

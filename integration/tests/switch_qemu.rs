@@ -85,23 +85,52 @@ fn check_line<'a>(run: &'a GuestRun, prefix: &str) -> Result<&'a str> {
         })
 }
 
-/// A one-node cluster with segment `lan` and ports `a` and `b`; returns the
-/// cluster and the ports' (socket, MAC).
 /// Each port's vhost-user socket and MAC address.
 type Ports = Vec<(std::path::PathBuf, String)>;
 
+/// Adds port `name` with `mac` to segment `lan` through `node`, with
+/// `extra` arguments; returns its socket and MAC.
+fn add_port(
+    node: &integration::fabricd::Fabricd,
+    name: &str,
+    mac: &str,
+    extra: &[&str],
+) -> Result<(std::path::PathBuf, String)> {
+    let mut args = vec!["switch", "port", "add", "lan", "--mac", mac, "--name", name];
+    args.extend_from_slice(extra);
+    let port = node.fabctl_json(&args)?;
+    let socket = port["socket"].as_str().context("a socket")?;
+    Ok((socket.into(), mac.to_owned()))
+}
+
+/// A one-node cluster with segment `lan` and ports `a` and `b`.
 fn two_ports(dir: &std::path::Path) -> Result<(Vec<integration::fabricd::ClusterMember>, Ports)> {
     let nodes = start_cluster(dir, 1, "")?;
     let node = &nodes[0].node;
     node.fabctl(&["switch", "segment", "create", "lan"])?;
-    let mut sockets = Vec::new();
-    for (name, mac) in [("a", "52:54:00:00:00:0a"), ("b", "52:54:00:00:00:0b")] {
-        let port =
-            node.fabctl_json(&["switch", "port", "add", "lan", "--mac", mac, "--name", name])?;
-        let socket = port["socket"].as_str().context("a socket")?.to_owned();
-        sockets.push((socket.into(), mac.to_owned()));
-    }
+    let sockets = vec![
+        add_port(node, "a", "52:54:00:00:00:0a", &[])?,
+        add_port(node, "b", "52:54:00:00:00:0b", &[])?,
+    ];
     Ok((nodes, sockets))
+}
+
+/// The client's `nc` ended well and the server got exactly what it sent.
+fn check_transfer(client: &GuestRun, server: &GuestRun) -> Result<()> {
+    ensure!(
+        check_line(client, "CHECK nc")? == "ok",
+        "{}",
+        client.tail(40)
+    );
+    let sent = check_line(client, "CHECK sent-md5")?;
+    let got = check_line(server, "CHECK got-md5")?;
+    ensure!(
+        got == format!("{sent} bytes 4194304"),
+        "sent {sent}, got {got}; server:\n{}\nclient:\n{}",
+        server.tail(14),
+        client.tail(14),
+    );
+    Ok(())
 }
 
 fn guest(sockets: &Ports, port: usize, script: &str) -> GuestConfig {
@@ -233,20 +262,8 @@ fn two_guests_on_one_node_transfer_a_file() -> Result<()> {
             nodes[0].node.log_text()
         )
     })?;
-    ensure!(
-        check_line(&client, "CHECK nc")? == "ok",
-        "{}",
-        client.tail(40)
-    );
-    let sent = check_line(&client, "CHECK sent-md5")?;
-    let got = check_line(&server, "CHECK got-md5")?;
-    ensure!(
-        got == format!("{sent} bytes 4194304"),
-        "sent {sent}, got {got}; server:\n{}\nclient:\n{}\nfabricd's log:\n{}",
-        server.tail(14),
-        client.tail(14),
-        nodes[0].node.log_text()
-    );
+    check_transfer(&client, &server)
+        .with_context(|| format!("fabricd's log:\n{}", nodes[0].node.log_text()))?;
     Ok(())
 }
 
@@ -260,17 +277,10 @@ fn two_guests_on_two_nodes_ping_and_transfer_a_file() -> Result<()> {
     let nodes = start_cluster(dir.path(), 2, "")?;
     let first = &nodes[0].node;
     first.fabctl(&["switch", "segment", "create", "lan"])?;
-    let mut sockets: Ports = Vec::new();
-    for (name, mac, node) in [
-        ("a", "52:54:00:00:00:0a", "n1"),
-        ("b", "52:54:00:00:00:0b", "n2"),
-    ] {
-        let port = first.fabctl_json(&[
-            "switch", "port", "add", "lan", "--mac", mac, "--name", name, "--node", node,
-        ])?;
-        let socket = port["socket"].as_str().context("a socket")?.to_owned();
-        sockets.push((socket.into(), mac.to_owned()));
-    }
+    let sockets = vec![
+        add_port(first, "a", "52:54:00:00:00:0a", &["--node", "n1"])?,
+        add_port(first, "b", "52:54:00:00:00:0b", &["--node", "n2"])?,
+    ];
     ensure!(
         sockets[1].0.starts_with(dir.path().join("n2")),
         "port b is served by node 2: {:?}",
@@ -312,19 +322,7 @@ fn two_guests_on_two_nodes_ping_and_transfer_a_file() -> Result<()> {
         "{}",
         client.tail(40)
     );
-    ensure!(
-        check_line(&client, "CHECK nc")? == "ok",
-        "{}",
-        client.tail(40)
-    );
-    let sent = check_line(&client, "CHECK sent-md5")?;
-    let got = check_line(&server, "CHECK got-md5")?;
-    ensure!(
-        got == format!("{sent} bytes 4194304"),
-        "sent {sent}, got {got}; server:\n{}\nclient:\n{}",
-        server.tail(14),
-        client.tail(14),
-    );
+    check_transfer(&client, &server)?;
     for (member, peer) in [(&nodes[0], 2), (&nodes[1], 1)] {
         let tunnels = member.node.fabctl_json(&["switch", "tunnel", "list"])?;
         let tunnel = tunnels["tunnels"]
@@ -409,18 +407,11 @@ fn vlans_isolate_access_ports_and_a_trunk_carries_both() -> Result<()> {
     let nodes = start_cluster(dir.path(), 1, "")?;
     let node = &nodes[0].node;
     node.fabctl(&["switch", "segment", "create", "lan"])?;
-    let mut sockets: Ports = Vec::new();
-    for (name, mac, vlan) in [
-        ("v10", "52:54:00:00:00:10", ["--vlan", "10"]),
-        ("trunk", "52:54:00:00:00:11", ["--trunk", "10,20"]),
-        ("v20", "52:54:00:00:00:20", ["--vlan", "20"]),
-    ] {
-        let mut args = vec!["switch", "port", "add", "lan", "--mac", mac, "--name", name];
-        args.extend(vlan);
-        let port = node.fabctl_json(&args)?;
-        let socket = port["socket"].as_str().context("a socket")?.to_owned();
-        sockets.push((socket.into(), mac.to_owned()));
-    }
+    let sockets = vec![
+        add_port(node, "v10", "52:54:00:00:00:10", &["--vlan", "10"])?,
+        add_port(node, "trunk", "52:54:00:00:00:11", &["--trunk", "10,20"])?,
+        add_port(node, "v20", "52:54:00:00:00:20", &["--vlan", "20"])?,
+    ];
     let both = node.fabctl_fails(&[
         "switch",
         "port",

@@ -4,7 +4,6 @@
 //! and wrong orders are refused with clear errors.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -117,9 +116,9 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     ensure!(twice.contains("already running"), "{twice}");
     let busy = node.fabctl_fails(&["vm", "delete", "vm2"])?;
     ensure!(busy.contains("is running"), "{busy}");
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()?;
+    // SAFETY: kill(2) on the runner's pid, read above, with SIGKILL.
+    let killed = unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    ensure!(killed == 0, "cannot kill runner {pid}");
     let restarted = wait_vm(node, "vm2", "restarted", |v| {
         v["runner"]["restarts"].as_u64() == Some(1) && v["runner"]["pid"].as_u64().is_some()
     })?;

@@ -44,7 +44,7 @@ pub enum VhostUserError {
     Missing { path: PathBuf, what: &'static str },
     #[error("queue {index} is not set up (ready, power-of-two size up to {QUEUE_MAX})")]
     Queue { index: usize },
-    #[error("a queue address {0:#x} is outside guest memory")]
+    #[error("a queue at {0:#x} does not lie in guest memory")]
     Address(u64),
     #[error("cannot make an eventfd: {0}")]
     EventFd(std::io::Error),
@@ -176,7 +176,12 @@ impl VhostUserDevice {
         self.frontend
             .set_mem_table(&regions)
             .map_err(protocol("SET_MEM_TABLE"))?;
-        let host = |gpa: u64| {
+        // A ring must lie wholly in guest RAM (one region, so its start's
+        // host address covers it).
+        let host = |gpa: u64, bytes: u64| {
+            if !memory.check_range(GuestAddress(gpa), bytes as usize) {
+                return Err(VhostUserError::Address(gpa));
+            }
             memory
                 .get_host_address(GuestAddress(gpa))
                 .map(|pointer| pointer as u64)
@@ -186,14 +191,15 @@ impl VhostUserDevice {
             if !queue.is_valid() || queue.size > QUEUE_MAX {
                 return Err(VhostUserError::Queue { index });
             }
+            let entries = u64::from(queue.size);
             // Ring addresses are in this process's address space.
             let vring = VringConfigData {
                 queue_max_size: QUEUE_MAX,
                 queue_size: queue.size,
                 flags: 0,
-                desc_table_addr: host(queue.desc)?,
-                used_ring_addr: host(queue.used)?,
-                avail_ring_addr: host(queue.avail)?,
+                desc_table_addr: host(queue.desc, 16 * entries)?,
+                used_ring_addr: host(queue.used, 6 + 8 * entries)?,
+                avail_ring_addr: host(queue.avail, 6 + 2 * entries)?,
                 log_addr: None,
             };
             self.frontend
