@@ -114,8 +114,17 @@ enum VmCommand {
     Start {
         name: String,
     },
-    /// Stop a VM (its runner is killed; the guest is not asked).
+    /// Stop a VM: its runner ends it at once (the guest is not asked to
+    /// shut down), or is killed after 3 s.
     Stop {
+        name: String,
+    },
+    /// Pause a running VM: its vCPUs stop; memory and devices stay.
+    Pause {
+        name: String,
+    },
+    /// Let a paused VM run again.
+    Resume {
         name: String,
     },
     List,
@@ -1147,10 +1156,16 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
                 format!("defined VM {name}; `fabctl vm start {name}` runs it"),
             );
         }
-        VmCommand::Start { name } | VmCommand::Stop { name } | VmCommand::Delete { name } => {
+        VmCommand::Start { name }
+        | VmCommand::Stop { name }
+        | VmCommand::Pause { name }
+        | VmCommand::Resume { name }
+        | VmCommand::Delete { name } => {
             let (method, action, done_text) = match command {
                 VmCommand::Start { .. } => ("POST", "/start", "started"),
                 VmCommand::Stop { .. } => ("POST", "/stop", "stopped"),
+                VmCommand::Pause { .. } => ("POST", "/pause", "paused"),
+                VmCommand::Resume { .. } => ("POST", "/resume", "resumed"),
                 _ => ("DELETE", "", "deleted"),
             };
             let path = format!("/v1/vms/{}{action}", segment(name));

@@ -5,13 +5,20 @@
 //! A VM's disks are volumes attached on its node (their vhost-user-blk
 //! sockets); its NICs are switch ports served by its node (their
 //! vhost-user-net sockets and assigned MACs). A `vmrun` that exits with
-//! success (the guest powered off) leaves the VM stopped; one that fails
-//! or is killed is started again, up to [`RESTARTS_MAX`] times a minute,
-//! then the VM is reported failed with the runner's last words. Runners'
-//! pids are kept in files, so that a `fabricd` started after a crash
-//! kills the runners its predecessor left.
+//! success (the guest powered off, or it was stopped) leaves the VM
+//! stopped; one that fails or is killed is started again, up to
+//! [`RESTARTS_MAX`] times a minute, then the VM is reported failed with
+//! the runner's last words.
+//!
+//! Runners outlive `fabricd`: each serves a control socket (pause,
+//! resume, stop, status) and is recorded in a file with its command
+//! line, so a `fabricd` that restarts (after a crash or an upgrade) takes
+//! over the runners that answer on their control sockets, and kills those
+//! that do not. While `fabricd` is away a runner's backends are gone; the
+//! runner reconnects to them when they return, and the guest goes on.
 
 use std::collections::{HashMap, VecDeque};
+use std::os::unix::process::CommandExt;
 use std::path::{Path as FsPath, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -38,26 +45,114 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// The tail of a VM's console the API returns.
 const CONSOLE_BYTES_MAX: u64 = 64 * 1024;
+/// How long a runner has to answer on its control socket.
+const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a runner left by an earlier daemon has to answer before it
+/// is taken for hung and killed (the daemon's start waits for it).
+const TAKE_OVER_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a stopped runner has to end before it is killed.
+const STOP_GRACE: Duration = Duration::from_secs(3);
 
 /// What a VM is doing on this node.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum VmState {
     Running,
+    Paused,
     Stopped,
     Failed,
 }
 
-/// The `vmrun` command line of a VM.
-#[derive(Debug, Clone)]
+/// The `vmrun` command line of a VM (without the supervisor's own
+/// arguments: console, control socket, exit file).
+#[derive(Debug, Clone, Serialize, Deserialize)]
 struct Launch {
     args: Vec<String>,
+}
+
+/// A runner's record on disk: enough to take it over after a restart.
+#[derive(Debug, Serialize, Deserialize)]
+struct RunnerRecord {
+    pid: u32,
+    launch: Launch,
+}
+
+/// A running `vmrun`: this daemon's child, or one a previous daemon
+/// started and this one took over.
+#[derive(Debug)]
+enum Process {
+    Child(Child),
+    Adopted { pid: u32 },
+}
+
+impl Process {
+    fn pid(&self) -> u32 {
+        match self {
+            Process::Child(child) => child.id(),
+            Process::Adopted { pid } => *pid,
+        }
+    }
+
+    /// How it ended, if it has: `Ok(())` for a clean end.
+    fn ended(&mut self, exit_file: &FsPath) -> Option<Result<(), String>> {
+        match self {
+            Process::Child(child) => match child.try_wait() {
+                Ok(Some(status)) if status.success() => Some(Ok(())),
+                Ok(Some(status)) => Some(Err(format!("vmrun ended with {status}"))),
+                Ok(None) => None,
+                Err(error) => {
+                    tracing::warn!(%error, "cannot check a VM's runner");
+                    None
+                }
+            },
+            Process::Adopted { pid } => {
+                if alive(*pid) {
+                    return None;
+                }
+                // Not our child: its exit code is in the file it wrote.
+                match std::fs::read_to_string(exit_file) {
+                    Ok(code) if code.trim() == "0" => Some(Ok(())),
+                    Ok(code) => Some(Err(format!("vmrun exited with {}", code.trim()))),
+                    Err(_) => Some(Err("vmrun ended without an exit code (killed)".into())),
+                }
+            }
+        }
+    }
+
+    /// Kills it and waits for it to be gone.
+    fn kill(&mut self) {
+        match self {
+            Process::Child(child) => {
+                let _ = child.kill();
+                let _ = child.wait();
+            }
+            Process::Adopted { pid } => {
+                // SAFETY: kill(2) on a pid this daemon took over.
+                unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
+                for _ in 0..100 {
+                    if !alive(*pid) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+            }
+        }
+    }
+}
+
+/// Whether a process exists and has not ended (a zombie has).
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+    })
 }
 
 #[derive(Debug)]
 struct Runner {
     launch: Launch,
-    child: Option<Child>,
+    process: Option<Process>,
     state: VmState,
     restarts: u32,
     recent_failures: VecDeque<Instant>,
@@ -81,51 +176,29 @@ fn unix_now() -> u64 {
 
 impl VmSupervisor {
     /// VMs run `vmrun` (the binary beside `fabricd` unless given) and keep
-    /// their consoles under `dir`.
+    /// their consoles, control sockets and records under `dir`. Runners
+    /// a previous daemon left are taken over, or killed if they do not
+    /// answer.
     pub fn new(vmrun: PathBuf, dir: PathBuf) -> Arc<VmSupervisor> {
         let supervisor = VmSupervisor {
             vmrun,
             dir,
             runners: Mutex::default(),
         };
-        supervisor.kill_leftovers();
+        supervisor.take_over_leftovers();
         Arc::new(supervisor)
     }
 
-    fn pidfile(&self, name: &str) -> PathBuf {
+    fn record(&self, name: &str) -> PathBuf {
         self.dir.join(format!("{name}.pid"))
     }
 
-    /// Kills the runners a previous `fabricd` on this data directory left
-    /// (it was killed before it could stop them): a VM runs only when this
-    /// daemon started it, never twice on the same sockets.
-    fn kill_leftovers(&self) {
-        let Ok(entries) = std::fs::read_dir(&self.dir) else {
-            return;
-        };
-        for entry in entries.flatten() {
-            let path = entry.path();
-            if path.extension().and_then(|e| e.to_str()) != Some("pid") {
-                continue;
-            }
-            let pid: Option<i32> = std::fs::read_to_string(&path)
-                .ok()
-                .and_then(|text| text.trim().parse().ok());
-            let _ = std::fs::remove_file(&path);
-            let Some(pid) = pid.filter(|&pid| pid > 0) else {
-                continue;
-            };
-            // Only a process that is still this runner binary.
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-            if exe.as_deref() != Some(self.vmrun.as_path()) {
-                continue;
-            }
-            // SAFETY: kill(2) with a pid read above and a valid signal.
-            let killed = unsafe { libc::kill(pid, libc::SIGKILL) } == 0;
-            if killed {
-                tracing::warn!(pid, "killed a VM runner left by an earlier fabricd");
-            }
-        }
+    fn control(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.control"))
+    }
+
+    fn exit_file(&self, name: &str) -> PathBuf {
+        self.dir.join(format!("{name}.exit"))
     }
 
     fn console(&self, name: &str) -> PathBuf {
@@ -136,22 +209,100 @@ impl VmSupervisor {
         self.dir.join(format!("{name}.vmrun.log"))
     }
 
+    /// Takes over the runners a previous `fabricd` on this data directory
+    /// left running. One that is not this runner binary any more is left
+    /// alone (its pid was reused); one that does not answer on its
+    /// control socket is killed: a VM runs only under this daemon, never
+    /// twice on the same sockets.
+    fn take_over_leftovers(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        let mut runners = self.runners.lock().expect("runners poisoned");
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().and_then(|e| e.to_str()) != Some("pid") {
+                continue;
+            }
+            let Some(name) = path.file_stem().and_then(|s| s.to_str()).map(str::to_owned) else {
+                continue;
+            };
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            // An older record is the bare pid.
+            let (pid, launch) = match serde_json::from_str::<RunnerRecord>(&text) {
+                Ok(record) => (record.pid, Some(record.launch)),
+                Err(_) => (text.trim().parse().unwrap_or(0), None),
+            };
+            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
+            if pid == 0 || !alive(pid) || exe.as_deref() != Some(self.vmrun.as_path()) {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            }
+            let status = vmrun::control::request(&self.control(&name), "status", TAKE_OVER_TIMEOUT)
+                .ok()
+                .filter(|reply| reply["ok"] == true);
+            match (launch, status) {
+                (Some(launch), Some(status)) => {
+                    let state = if status["state"] == "paused" {
+                        VmState::Paused
+                    } else {
+                        VmState::Running
+                    };
+                    tracing::info!(vm = %name, pid, "took over a VM runner left by an earlier fabricd");
+                    let uptime = status["uptime_ms"].as_u64().unwrap_or(0) / 1000;
+                    runners.insert(
+                        name,
+                        Runner {
+                            launch,
+                            process: Some(Process::Adopted { pid }),
+                            state,
+                            restarts: 0,
+                            recent_failures: VecDeque::new(),
+                            last_error: None,
+                            started_unix: unix_now().saturating_sub(uptime),
+                        },
+                    );
+                }
+                _ => {
+                    let _ = std::fs::remove_file(&path);
+                    // SAFETY: kill(2) on a pid checked above to be a runner.
+                    if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
+                        tracing::warn!(vm = %name, pid, "killed a VM runner that did not answer on its control socket");
+                    }
+                }
+            }
+        }
+    }
+
     fn spawn(&self, name: &str, launch: &Launch) -> Result<Child, String> {
         std::fs::create_dir_all(&self.dir)
             .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
         let stderr = std::fs::File::create(self.stderr(name))
             .map_err(|e| format!("cannot create the runner's log: {e}"))?;
+        let _ = std::fs::remove_file(self.exit_file(name));
         let child = Command::new(&self.vmrun)
             .args(&launch.args)
             .arg("--serial-log")
             .arg(self.console(name))
+            .arg("--control")
+            .arg(self.control(name))
+            .arg("--exit-file")
+            .arg(self.exit_file(name))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(stderr)
+            // Its own process group: a signal to the daemon's group (a
+            // terminal's ^C) does not reach the VMs.
+            .process_group(0)
             .spawn()
             .map_err(|e| format!("cannot start {}: {e}", self.vmrun.display()))?;
-        if let Err(error) = std::fs::write(self.pidfile(name), child.id().to_string()) {
-            tracing::warn!(vm = name, %error, "cannot record a VM runner's pid");
+        let record = RunnerRecord {
+            pid: child.id(),
+            launch: launch.clone(),
+        };
+        let text = serde_json::to_string(&record).unwrap_or_default();
+        if let Err(error) = std::fs::write(self.record(name), text) {
+            tracing::warn!(vm = name, %error, "cannot record a VM runner");
         }
         Ok(child)
     }
@@ -159,10 +310,7 @@ impl VmSupervisor {
     /// Starts a VM (again, if it had stopped or failed).
     fn start(&self, name: &str, launch: Launch) -> Result<(), String> {
         let mut runners = self.runners.lock().expect("runners poisoned");
-        if runners
-            .get(name)
-            .is_some_and(|r| r.state == VmState::Running)
-        {
+        if runners.get(name).is_some_and(|r| r.process.is_some()) {
             return Err(format!("VM {name:?} is already running"));
         }
         let child = self.spawn(name, &launch)?;
@@ -171,7 +319,7 @@ impl VmSupervisor {
             name.to_owned(),
             Runner {
                 launch,
-                child: Some(child),
+                process: Some(Process::Child(child)),
                 state: VmState::Running,
                 restarts: 0,
                 recent_failures: VecDeque::new(),
@@ -182,30 +330,80 @@ impl VmSupervisor {
         Ok(())
     }
 
-    /// Stops a VM's runner (killing it: the guest is not asked). The
+    /// Stops a VM: its runner is asked to stop through its control
+    /// socket, and killed if it has not ended within [`STOP_GRACE`]. The
     /// runner is waited for after the lock is let go.
     fn stop(&self, name: &str) -> bool {
-        let child = {
+        let process = {
             let mut runners = self.runners.lock().expect("runners poisoned");
             let Some(runner) = runners.get_mut(name) else {
                 return false;
             };
             runner.state = VmState::Stopped;
-            runner.child.take()
+            runner.process.take()
         };
-        if let Some(mut child) = child {
-            let _ = child.kill();
-            let _ = child.wait();
+        if let Some(mut process) = process {
+            let asked = vmrun::control::request(&self.control(name), "stop", CONTROL_TIMEOUT);
+            let deadline = Instant::now() + STOP_GRACE;
+            while asked.is_ok()
+                && Instant::now() < deadline
+                && process.ended(&self.exit_file(name)).is_none()
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            process.kill();
+            let _ = std::fs::remove_file(self.record(name));
         }
         true
+    }
+
+    /// Whether a VM's runner is running (paused or not).
+    fn running(&self, name: &str) -> bool {
+        self.runners
+            .lock()
+            .expect("runners poisoned")
+            .get(name)
+            .is_some_and(|r| r.process.is_some())
+    }
+
+    /// Pauses or resumes a running VM through its control socket.
+    fn pause(&self, name: &str, pause: bool) -> Result<(), String> {
+        let (command, state) = if pause {
+            ("pause", VmState::Paused)
+        } else {
+            ("resume", VmState::Running)
+        };
+        if !self.running(name) {
+            return Err(format!("VM {name:?} is not running"));
+        }
+        let reply = vmrun::control::request(&self.control(name), command, CONTROL_TIMEOUT)
+            .map_err(|e| format!("VM {name:?} does not answer on its control socket: {e}"))?;
+        if reply["ok"] != true {
+            return Err(format!(
+                "VM {name:?}: {}",
+                reply["error"].as_str().unwrap_or("the runner refused")
+            ));
+        }
+        if let Some(runner) = self.runners.lock().expect("runners poisoned").get_mut(name) {
+            if runner.process.is_some() {
+                runner.state = state;
+            }
+        }
+        Ok(())
     }
 
     fn forget(&self, name: &str) {
         self.stop(name);
         self.runners.lock().expect("runners poisoned").remove(name);
-        let _ = std::fs::remove_file(self.console(name));
-        let _ = std::fs::remove_file(self.stderr(name));
-        let _ = std::fs::remove_file(self.pidfile(name));
+        for path in [
+            self.console(name),
+            self.stderr(name),
+            self.record(name),
+            self.exit_file(name),
+            self.control(name),
+        ] {
+            let _ = std::fs::remove_file(path);
+        }
     }
 
     /// Notices runners that ended: a clean end stops the VM; a failure
@@ -213,29 +411,24 @@ impl VmSupervisor {
     pub fn watch_once(&self) {
         let mut runners = self.runners.lock().expect("runners poisoned");
         for (name, runner) in runners.iter_mut() {
-            let Some(child) = runner.child.as_mut() else {
+            let Some(process) = runner.process.as_mut() else {
                 continue;
             };
-            let status = match child.try_wait() {
-                Ok(Some(status)) => status,
-                Ok(None) => continue,
-                Err(error) => {
-                    tracing::warn!(vm = %name, %error, "cannot check a VM's runner");
+            let Some(ended) = process.ended(&self.exit_file(name)) else {
+                continue;
+            };
+            runner.process = None;
+            let _ = std::fs::remove_file(self.record(name));
+            let said = last_line(&self.stderr(name));
+            let reason = match ended {
+                Ok(()) => {
+                    tracing::info!(vm = %name, said = %said, "a VM ended");
+                    runner.state = VmState::Stopped;
+                    runner.last_error = None;
                     continue;
                 }
-            };
-            runner.child = None;
-            let said = last_line(&self.stderr(name));
-            if status.success() {
-                tracing::info!(vm = %name, said = %said, "a VM ended");
-                runner.state = VmState::Stopped;
-                runner.last_error = None;
-                continue;
-            }
-            let reason = if said.is_empty() {
-                format!("vmrun ended with {status}")
-            } else {
-                format!("vmrun ended with {status}: {said}")
+                Err(reason) if said.is_empty() => reason,
+                Err(reason) => format!("{reason}: {said}"),
             };
             let now = Instant::now();
             runner
@@ -251,7 +444,8 @@ impl VmSupervisor {
             match self.spawn(name, &runner.launch) {
                 Ok(child) => {
                     tracing::warn!(vm = %name, %reason, pid = child.id(), "restarted a VM");
-                    runner.child = Some(child);
+                    runner.process = Some(Process::Child(child));
+                    runner.state = VmState::Running;
                     runner.restarts += 1;
                     runner.started_unix = unix_now();
                 }
@@ -264,30 +458,47 @@ impl VmSupervisor {
         }
     }
 
-    /// Kills every runner (the daemon is stopping).
+    /// The daemon is stopping: runners are left running, to be taken
+    /// over by the next `fabricd` (their guests wait for the backends).
     pub fn shutdown(&self) {
-        let names: Vec<String> = self
+        let running = self
             .runners
             .lock()
             .expect("runners poisoned")
-            .keys()
-            .cloned()
-            .collect();
-        for name in names {
-            self.stop(&name);
+            .values()
+            .filter(|r| r.process.is_some())
+            .count();
+        if running > 0 {
+            tracing::info!(
+                running,
+                "VM runners keep running; the next fabricd takes them over"
+            );
         }
     }
 
+    /// A VM's runner as the API shows it; its devices are asked of the
+    /// runner (blocking, up to a second).
     fn status(&self, name: &str) -> Option<RunnerView> {
-        let runners = self.runners.lock().expect("runners poisoned");
-        let runner = runners.get(name)?;
-        Some(RunnerView {
-            state: runner.state,
-            pid: runner.child.as_ref().map(Child::id),
-            restarts: runner.restarts,
-            last_error: runner.last_error.clone(),
-            started_unix: runner.started_unix,
-        })
+        let mut view = {
+            let runners = self.runners.lock().expect("runners poisoned");
+            let runner = runners.get(name)?;
+            RunnerView {
+                state: runner.state,
+                pid: runner.process.as_ref().map(Process::pid),
+                restarts: runner.restarts,
+                last_error: runner.last_error.clone(),
+                started_unix: runner.started_unix,
+                devices: Vec::new(),
+            }
+        };
+        if view.pid.is_some() {
+            view.devices =
+                vmrun::control::request(&self.control(name), "status", Duration::from_secs(1))
+                    .ok()
+                    .and_then(|reply| serde_json::from_value(reply["devices"].clone()).ok())
+                    .unwrap_or_default();
+        }
+        Some(view)
     }
 }
 
@@ -333,6 +544,8 @@ pub fn router(
         .route("/v1/vms/{name}", get(show_vm).delete(delete_vm))
         .route("/v1/vms/{name}/start", post(start_vm))
         .route("/v1/vms/{name}/stop", post(stop_vm))
+        .route("/v1/vms/{name}/pause", post(pause_vm))
+        .route("/v1/vms/{name}/resume", post(resume_vm))
         .route("/v1/vms/{name}/console", get(console_vm))
         .with_state(VmApi {
             supervisor,
@@ -448,7 +661,7 @@ async fn create_vm(
         .vms
         .get(&request.name)
         .ok_or_else(|| vm_not_found(&request.name))?;
-    Ok((StatusCode::CREATED, Json(view(&api, me, vm))))
+    Ok((StatusCode::CREATED, Json(view(&api, me, vm).await?)))
 }
 
 /// A VM as the API shows it.
@@ -467,22 +680,40 @@ struct RunnerView {
     restarts: u32,
     last_error: Option<String>,
     started_unix: u64,
+    /// The runner's devices and their backends (while it runs).
+    devices: Vec<vmrun::control::DeviceStatus>,
 }
 
-fn view(api: &VmApi, me: NodeId, meta: &VmMeta) -> VmView {
-    let runner = (meta.node == Some(me))
-        .then(|| api.supervisor.status(&meta.name))
-        .flatten();
-    VmView {
-        meta: meta.clone(),
-        runner,
-    }
+/// The VMs as the API shows them: this node's with their runners.
+async fn views(api: &VmApi, me: NodeId, metas: Vec<VmMeta>) -> Vec<VmView> {
+    let supervisor = api.supervisor.clone();
+    tokio::task::spawn_blocking(move || {
+        metas
+            .into_iter()
+            .map(|meta| VmView {
+                runner: (meta.node == Some(me))
+                    .then(|| supervisor.status(&meta.name))
+                    .flatten(),
+                meta,
+            })
+            .collect()
+    })
+    .await
+    .unwrap_or_default()
+}
+
+async fn view(api: &VmApi, me: NodeId, meta: &VmMeta) -> Result<VmView, ApiError> {
+    views(api, me, vec![meta.clone()])
+        .await
+        .pop()
+        .ok_or_else(|| vm_not_found(&meta.name))
 }
 
 async fn list_vms(State(api): State<VmApi>) -> Result<impl IntoResponse, ApiError> {
     let (metadata, me) = current(&api.cluster).await?;
-    let vms: Vec<VmView> = metadata.vms.values().map(|vm| view(&api, me, vm)).collect();
-    Ok(Json(vms))
+    Ok(Json(
+        views(&api, me, metadata.vms.values().cloned().collect()).await,
+    ))
 }
 
 async fn show_vm(
@@ -491,7 +722,7 @@ async fn show_vm(
 ) -> Result<impl IntoResponse, ApiError> {
     let (metadata, me) = current(&api.cluster).await?;
     let vm = metadata.vms.get(&name).ok_or_else(|| vm_not_found(&name))?;
-    Ok(Json(view(&api, me, vm)))
+    Ok(Json(view(&api, me, vm).await?))
 }
 
 /// The VM's definition, if this node runs it.
@@ -580,16 +811,41 @@ async fn stop_vm(
     Ok(StatusCode::NO_CONTENT)
 }
 
+async fn pause_vm(
+    State(api): State<VmApi>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    pause_or_resume(api, name, true).await
+}
+
+async fn resume_vm(
+    State(api): State<VmApi>,
+    Path(name): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    pause_or_resume(api, name, false).await
+}
+
+async fn pause_or_resume(api: VmApi, name: String, pause: bool) -> Result<StatusCode, ApiError> {
+    local_vm(&api, &name).await?;
+    let supervisor = api.supervisor.clone();
+    tokio::task::spawn_blocking(move || supervisor.pause(&name, pause))
+        .await
+        .map_err(|e| ApiError::bad_request(e.to_string()))?
+        .map_err(|reason| ApiError::new(StatusCode::CONFLICT, "vm_not_running", reason))?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
 async fn delete_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (_, vm) = local_vm(&api, &name).await?;
-    if api
-        .supervisor
-        .status(&name)
-        .is_some_and(|r| r.state == VmState::Running)
-    {
+    let supervisor = api.supervisor.clone();
+    let owned = name.clone();
+    let running = tokio::task::spawn_blocking(move || supervisor.running(&owned))
+        .await
+        .unwrap_or(true);
+    if running {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "vm_running",

@@ -227,6 +227,32 @@ impl Drop for Fabricd {
             let _ = child.kill();
             let _ = child.wait();
         }
+        // VM runners outlive fabricd by design; a test's must not.
+        for pid in self.vm_runner_pids() {
+            // SAFETY: kill(2) on a runner this node recorded.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
+impl Fabricd {
+    /// The pids of the VM runners this node has recorded (and that are
+    /// still `vmrun` processes).
+    pub fn vm_runner_pids(&self) -> Vec<i32> {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("vms")) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+            .filter_map(|e| {
+                let text = std::fs::read_to_string(e.path()).ok()?;
+                let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+                let pid = i32::try_from(record["pid"].as_u64()?).ok()?;
+                let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+                exe.ends_with("vmrun").then_some(pid)
+            })
+            .collect()
     }
 }
 

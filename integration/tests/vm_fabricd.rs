@@ -1,7 +1,10 @@
 //! VMs run by `fabricd` through `fabctl vm`: a VM with a volume as its disk
 //! runs a guest program to its power-off and its console shows the disk
 //! work; a runner killed with SIGKILL is started again; bad definitions
-//! and wrong orders are refused with clear errors.
+//! and wrong orders are refused with clear errors; a VM pauses and
+//! resumes; a VM keeps running across a fabricd crash (the new fabricd
+//! takes its runner over and the disk's backend comes back under it); a
+//! hung runner is killed by the next fabricd.
 
 use std::path::Path;
 use std::time::Duration;
@@ -141,8 +144,9 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
         v["runner"]["state"].as_str() == Some("stopped")
     })?;
 
-    // fabricd killed while a VM runs: the next fabricd kills the runner
-    // it left, and the VM can be started again.
+    // A runner that hangs (stopped with SIGSTOP, so it cannot answer on
+    // its control socket) while fabricd is killed: the next fabricd kills
+    // it instead of taking it over, and the VM can be started again.
     node.fabctl(&["vm", "start", "vm2"])?;
     let running = wait_vm(node, "vm2", "ran", |v| {
         v["runner"]["pid"].as_u64().is_some()
@@ -150,6 +154,8 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     let orphan = running["runner"]["pid"].as_u64().context("a pid")?;
     let mut nodes = nodes;
     let node = &mut nodes[0].node;
+    // SAFETY: kill(2) on the runner's pid, read above.
+    ensure!(unsafe { libc::kill(orphan as i32, libc::SIGSTOP) } == 0);
     node.kill9()?;
     ensure!(
         Path::new(&format!("/proc/{orphan}")).exists(),
@@ -157,7 +163,7 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     );
     node.restart()?;
     let mut gone = false;
-    for _ in 0..100 {
+    for _ in 0..200 {
         // A zombie (reaped by init later) counts as gone.
         let state = std::fs::read_to_string(format!("/proc/{orphan}/stat")).unwrap_or_default();
         if state.is_empty() || state.contains(") Z") {
@@ -166,7 +172,7 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    ensure!(gone, "runner {orphan} survived the new fabricd");
+    ensure!(gone, "hung runner {orphan} survived the new fabricd");
     let node = &nodes[0].node;
     wait_vm(node, "vm2", "answered", |v| v["name"] == "vm2")?;
     node.fabctl(&["vm", "start", "vm2"])?;
@@ -179,5 +185,110 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     }
     let listed = node.fabctl_json(&["vm", "list"])?;
     ensure!(listed.as_array().is_some_and(Vec::is_empty), "{listed}");
+    Ok(())
+}
+
+/// The highest "blkloop: round N ok" in a console.
+fn last_round(console: &str) -> u64 {
+    console
+        .lines()
+        .filter_map(|l| l.strip_prefix("blkloop: round ")?.strip_suffix(" ok"))
+        .filter_map(|n| n.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_vm_pauses_resumes_and_keeps_its_disk_across_a_fabricd_crash() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let blkloop = integration::guest::vmrun_program(dir.path(), "blkloop")?;
+    let blkloop = blkloop.to_str().context("path")?;
+    let mut nodes = start_cluster(dir.path(), 1, "")?;
+    let node = &nodes[0].node;
+    node.create_attached_volume("disk1", "64M")?;
+    node.fabctl(&[
+        "vm", "create", "vm1", "--kernel", blkloop, "--memory", "16M", "--volume", "disk1",
+    ])?;
+    node.fabctl(&["vm", "start", "vm1"])?;
+    let console = |node: &Fabricd| node.fabctl(&["vm", "console", "vm1"]).unwrap_or_default();
+    wait_vm(node, "vm1", "wrote its disk", |_| {
+        last_round(&console(node)) >= 3
+    })?;
+
+    // Paused: no round completes; resumed: they go on.
+    node.fabctl(&["vm", "pause", "vm1"])?;
+    let paused = wait_vm(node, "vm1", "paused", |v| v["runner"]["state"] == "paused")?;
+    let disk = &paused["runner"]["devices"][0];
+    ensure!(
+        disk["kind"] == "disk" && disk["driver_ok"] == true && disk["backend_connected"] == true,
+        "{paused}"
+    );
+    let before = last_round(&console(node));
+    std::thread::sleep(Duration::from_millis(1500));
+    let still = last_round(&console(node));
+    ensure!(
+        still == before,
+        "rounds went on while paused: {before} -> {still}"
+    );
+    let again = node.fabctl_fails(&["vm", "resume", "nope"])?;
+    ensure!(again.contains("no VM \"nope\""), "{again}");
+    node.fabctl(&["vm", "resume", "vm1"])?;
+    wait_vm(node, "vm1", "resumed", |v| {
+        v["runner"]["state"] == "running" && last_round(&console(node)) > still
+    })?;
+    let not_paused = node.fabctl_fails(&["vm", "resume", "vm1"])?;
+    ensure!(not_paused.contains("not paused"), "{not_paused}");
+
+    // fabricd dies mid-write; the runner and its guest live on, waiting
+    // for the disk. The next fabricd takes the runner over and serves the
+    // volume again; the runner reconnects and the rounds go on.
+    let pid = node.fabctl_json(&["vm", "show", "vm1"])?["runner"]["pid"]
+        .as_u64()
+        .context("a pid")?;
+    let node = &mut nodes[0].node;
+    node.kill9()?;
+    let at_crash = last_round(&std::fs::read_to_string(
+        node.data_dir.join("vms/vm1.console"),
+    )?);
+    std::thread::sleep(Duration::from_millis(500));
+    ensure!(
+        Path::new(&format!("/proc/{pid}")).exists(),
+        "the runner outlives a killed fabricd"
+    );
+    node.restart()?;
+    let node = &nodes[0].node;
+    let back = wait_vm(node, "vm1", "came back", |v| {
+        v["runner"]["devices"][0]["reconnects"].as_u64() >= Some(1)
+            && v["runner"]["devices"][0]["backend_connected"] == true
+            && last_round(&console(node)) > at_crash + 2
+    })?;
+    ensure!(
+        back["runner"]["pid"].as_u64() == Some(pid),
+        "not taken over: {back}"
+    );
+    ensure!(back["runner"]["state"] == "running", "{back}");
+    let text = console(node);
+    ensure!(
+        !text.contains("MISMATCH") && !text.contains("failed"),
+        "{text}"
+    );
+    let log = std::fs::read_to_string(node.data_dir.join("vms/vm1.vmrun.log"))?;
+    ensure!(
+        log.contains("went away") && log.contains("is back"),
+        "{log}"
+    );
+
+    // Stopped through its control socket: a clean end.
+    node.fabctl(&["vm", "stop", "vm1"])?;
+    let stopped = wait_vm(node, "vm1", "stopped", |v| {
+        v["runner"]["state"] == "stopped"
+    })?;
+    ensure!(stopped["runner"]["last_error"].is_null(), "{stopped}");
+    ensure!(
+        !Path::new(&format!("/proc/{pid}/exe")).exists(),
+        "runner {pid} still runs"
+    );
+    let not_running = node.fabctl_fails(&["vm", "pause", "vm1"])?;
+    ensure!(not_running.contains("not running"), "{not_running}");
     Ok(())
 }

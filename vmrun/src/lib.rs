@@ -1,8 +1,8 @@
 //! Fabric's thin KVM runner.
 //!
 //! This crate owns the `vmrun` binary: guest memory, vCPU threads, boot and
-//! the serial console; later the vhost-user frontends that attach a VM to
-//! Fabric's volumes and switch ports. It must not serve storage or switch
+//! the serial console; the vhost-user frontends that attach a VM to
+//! Fabric's volumes and switch ports; and its control socket. It must not serve storage or switch
 //! frames itself; those stay in `fabricd`.
 //!
 //! - [`memory`]: guest RAM (memfd-backed, shareable with vhost-user
@@ -13,8 +13,12 @@
 //!   initramfs, zero page).
 //! - [`virtio_mmio`]: the virtio-mmio transport's registers, pure.
 //! - [`vhost_user`]: a virtio device served by a vhost-user backend.
-//! - [`vm`]: the VM, its vCPU threads and its MMIO bus.
+//! - [`vm`]: the VM, its vCPU threads and its MMIO bus; it keeps the
+//!   devices' backends connected (a backend that restarts is resumed).
+//! - [`control`]: pause, resume, stop and status, in process and on a
+//!   unix socket.
 
+pub mod control;
 pub mod devices;
 pub mod linux;
 pub mod memory;

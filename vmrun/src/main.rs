@@ -4,12 +4,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use vmrun::vm::{Ended, NicConfig, Vm, VmConfig};
+use vmrun::vm::{Ended, NicConfig, Vm, VmConfig, VmError};
 
 /// Run a VM on KVM: boot a Linux bzImage (one vCPU), or load a 64-bit ELF
-/// program and start it on every vCPU in 64-bit mode; print its serial console, and stop when it powers
-/// off (exit 0), resets (exit 2), hits a triple fault (exit 3) or halts
-/// (exit 0).
+/// program and start it on every vCPU in 64-bit mode; print its serial
+/// console, and stop when it powers off (exit 0), halts (exit 0), is
+/// stopped through its control socket (exit 0), resets (exit 2) or hits a
+/// triple fault (exit 3).
 #[derive(Debug, Parser)]
 #[command(name = "vmrun", version)]
 struct Args {
@@ -41,6 +42,14 @@ struct Args {
     /// virtio-net NIC on virtio-mmio after the disks. Repeatable.
     #[arg(long = "nic", value_parser = parse_nic)]
     nics: Vec<NicConfig>,
+    /// A unix socket to serve the VM's control on (one JSON object per
+    /// line: {"command":"status"|"pause"|"resume"|"stop"}).
+    #[arg(long)]
+    control: Option<PathBuf>,
+    /// A file the runner writes its exit code to as it ends (for a
+    /// supervisor that is not its parent).
+    #[arg(long)]
+    exit_file: Option<PathBuf>,
 }
 
 fn parse_nic(text: &str) -> Result<NicConfig, String> {
@@ -128,27 +137,38 @@ fn main() -> ExitCode {
         },
         None => Box::new(std::io::stdout()),
     };
-    let ended = Vm::new(&config, console).and_then(Vm::run);
-    match ended {
-        Ok(Ended::PoweredOff) => {
-            eprintln!("vmrun: the guest powered off");
-            ExitCode::SUCCESS
+    let ended = Vm::new(&config, console).and_then(|vm| {
+        if let Some(path) = &args.control {
+            vmrun::control::serve(path, vm.control()).map_err(|error| VmError::Exit {
+                vcpu: 0,
+                exit: format!(
+                    "cannot serve the control socket {}: {error}",
+                    path.display()
+                ),
+            })?;
         }
-        Ok(Ended::Halted) => {
-            eprintln!("vmrun: every vCPU halted");
-            ExitCode::SUCCESS
-        }
-        Ok(Ended::Reset) => {
-            eprintln!("vmrun: the guest asked for a reset");
-            ExitCode::from(2)
-        }
-        Ok(Ended::TripleFault { vcpu }) => {
-            eprintln!("vmrun: vCPU {vcpu} hit a triple fault");
-            ExitCode::from(3)
-        }
-        Err(error) => {
-            eprintln!("vmrun: {error}");
-            ExitCode::FAILURE
+        vm.run()
+    });
+    let (code, said) = match ended {
+        Ok(Ended::PoweredOff) => (0, "the guest powered off".to_owned()),
+        Ok(Ended::Halted) => (0, "every vCPU halted".to_owned()),
+        Ok(Ended::Stopped) => (0, "stopped through its control socket".to_owned()),
+        Ok(Ended::Reset) => (2, "the guest asked for a reset".to_owned()),
+        Ok(Ended::TripleFault { vcpu }) => (3, format!("vCPU {vcpu} hit a triple fault")),
+        Err(error) => (1, error.to_string()),
+    };
+    eprintln!("vmrun: {said}");
+    if let Some(path) = &args.exit_file {
+        // Written whole and then renamed: a reader sees all or nothing.
+        let partial = path.with_extension("partial");
+        let written = std::fs::write(&partial, format!("{code}\n"))
+            .and_then(|()| std::fs::rename(&partial, path));
+        if let Err(error) = written {
+            eprintln!("vmrun: cannot write {}: {error}", path.display());
         }
     }
+    if let Some(path) = &args.control {
+        let _ = std::fs::remove_file(path);
+    }
+    ExitCode::from(code)
 }

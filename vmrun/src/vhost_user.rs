@@ -4,6 +4,7 @@
 //! kick and call eventfds. Kicks go from the guest to the backend through
 //! KVM (ioeventfd) without the runner; the runner never touches a request.
 
+use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 
 use vhost::vhost_user::message::{
@@ -11,7 +12,7 @@ use vhost::vhost_user::message::{
 };
 use vhost::vhost_user::{Frontend, VhostUserFrontend};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::memory::Memory;
@@ -46,20 +47,28 @@ pub enum VhostUserError {
     Queue { index: usize },
     #[error("a queue at {0:#x} does not lie in guest memory")]
     Address(u64),
+    #[error("the vhost-user backend at {path} is gone (waiting for it to come back)")]
+    Gone { path: PathBuf },
     #[error("cannot make an eventfd: {0}")]
     EventFd(std::io::Error),
 }
 
-/// A vhost-user device, connected, not yet started.
+/// A vhost-user device: its socket, the backend while one is connected,
+/// and the eventfds that outlive backends (KVM signals the kicks; the
+/// calls are the guest's interrupts), so a restarted backend is handed
+/// the same ones.
 pub struct VhostUserDevice {
     path: PathBuf,
-    frontend: Frontend,
+    device_id: u32,
+    /// The backend, or none while it is gone (until [`Self::reconnect`]).
+    frontend: Option<Frontend>,
     /// Features the backend offers, without the vhost-user bit.
     features: u64,
     protocol_bit: u64,
     config: Vec<u8>,
     kicks: Vec<EventFd>,
     calls: Vec<EventFd>,
+    reconnects: u32,
 }
 
 impl std::fmt::Debug for VhostUserDevice {
@@ -67,6 +76,7 @@ impl std::fmt::Debug for VhostUserDevice {
         f.debug_struct("VhostUserDevice")
             .field("path", &self.path)
             .field("features", &format_args!("{:#x}", self.features))
+            .field("connected", &self.frontend.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -81,64 +91,180 @@ fn refused(path: &Path, request: &'static str) -> impl FnOnce(vhost::Error) -> V
     }
 }
 
+/// A backend connected and asked what it offers.
+struct Handshake {
+    frontend: Frontend,
+    features: u64,
+    config: Vec<u8>,
+}
+
+/// Connects to `path`, takes ownership and learns the device's features
+/// and (for a disk) its config space.
+fn handshake(path: &Path, device_id: u32, queues: usize) -> Result<Handshake, VhostUserError> {
+    let protocol = |request: &'static str| refused(path, request);
+    let mut frontend =
+        Frontend::connect(path, queues as u64).map_err(|source| VhostUserError::Connect {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    frontend.set_owner().map_err(protocol("SET_OWNER"))?;
+    let features = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
+    if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
+        return Err(VhostUserError::Missing {
+            path: path.to_path_buf(),
+            what: "VHOST_USER_F_PROTOCOL_FEATURES",
+        });
+    }
+    let protocol_offered = frontend
+        .get_protocol_features()
+        .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
+    let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
+    frontend
+        .set_protocol_features(protocol_offered & wanted)
+        .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
+    if protocol_offered.contains(VhostUserProtocolFeatures::REPLY_ACK) {
+        frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
+    }
+    let config = if device_id == VIRTIO_ID_BLOCK {
+        if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIG) {
+            return Err(VhostUserError::Missing {
+                path: path.to_path_buf(),
+                what: "the CONFIG protocol feature (a disk's capacity)",
+            });
+        }
+        let blank = vec![0u8; BLK_CONFIG_BYTES as usize];
+        let (_, payload) = frontend
+            .get_config(0, BLK_CONFIG_BYTES, VhostUserConfigFlags::empty(), &blank)
+            .map_err(protocol("GET_CONFIG"))?;
+        payload
+    } else {
+        Vec::new()
+    };
+    Ok(Handshake {
+        frontend,
+        features,
+        config,
+    })
+}
+
 impl VhostUserDevice {
     /// Connects to `path` and learns the device's features and config.
     pub fn connect(path: &Path, device_id: u32, queues: usize) -> Result<Self, VhostUserError> {
-        let path = path.to_path_buf();
-        let protocol = |request: &'static str| refused(&path, request);
-        let mut frontend =
-            Frontend::connect(&path, queues as u64).map_err(|source| VhostUserError::Connect {
-                path: path.clone(),
-                source,
-            })?;
-        frontend.set_owner().map_err(protocol("SET_OWNER"))?;
-        let offered = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
-        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
-        if offered & protocol_bit == 0 {
-            return Err(VhostUserError::Missing {
-                path,
-                what: "VHOST_USER_F_PROTOCOL_FEATURES",
-            });
-        }
-        let protocol_offered = frontend
-            .get_protocol_features()
-            .map_err(protocol("GET_PROTOCOL_FEATURES"))?;
-        let wanted = VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::REPLY_ACK;
-        frontend
-            .set_protocol_features(protocol_offered & wanted)
-            .map_err(protocol("SET_PROTOCOL_FEATURES"))?;
-        if protocol_offered.contains(VhostUserProtocolFeatures::REPLY_ACK) {
-            frontend.set_hdr_flags(VhostUserHeaderFlag::NEED_REPLY);
-        }
-        let config = if device_id == VIRTIO_ID_BLOCK {
-            if !protocol_offered.contains(VhostUserProtocolFeatures::CONFIG) {
-                return Err(VhostUserError::Missing {
-                    path,
-                    what: "the CONFIG protocol feature (a disk's capacity)",
-                });
-            }
-            let blank = vec![0u8; BLK_CONFIG_BYTES as usize];
-            let (_, payload) = frontend
-                .get_config(0, BLK_CONFIG_BYTES, VhostUserConfigFlags::empty(), &blank)
-                .map_err(protocol("GET_CONFIG"))?;
-            payload
-        } else {
-            Vec::new()
-        };
+        let Handshake {
+            frontend,
+            features,
+            config,
+        } = handshake(path, device_id, queues)?;
         let eventfds = || {
             (0..queues)
                 .map(|_| EventFd::new(libc::EFD_NONBLOCK).map_err(VhostUserError::EventFd))
                 .collect::<Result<Vec<_>, _>>()
         };
+        let protocol_bit = VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         Ok(VhostUserDevice {
-            path,
-            frontend,
-            features: offered & !protocol_bit,
+            path: path.to_path_buf(),
+            device_id,
+            frontend: Some(frontend),
+            features: features & !protocol_bit,
             protocol_bit,
             config,
             kicks: eventfds()?,
             calls: eventfds()?,
+            reconnects: 0,
         })
+    }
+
+    /// The backend's socket.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Whether a backend is connected.
+    pub fn connected(&self) -> bool {
+        self.frontend.is_some()
+    }
+
+    /// How many times a backend came back.
+    pub fn reconnects(&self) -> u32 {
+        self.reconnects
+    }
+
+    /// Whether the backend hung up (its end of the socket is closed). A
+    /// backend never speaks first on this socket, so a readable socket
+    /// at end-of-file is a backend gone; on `true` the device forgets it.
+    pub fn hung_up(&mut self) -> bool {
+        let Some(frontend) = &self.frontend else {
+            return false;
+        };
+        let mut poll = libc::pollfd {
+            fd: frontend.as_raw_fd(),
+            events: libc::POLLIN | libc::POLLRDHUP,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd, no timeout.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        if ready <= 0 {
+            return false;
+        }
+        let gone = if poll.revents & (libc::POLLHUP | libc::POLLRDHUP | libc::POLLERR) != 0 {
+            true
+        } else {
+            let mut byte = 0u8;
+            // SAFETY: a one-byte peek into a local buffer.
+            let peeked = unsafe {
+                libc::recv(
+                    frontend.as_raw_fd(),
+                    (&mut byte as *mut u8).cast(),
+                    1,
+                    libc::MSG_PEEK | libc::MSG_DONTWAIT,
+                )
+            };
+            peeked == 0
+        };
+        if gone {
+            self.frontend = None;
+        }
+        gone
+    }
+
+    /// Connects to a backend that came back on the same socket. It must
+    /// offer every feature the first one did (the guest has them).
+    pub fn reconnect(&mut self) -> Result<(), VhostUserError> {
+        let Handshake {
+            frontend,
+            features,
+            config,
+        } = handshake(&self.path, self.device_id, self.kicks.len())?;
+        let features = features & !self.protocol_bit;
+        if features & self.features != self.features {
+            return Err(VhostUserError::Missing {
+                path: self.path.clone(),
+                what: "features the first backend offered",
+            });
+        }
+        if self.device_id == VIRTIO_ID_BLOCK && config != self.config {
+            return Err(VhostUserError::Missing {
+                path: self.path.clone(),
+                what: "the same disk (its config space changed)",
+            });
+        }
+        self.frontend = Some(frontend);
+        self.reconnects += 1;
+        Ok(())
+    }
+
+    /// Tells the backend to look at every queue (after a reconnect: kicks
+    /// the last backend took may never have been served).
+    pub fn kick_all(&self) {
+        for kick in &self.kicks {
+            let _ = kick.write(1);
+        }
+    }
+
+    /// The eventfd the backend signals when it used buffers of queue
+    /// `index`: the guest's interrupt (irqfd).
+    pub fn call(&self, index: usize) -> Option<&EventFd> {
+        self.calls.get(index)
     }
 
     /// Features to offer the guest.
@@ -156,16 +282,23 @@ impl VhostUserDevice {
         self.kicks.get(index)
     }
 
-    /// Starts the backend on the queues the driver set up.
+    /// Starts the backend on the queues the driver set up: new queues at
+    /// 0; with `resume` (a backend that came back), where the guest's
+    /// used ring is, so requests the last backend took but never
+    /// completed are served again.
     pub fn activate(
         &mut self,
         memory: &Memory,
         driver_features: u64,
         queues: &[QueueConfig],
+        resume: bool,
     ) -> Result<(), VhostUserError> {
         let path = self.path.clone();
         let protocol = |request: &'static str| refused(&path, request);
-        self.frontend
+        let Some(frontend) = self.frontend.as_mut() else {
+            return Err(VhostUserError::Gone { path });
+        };
+        frontend
             .set_features((driver_features & self.features) | self.protocol_bit)
             .map_err(protocol("SET_FEATURES"))?;
         let regions = memory
@@ -173,7 +306,7 @@ impl VhostUserDevice {
             .map(VhostUserMemoryRegionInfo::from_guest_region)
             .collect::<Result<Vec<_>, _>>()
             .map_err(protocol("SET_MEM_TABLE"))?;
-        self.frontend
+        frontend
             .set_mem_table(&regions)
             .map_err(protocol("SET_MEM_TABLE"))?;
         // A ring must lie wholly in guest RAM (one region, so its start's
@@ -202,22 +335,29 @@ impl VhostUserDevice {
                 avail_ring_addr: host(queue.avail, 6 + 2 * entries)?,
                 log_addr: None,
             };
-            self.frontend
+            frontend
                 .set_vring_num(index, queue.size)
                 .map_err(protocol("SET_VRING_NUM"))?;
-            self.frontend
-                .set_vring_base(index, 0)
+            let base: u16 = if resume {
+                memory
+                    .read_obj(GuestAddress(queue.used + 2))
+                    .map_err(|_| VhostUserError::Address(queue.used))?
+            } else {
+                0
+            };
+            frontend
+                .set_vring_base(index, base)
                 .map_err(protocol("SET_VRING_BASE"))?;
-            self.frontend
+            frontend
                 .set_vring_addr(index, &vring)
                 .map_err(protocol("SET_VRING_ADDR"))?;
-            self.frontend
+            frontend
                 .set_vring_call(index, &self.calls[index])
                 .map_err(protocol("SET_VRING_CALL"))?;
-            self.frontend
+            frontend
                 .set_vring_kick(index, &self.kicks[index])
                 .map_err(protocol("SET_VRING_KICK"))?;
-            self.frontend
+            frontend
                 .set_vring_enable(index, true)
                 .map_err(protocol("SET_VRING_ENABLE"))?;
         }
@@ -226,9 +366,12 @@ impl VhostUserDevice {
 
     /// Stops the backend's queues (the driver reset the device).
     pub fn reset(&mut self, queues: usize) {
+        let Some(frontend) = self.frontend.as_mut() else {
+            return;
+        };
         for index in 0..queues {
-            let _ = self.frontend.set_vring_enable(index, false);
-            let _ = self.frontend.get_vring_base(index);
+            let _ = frontend.set_vring_enable(index, false);
+            let _ = frontend.get_vring_base(index);
         }
     }
 }

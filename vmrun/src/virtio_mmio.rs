@@ -15,6 +15,8 @@ pub const STATUS_DRIVER_OK: u32 = 4;
 pub const STATUS_FEATURES_OK: u32 = 8;
 pub const STATUS_NEEDS_RESET: u32 = 0x40;
 pub const STATUS_FAILED: u32 = 0x80;
+/// INTERRUPT_STATUS: the device used buffers.
+pub const INT_VRING: u32 = 1;
 
 /// Register offsets.
 pub mod reg {
@@ -86,7 +88,6 @@ pub struct MmioTransport {
     queue_sel: u32,
     queues: Vec<QueueConfig>,
     status: u32,
-    interrupt_status: u32,
     config: Vec<u8>,
 }
 
@@ -115,13 +116,16 @@ impl MmioTransport {
                 })
                 .collect(),
             status: 0,
-            interrupt_status: 0,
             config,
         }
     }
 
     pub fn queues(&self) -> &[QueueConfig] {
         &self.queues
+    }
+
+    pub fn device_id(&self) -> u32 {
+        self.device_id
     }
 
     pub fn driver_features(&self) -> u64 {
@@ -168,7 +172,12 @@ impl MmioTransport {
             },
             reg::QUEUE_NUM_MAX => queue.map_or(0, |q| u32::from(q.max)),
             reg::QUEUE_READY => queue.map_or(0, |q| u32::from(q.ready)),
-            reg::INTERRUPT_STATUS => self.interrupt_status,
+            // The backend raises a queue's interrupt itself (its call
+            // eventfd is the guest's irqfd), so the transport never knows
+            // which reason fired: a running device always reports "used
+            // buffers", and the driver looks at its queues (finding none
+            // is harmless). Config changes are never signalled.
+            reg::INTERRUPT_STATUS if self.status & STATUS_DRIVER_OK != 0 => INT_VRING,
             reg::STATUS => self.status,
             reg::CONFIG_GENERATION => 0,
             _ => 0,
@@ -224,7 +233,6 @@ impl MmioTransport {
                     set_half(&mut q.used, offset == reg::QUEUE_DEVICE_HIGH, value);
                 }
             }
-            reg::INTERRUPT_ACK => self.interrupt_status &= !value,
             reg::STATUS => return self.set_status(value),
             _ => {}
         }
@@ -298,6 +306,7 @@ mod tests {
         write(&mut t, reg::QUEUE_DRIVER_LOW, 0x2000);
         write(&mut t, reg::QUEUE_DEVICE_LOW, 0x3000);
         write(&mut t, reg::QUEUE_READY, 1);
+        assert_eq!(read(&t, reg::INTERRUPT_STATUS), 0);
         assert_eq!(write(&mut t, reg::STATUS, 0xf), Some(Event::Activate));
         let q = t.queues()[0];
         assert!(q.is_valid());
@@ -306,6 +315,8 @@ mod tests {
             (0x1_0000_1000, 0x2000, 0x3000, 8)
         );
         assert_eq!(t.driver_features(), 1 << 32);
+        // Running: every interrupt is a queue's.
+        assert_eq!(read(&t, reg::INTERRUPT_STATUS), INT_VRING);
         // Running: queue registers are no longer taken.
         write(&mut t, reg::QUEUE_NUM, 16);
         assert_eq!(t.queues()[0].size, 8);

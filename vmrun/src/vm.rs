@@ -8,7 +8,6 @@
 
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -16,8 +15,9 @@ use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::{Elf, KernelLoader};
 use vm_memory::{GuestAddress, GuestMemoryBackend};
-use vmm_sys_util::signal::{register_signal_handler, Killable, SIGRTMIN};
+use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::control::{DeviceStatus, VmControl};
 use crate::devices::{Console, GuestRequest, IrqLine, PortBus};
 use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
 use crate::vhost_user::{
@@ -84,6 +84,8 @@ pub enum Ended {
     Halted,
     /// A vCPU hit a triple fault (KVM shut it down).
     TripleFault { vcpu: u8 },
+    /// It was stopped through its control ([`VmControl::stop`]).
+    Stopped,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +130,8 @@ pub enum VmError {
     },
     #[error("a VM has at most {DEVICES_MAX} disks and NICs together, not {0}")]
     Devices(usize),
+    #[error("a Linux guest has at most {max} disks and NICs (one interrupt line each), not {count}", max = DEVICE_GSIS.len())]
+    LinuxDevices { count: usize },
     #[error("NIC {index}: {source}")]
     Nic {
         index: usize,
@@ -150,7 +154,15 @@ pub struct Vm {
     vcpus: Vec<VcpuFd>,
     bus: Arc<PortBus>,
     mmio: Arc<MmioBus>,
+    control: Arc<VmControl>,
 }
+
+/// The interrupt lines (GSIs) of a Linux guest's virtio devices, in
+/// window order: the ISA lines COM1, the RTC and the FPU do not use, then
+/// the I/O APIC's PCI lines.
+pub const DEVICE_GSIS: [u32; 17] = [
+    5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
+];
 
 /// A virtio device on the MMIO bus, served by a vhost-user backend.
 #[derive(Debug)]
@@ -160,6 +172,55 @@ struct VirtioDevice {
     backend: VhostUserDevice,
 }
 
+impl VirtioDevice {
+    /// Notices a backend that went away and connects to it again once it
+    /// is back; a device the driver had started is started on the new
+    /// backend where the guest's rings are.
+    fn keep_connected(&mut self, memory: &Memory) {
+        if !self.backend.connected() {
+            if self.backend.reconnect().is_err() {
+                return;
+            }
+            eprintln!(
+                "vmrun: the backend at {} is back",
+                self.backend.path().display()
+            );
+            if self.transport.status() & virtio_mmio::STATUS_DRIVER_OK != 0 {
+                let features = self.transport.driver_features();
+                let queues = self.transport.queues().to_vec();
+                match self.backend.activate(memory, features, &queues, true) {
+                    Ok(()) => self.backend.kick_all(),
+                    Err(error) => {
+                        eprintln!(
+                            "vmrun: the device at {:#x} cannot resume: {error}",
+                            self.base
+                        );
+                        self.transport.fail();
+                    }
+                }
+            }
+        } else if self.backend.hung_up() {
+            eprintln!(
+                "vmrun: the backend at {} went away; waiting for it to come back",
+                self.backend.path().display()
+            );
+        }
+    }
+
+    fn status(&self) -> DeviceStatus {
+        DeviceStatus {
+            kind: match self.transport.device_id() {
+                VIRTIO_ID_BLOCK => "disk".into(),
+                _ => "nic".into(),
+            },
+            socket: self.backend.path().display().to_string(),
+            driver_ok: self.transport.status() & virtio_mmio::STATUS_DRIVER_OK != 0,
+            backend_connected: self.backend.connected(),
+            reconnects: self.backend.reconnects(),
+        }
+    }
+}
+
 /// The virtio-mmio devices, shared by the vCPU threads.
 #[derive(Debug)]
 pub struct MmioBus {
@@ -167,7 +228,32 @@ pub struct MmioBus {
     memory: Memory,
 }
 
+/// How often the backends' sockets are checked (and a lost backend
+/// tried again).
+const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
+
 impl MmioBus {
+    /// Each device's status, in window order.
+    pub fn status(&self) -> Vec<DeviceStatus> {
+        self.devices
+            .iter()
+            .map(|device| device.lock().expect("device poisoned").status())
+            .collect()
+    }
+
+    /// Keeps every device's backend connected until the VM stops.
+    fn keep_connected(&self, control: &VmControl) {
+        while !control.stopping() {
+            for device in &self.devices {
+                device
+                    .lock()
+                    .expect("device poisoned")
+                    .keep_connected(&self.memory);
+            }
+            std::thread::sleep(RECONNECT_INTERVAL);
+        }
+    }
+
     fn find(&self, address: u64) -> Option<(&Mutex<VirtioDevice>, u64)> {
         let index = address.checked_sub(MMIO_BASE)? / virtio_mmio::WINDOW_BYTES;
         let device = self.devices.get(index as usize)?;
@@ -201,7 +287,7 @@ impl MmioBus {
             Some(virtio_mmio::Event::Activate) => {
                 let features = transport.driver_features();
                 let queues = transport.queues().to_vec();
-                if let Err(error) = backend.activate(&self.memory, features, &queues) {
+                if let Err(error) = backend.activate(&self.memory, features, &queues, false) {
                     eprintln!("vmrun: the device at {base:#x} cannot start: {error}");
                     transport.fail();
                 }
@@ -363,6 +449,10 @@ impl Vm {
                     .enumerate()
                     .map(|(index, nic)| (&nic.socket, VIRTIO_ID_NET, Some(nic.mac), index)),
             );
+        let windows = config.disks.len() + config.nics.len();
+        if linux && windows > DEVICE_GSIS.len() {
+            return Err(VmError::LinuxDevices { count: windows });
+        }
         let mut devices = Vec::new();
         for (slot, (path, device_id, mac, index)) in specs.enumerate() {
             let device_error = |source| match mac {
@@ -385,6 +475,16 @@ impl Vm {
                     queue as u32,
                 )
                 .map_err(kvm_call("a queue notification address"))?;
+                // The backend's "used buffers" signal is the guest's
+                // interrupt, without the runner.
+                if linux {
+                    let call = backend.call(queue).ok_or(VmError::Exit {
+                        vcpu: 0,
+                        exit: "a device without its call eventfd".into(),
+                    })?;
+                    fd.register_irqfd(call, DEVICE_GSIS[slot])
+                        .map_err(kvm_call("a device interrupt"))?;
+                }
             }
             // A NIC's config space is the runner's: its MAC, link up, one
             // queue pair (the switch's ports do not serve config).
@@ -413,6 +513,7 @@ impl Vm {
             devices,
             memory: ram.memory().clone(),
         });
+        let control = VmControl::new(config.vcpus, config.memory_bytes, mmio.clone());
 
         let supported = kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
@@ -443,7 +544,13 @@ impl Vm {
             vcpus,
             bus: Arc::new(PortBus::new(console, serial_irq)),
             mmio,
+            control,
         })
+    }
+
+    /// The VM's control: pause, resume, stop, status, from any thread.
+    pub fn control(&self) -> Arc<VmControl> {
+        self.control.clone()
     }
 
     pub fn ram(&self) -> &GuestRam {
@@ -459,17 +566,19 @@ impl Vm {
         })
     }
 
-    /// Runs every vCPU on its own thread until the VM ends.
+    /// Runs every vCPU on its own thread until the VM ends, and keeps
+    /// the devices' backends connected meanwhile.
     pub fn run(self) -> Result<Ended, VmError> {
+        use std::os::unix::thread::JoinHandleExt;
         install_kick_handler()?;
-        let stop = Arc::new(AtomicBool::new(false));
+        let control = self.control;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
         let mut spawn_error = None;
         for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
             let bus = self.bus.clone();
             let mmio = self.mmio.clone();
-            let thread_stop = stop.clone();
+            let thread_control = control.clone();
             let done = done_tx.clone();
             let index = index as u8;
             let spawned = std::thread::Builder::new()
@@ -477,16 +586,16 @@ impl Vm {
                 .spawn(move || {
                     // Ends the VM and says so even if this thread panics.
                     let _finished = Finished {
-                        stop: &thread_stop,
+                        control: &thread_control,
                         done,
                     };
-                    run_vcpu(index, &mut vcpu, &bus, &mmio, &thread_stop)
+                    run_vcpu(index, &mut vcpu, &bus, &mmio, &thread_control)
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(error) => {
                     // Stop the vCPUs already running before giving up.
-                    stop.store(true, Ordering::Release);
+                    control.end();
                     spawn_error = Some(VmError::Exit {
                         vcpu: index,
                         exit: format!("cannot start its thread: {error}"),
@@ -496,6 +605,15 @@ impl Vm {
             }
         }
         drop(done_tx);
+        control.started(threads.iter().map(|t| t.as_pthread_t()).collect());
+        let monitor = {
+            let mmio = self.mmio.clone();
+            let control = control.clone();
+            std::thread::Builder::new()
+                .name("backends".into())
+                .spawn(move || mmio.keep_connected(&control))
+                .ok()
+        };
         // Wait for the first vCPU to end; if it ended the VM, take the
         // others out of KVM_RUN (a signal, repeated until they notice).
         let mut running = threads.len();
@@ -504,15 +622,18 @@ impl Vm {
                 break;
             }
             running -= 1;
-            if stop.load(Ordering::Acquire) {
+            if control.stopping() {
                 break;
             }
         }
+        control.end();
         while threads.iter().any(|thread| !thread.is_finished()) {
-            for thread in threads.iter().filter(|thread| !thread.is_finished()) {
-                let _ = thread.kill(SIGRTMIN());
-            }
+            control.kick();
             std::thread::sleep(Duration::from_millis(10));
+        }
+        control.finished();
+        if let Some(monitor) = monitor {
+            let _ = monitor.join();
         }
         if let Some(error) = spawn_error {
             for thread in threads {
@@ -520,7 +641,11 @@ impl Vm {
             }
             return Err(error);
         }
-        let mut ended = Ended::Halted;
+        let mut ended = if control.stop_requested() {
+            Ended::Stopped
+        } else {
+            Ended::Halted
+        };
         for thread in threads {
             let result = thread.join().map_err(|_| VmError::Exit {
                 vcpu: 0,
@@ -572,15 +697,16 @@ extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void
 /// Set when a vCPU thread ends, however it ends (a panic included): the
 /// VM stops unless the thread only halted, and the waiting thread hears.
 struct Finished<'a> {
-    stop: &'a AtomicBool,
+    control: &'a VmControl,
     done: std::sync::mpsc::Sender<()>,
 }
 
 impl Drop for Finished<'_> {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            self.stop.store(true, Ordering::Release);
+            self.control.end();
         }
+        self.control.vcpu_ended();
         let _ = self.done.send(());
     }
 }
@@ -600,21 +726,22 @@ fn install_kick_handler() -> Result<(), VmError> {
         })
 }
 
-/// Runs one vCPU until it halts, the VM ends, or `stop` is set (by
-/// another vCPU ending the VM). Returns how it ended the VM, if it did.
+/// Runs one vCPU until it halts or the VM ends (by this vCPU, another
+/// one, or its control); parks it while the VM is paused. Returns how it ended the VM, if it did.
 fn run_vcpu(
     index: u8,
     vcpu: &mut VcpuFd,
     bus: &PortBus,
     mmio: &MmioBus,
-    stop: &AtomicBool,
+    control: &VmControl,
 ) -> Result<Option<Ended>, VmError> {
     let end = |ended: Ended| {
-        stop.store(true, Ordering::Release);
+        control.end();
         Ok(Some(ended))
     };
     loop {
-        if stop.load(Ordering::Acquire) {
+        control.park_if_paused();
+        if control.stopping() {
             return Ok(None);
         }
         match vcpu.run() {
@@ -636,7 +763,7 @@ fn run_vcpu(
                 })
             }
             Ok(other) => {
-                stop.store(true, Ordering::Release);
+                control.end();
                 let exit = format!("{other:?}");
                 // Where the guest was, to find the instruction.
                 let at = vcpu
@@ -650,7 +777,7 @@ fn run_vcpu(
             }
             Err(error) if error.errno() == libc::EINTR || error.errno() == libc::EAGAIN => {}
             Err(source) => {
-                stop.store(true, Ordering::Release);
+                control.end();
                 return Err(VmError::Run {
                     vcpu: index,
                     source,
