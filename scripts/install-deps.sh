@@ -15,6 +15,8 @@ packages=(
 	qemu-system-x86 busybox-static cpio gzip xz-utils kmod e2fsprogs util-linux
 	# Tools run on the host and inside the guest.
 	fio
+	# iasl: the VM runner's ACPI tests disassemble its tables with it.
+	acpica-tools
 	# DPDK testpmd (net_virtio_user): a vhost-user-net frontend without a VM.
 	dpdk-dev
 )

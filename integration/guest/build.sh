@@ -5,7 +5,7 @@
 #   OUT_DIR/vmlinux            the same kernel uncompressed (ELF with a PVH entry
 #                              point): QEMU boots it directly, which skips the
 #                              in-guest decompression (about 3 s under TCG)
-#   OUT_DIR/initramfs.cpio.gz  busybox-static, virtio (blk, net) + ext4 modules, /init
+#   OUT_DIR/initramfs.cpio.gz  busybox-static, virtio (PCI, MMIO, blk, net) + ext4 modules, /init
 #   OUT_DIR/tools.ext2         read-only disk with fio and the exact shared
 #                              libraries it loads (mounted on /tools in the guest)
 #   OUT_DIR/stamp              what the outputs were built from
@@ -32,7 +32,7 @@ busybox=/bin/busybox
 
 # Load order matters: each module's dependencies (modinfo -F depends) come first.
 modules=(
-	virtio_ring virtio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
+	virtio_ring virtio virtio_mmio virtio_pci_modern_dev virtio_pci_legacy_dev virtio_pci
 	virtio_blk failover net_failover virtio_net
 	llc stp garp mrp 8021q
 	crc16 mbcache jbd2 crc32c_generic ext4

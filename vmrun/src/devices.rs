@@ -1,11 +1,13 @@
 //! The devices every VM has, on the I/O port bus: the 16550 serial port
-//! at 0x3f8 (the console), the ACPI power-management control port (a
-//! guest's power-off), and the reset ports.
+//! at 0x3f8 (the console), the power-management control port and ACPI's
+//! sleep registers (a guest's power-off), and the reset ports.
 
 use std::io::Write;
 use std::sync::Mutex;
 
 use vm_superio::{Serial, Trigger};
+
+use crate::acpi;
 
 /// COM1.
 pub const SERIAL_PORT: u16 = 0x3f8;
@@ -132,6 +134,14 @@ impl PortBus {
                 .filter(|&&value| value & 0x4 != 0)
                 .map(|_| GuestRequest::Reset),
             I8042_COMMAND_PORT => (data.first() == Some(&0xfe)).then_some(GuestRequest::Reset),
+            // ACPI's sleep control register: S5 is soft off.
+            acpi::SLEEP_CONTROL_PORT => data
+                .first()
+                .filter(|&&value| {
+                    value & acpi::SLEEP_CONTROL_SLP_EN != 0
+                        && (value >> 2) & 0x7 == acpi::SLP_TYP_S5
+                })
+                .map(|_| GuestRequest::PowerOff),
             // Ports nothing is behind: ignored, as on real hardware.
             _ => None,
         }
@@ -147,6 +157,8 @@ impl PortBus {
                     *byte = serial.read((port - SERIAL_PORT) as u8);
                 }
             }
+            // ACPI's sleep status register: never woken.
+            acpi::SLEEP_STATUS_PORT => data.fill(0),
             _ => data.fill(0xff),
         }
     }
@@ -208,6 +220,15 @@ mod tests {
             bus.write(I8042_COMMAND_PORT, &[0xfe]),
             Some(GuestRequest::Reset)
         );
+        // ACPI S5 (SLP_TYP 5, SLP_EN) powers off; S1 does nothing.
+        assert_eq!(
+            bus.write(acpi::SLEEP_CONTROL_PORT, &[0x34]),
+            Some(GuestRequest::PowerOff)
+        );
+        assert_eq!(bus.write(acpi::SLEEP_CONTROL_PORT, &[0x24]), None);
+        let mut status = [0xffu8];
+        bus.read(acpi::SLEEP_STATUS_PORT, &mut status);
+        assert_eq!(status, [0]);
         let mut unknown = [0u8; 2];
         bus.read(0x80, &mut unknown);
         assert_eq!(unknown, [0xff, 0xff]);

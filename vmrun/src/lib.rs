@@ -9,6 +9,8 @@
 //!   backends) and its e820 map.
 //! - [`x86`]: 64-bit mode for a vCPU: GDT, page tables, registers, CPUID.
 //! - [`devices`]: the port bus: serial console, power-off and reset ports.
+//! - [`acpi`]: the ACPI tables a Linux guest finds its vCPUs, devices
+//!   and power-off in.
 //! - [`linux`]: Linux's 64-bit boot protocol (bzImage, command line,
 //!   initramfs, zero page).
 //! - [`virtio_mmio`]: the virtio-mmio transport's registers, pure.
@@ -18,6 +20,7 @@
 //! - [`control`]: pause, resume, stop and status, in process and on a
 //!   unix socket.
 
+pub mod acpi;
 pub mod control;
 pub mod devices;
 pub mod linux;

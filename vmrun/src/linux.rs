@@ -69,6 +69,7 @@ pub fn load(
     kernel: &mut File,
     cmdline: &str,
     initramfs: Option<&mut File>,
+    acpi_rsdp: u64,
 ) -> Result<LinuxEntry, LinuxError> {
     let memory = ram.memory();
     let (loaded, entry, mut header) = if is_bzimage(kernel) {
@@ -140,6 +141,7 @@ pub fn load(
 
     let mut params = boot_params {
         hdr: header,
+        acpi_rsdp_addr: acpi_rsdp,
         ..Default::default()
     };
     for (i, entry) in ram.e820().iter().enumerate() {

@@ -14,9 +14,10 @@ use std::time::Duration;
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
 use linux_loader::loader::{Elf, KernelLoader};
-use vm_memory::{GuestAddress, GuestMemoryBackend};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 
+use crate::acpi;
 use crate::control::{DeviceStatus, VmControl};
 use crate::devices::{Console, GuestRequest, IrqLine, PortBus};
 use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
@@ -39,9 +40,8 @@ pub const MMIO_BASE: u64 = 0xd000_0000;
 /// COM1's interrupt line.
 const SERIAL_IRQ: u32 = 4;
 /// A Linux guest's command line unless one is given: the console on COM1,
-/// with early messages, no ACPI or PCI to probe (the runner has neither yet).
-pub const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 noapic acpi=off pci=off";
+/// with early messages; no PCI to probe (devices are found in ACPI).
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 pci=off";
 /// Devices (disks and NICs) a VM may have: windows up to 0xd001_ffff.
 pub const DEVICES_MAX: usize = 32;
 
@@ -119,8 +119,8 @@ pub enum VmError {
         index: usize,
         source: VhostUserError,
     },
-    #[error("a Linux guest gets one vCPU until the runner writes ACPI tables, not {0}")]
-    LinuxVcpus(u8),
+    #[error(transparent)]
+    Acpi(#[from] crate::acpi::AcpiError),
     #[error(transparent)]
     Linux(#[from] crate::linux::LinuxError),
     #[error("cannot read the initramfs {path}: {source}")]
@@ -377,9 +377,24 @@ impl Vm {
         let linux = crate::linux::is_bzimage(&mut kernel)
             || config.cmdline.is_some()
             || config.initramfs.is_some();
+        let windows = config.disks.len() + config.nics.len();
+        if linux && windows > DEVICE_GSIS.len() {
+            return Err(VmError::LinuxDevices { count: windows });
+        }
         let (entry, boot_params) = if linux {
-            if config.vcpus != 1 {
-                return Err(VmError::LinuxVcpus(config.vcpus));
+            // Linux finds its vCPUs, devices and power-off in ACPI.
+            let devices: Vec<acpi::MmioDevice> = (0..windows)
+                .map(|slot| acpi::MmioDevice {
+                    base: MMIO_BASE + slot as u64 * virtio_mmio::WINDOW_BYTES,
+                    bytes: virtio_mmio::WINDOW_BYTES,
+                    gsi: DEVICE_GSIS[slot],
+                })
+                .collect();
+            let tables = acpi::tables(config.vcpus, &devices)?;
+            for (address, bytes) in &tables.blobs {
+                ram.memory()
+                    .write_slice(bytes, GuestAddress(*address))
+                    .map_err(|error| MemoryError::Map(error.to_string()))?;
             }
             let mut initramfs = match &config.initramfs {
                 Some(path) => Some(File::open(path).map_err(|source| VmError::Initramfs {
@@ -399,7 +414,13 @@ impl Vm {
                 );
                 cmdline.push_str(" noxsave");
             }
-            let loaded = crate::linux::load(&ram, &mut kernel, &cmdline, initramfs.as_mut())?;
+            let loaded = crate::linux::load(
+                &ram,
+                &mut kernel,
+                &cmdline,
+                initramfs.as_mut(),
+                tables.rsdp_address,
+            )?;
             (loaded.entry, loaded.boot_params)
         } else {
             let loaded = Elf::load(
@@ -449,10 +470,6 @@ impl Vm {
                     .enumerate()
                     .map(|(index, nic)| (&nic.socket, VIRTIO_ID_NET, Some(nic.mac), index)),
             );
-        let windows = config.disks.len() + config.nics.len();
-        if linux && windows > DEVICE_GSIS.len() {
-            return Err(VmError::LinuxDevices { count: windows });
-        }
         let mut devices = Vec::new();
         for (slot, (path, device_id, mac, index)) in specs.enumerate() {
             let device_error = |source| match mac {
@@ -526,6 +543,13 @@ impl Vm {
             x86::set_cpuid(&vcpu, &supported, index)?;
             if linux {
                 x86::set_lint(&vcpu)?;
+                // Linux starts the other vCPUs itself (INIT, SIPI); KVM
+                // holds them until then.
+                if index == 0 {
+                    x86::start_long_mode(&vcpu, entry, boot_params, 0)?;
+                }
+                vcpus.push(vcpu);
+                continue;
             }
             x86::start_long_mode(&vcpu, entry, boot_params, u64::from(index))?;
             if index > 0 {

@@ -196,11 +196,16 @@ pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<(), Setu
     let mut cpuid = supported.clone();
     let emulated = emulating_kvm();
     for entry in cpuid.as_mut_slice() {
-        if entry.function == 1 {
-            entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
-            if emulated {
-                entry.ecx &= !CPUID_1_ECX_CX16;
+        match entry.function {
+            1 => {
+                entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
+                if emulated {
+                    entry.ecx &= !CPUID_1_ECX_CX16;
+                }
             }
+            // The extended topology leaves give the x2APIC id.
+            0xb | 0x1f => entry.edx = u32::from(index),
+            _ => {}
         }
     }
     vcpu.set_cpuid2(&cpuid).map_err(kvm("CPUID"))
