@@ -345,13 +345,18 @@ impl VmSupervisor {
         if let Some(mut process) = process {
             let asked = vmrun::control::request(&self.control(name), "stop", CONTROL_TIMEOUT);
             let deadline = Instant::now() + STOP_GRACE;
-            while asked.is_ok()
-                && Instant::now() < deadline
-                && process.ended(&self.exit_file(name)).is_none()
-            {
+            let mut ended = false;
+            while asked.is_ok() && Instant::now() < deadline {
+                if process.ended(&self.exit_file(name)).is_some() {
+                    ended = true;
+                    break;
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            process.kill();
+            // Never a signal to a pid that has ended (it may be reused).
+            if !ended {
+                process.kill();
+            }
             let _ = std::fs::remove_file(self.record(name));
         }
         true

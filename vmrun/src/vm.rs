@@ -284,6 +284,8 @@ impl MmioBus {
             backend,
         } = &mut *device;
         match transport.write(offset, data) {
+            // A backend that is away is started when it is back.
+            Some(virtio_mmio::Event::Activate) if !backend.connected() => {}
             Some(virtio_mmio::Event::Activate) => {
                 let features = transport.driver_features();
                 let queues = transport.queues().to_vec();
@@ -410,7 +412,7 @@ impl Vm {
             if x86::emulating_kvm() {
                 // This host's KVM emulates guests and cannot run XRSTOR.
                 eprintln!(
-                    "vmrun: KVM here emulates guests (kvm_pvm): CMPXCHG16B hidden, noxsave added"
+                    "vmrun: KVM here emulates guests (kvm_pvm): CMPXCHG16B and POPCNT hidden, noxsave added"
                 );
                 cmdline.push_str(" noxsave");
             }
@@ -763,6 +765,7 @@ fn run_vcpu(
         control.end();
         Ok(Some(ended))
     };
+    let emulated = x86::emulating_kvm();
     loop {
         control.park_if_paused();
         if control.stopping() {
@@ -787,12 +790,20 @@ fn run_vcpu(
                 })
             }
             Ok(other) => {
-                control.end();
+                let internal = matches!(other, VcpuExit::InternalError);
                 let exit = format!("{other:?}");
-                // Where the guest was, to find the instruction.
+                // Only where KVM emulates guests: an int3 it cannot deliver.
+                if internal && emulated && x86::deliver_int3(vcpu, &mmio.memory)? {
+                    continue;
+                }
+                control.end();
+                // Where the guest was, and the instruction there.
                 let at = vcpu
                     .get_regs()
-                    .map(|r| format!(" at rip {:#x}", r.rip))
+                    .map(|r| {
+                        let bytes = x86::instruction_bytes(vcpu, &mmio.memory, r.rip);
+                        format!(" at rip {:#x} (bytes {bytes:02x?})", r.rip)
+                    })
                     .unwrap_or_default();
                 return Err(VmError::Exit {
                     vcpu: index,

@@ -183,12 +183,60 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), SetupError> {
 
 /// CPUID leaf 1, ECX: CMPXCHG16B.
 const CPUID_1_ECX_CX16: u32 = 1 << 13;
+/// CPUID leaf 1, ECX: POPCNT.
+const CPUID_1_ECX_POPCNT: u32 = 1 << 23;
 
 /// Whether the host's KVM runs guests by emulation (the `kvm_pvm` module),
 /// which cannot execute CMPXCHG16B: Linux stops with an internal error in
 /// its allocator unless CPUID hides the instruction.
 pub fn emulating_kvm() -> bool {
     std::path::Path::new("/sys/module/kvm_pvm").exists()
+}
+
+/// The breakpoint exception's vector.
+const BP_VECTOR: u8 = 3;
+
+/// Where KVM only emulates guests, it stops on an `int3` in 64-bit mode
+/// (an internal error: its emulator delivers software interrupts only in
+/// real mode). If the vCPU stopped on an `int3`, this delivers the #BP
+/// exception the instruction raises (a trap: the saved RIP is the next
+/// instruction) and returns true; otherwise false. Linux's alternatives
+/// self-test and its text patching rely on `int3`.
+pub fn deliver_int3(vcpu: &VcpuFd, memory: &Memory) -> Result<bool, SetupError> {
+    let mut regs = vcpu.get_regs().map_err(kvm("registers"))?;
+    if instruction_bytes(vcpu, memory, regs.rip).first() != Some(&0xcc) {
+        return Ok(false);
+    }
+    regs.rip += 1;
+    vcpu.set_regs(&regs).map_err(kvm("registers"))?;
+    let mut events = vcpu.get_vcpu_events().map_err(kvm("vCPU events"))?;
+    events.exception.injected = 1;
+    events.exception.nr = BP_VECTOR;
+    events.exception.has_error_code = 0;
+    events.exception.pending = 0;
+    events.flags = 0;
+    vcpu.set_vcpu_events(&events).map_err(kvm("vCPU events"))?;
+    Ok(true)
+}
+
+/// Up to 15 bytes (the longest x86 instruction) at the guest's virtual
+/// address `rip`, as the vCPU maps it; fewer where the mapping or RAM
+/// ends.
+pub fn instruction_bytes(vcpu: &VcpuFd, memory: &Memory, rip: u64) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    for offset in 0..15 {
+        let Ok(translation) = vcpu.translate_gva(rip + offset) else {
+            break;
+        };
+        if translation.valid == 0 {
+            break;
+        }
+        match memory.read_obj::<u8>(GuestAddress(translation.physical_address)) {
+            Ok(byte) => bytes.push(byte),
+            Err(_) => break,
+        }
+    }
+    bytes
 }
 
 /// Gives `vcpu` the CPUID KVM supports, with its own APIC id in leaf 1.
@@ -200,7 +248,7 @@ pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<(), Setu
             1 => {
                 entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
                 if emulated {
-                    entry.ecx &= !CPUID_1_ECX_CX16;
+                    entry.ecx &= !(CPUID_1_ECX_CX16 | CPUID_1_ECX_POPCNT);
                 }
             }
             // The extended topology leaves give the x2APIC id.
