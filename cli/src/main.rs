@@ -93,9 +93,15 @@ enum TunnelCommand {
 
 #[derive(Debug, Subcommand)]
 enum VmCommand {
-    /// Define a VM on the node fabctl talks to.
+    /// Define a VM on the node fabctl talks to (or on --node). The other
+    /// vm commands work from any node: they are passed to the VM's.
     Create {
         name: String,
+        /// The node that runs it (id or name; default: the one fabctl
+        /// talks to). Its volumes must be attached, and its ports served,
+        /// there.
+        #[arg(long)]
+        node: Option<String>,
         /// The kernel (a 64-bit ELF), as a path on that node.
         #[arg(long)]
         kernel: String,
@@ -1132,25 +1138,25 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
     match command {
         VmCommand::Create {
             name,
+            node,
             kernel,
             vcpus,
             memory,
             volumes,
             ports,
         } => {
-            let value = call(
-                endpoint,
-                "POST",
-                "/v1/vms",
-                Some(json!({
-                    "name": name,
-                    "kernel": kernel,
-                    "vcpus": vcpus,
-                    "memory_bytes": memory,
-                    "volumes": volumes,
-                    "ports": ports,
-                })),
-            )?;
+            let mut body = json!({
+                "name": name,
+                "kernel": kernel,
+                "vcpus": vcpus,
+                "memory_bytes": memory,
+                "volumes": volumes,
+                "ports": ports,
+            });
+            if let Some(node) = node {
+                body["node"] = json!(node);
+            }
+            let value = call(endpoint, "POST", "/v1/vms", Some(body))?;
             done(
                 value,
                 format!("defined VM {name}; `fabctl vm start {name}` runs it"),

@@ -350,7 +350,11 @@ pub async fn forward(
         )
     })?;
     let status = StatusCode::from_u16(answer.status).unwrap_or(StatusCode::BAD_GATEWAY);
-    Ok(Some((status, Json(answer.body)).into_response()))
+    Ok(Some(match answer.body {
+        serde_json::Value::String(text) if answer.text => (status, text).into_response(),
+        serde_json::Value::Null if status == StatusCode::NO_CONTENT => status.into_response(),
+        body => (status, Json(body)).into_response(),
+    }))
 }
 
 /// Body of `POST /v1/nodes/{id}/ping`.

@@ -77,6 +77,20 @@ struct RunnerRecord {
     launch: Launch,
 }
 
+/// `vmrun`'s exit code when the guest asked for a reset.
+const EXIT_REBOOT: i32 = 2;
+
+/// How a runner ended.
+#[derive(Debug)]
+enum End {
+    /// The guest powered off, or the VM was stopped.
+    Clean,
+    /// The guest rebooted: the VM starts again at once.
+    Reboot,
+    /// The runner failed or was killed.
+    Failed(String),
+}
+
 /// A running `vmrun`: this daemon's child, or one a previous daemon
 /// started and this one took over.
 #[derive(Debug)]
@@ -93,12 +107,15 @@ impl Process {
         }
     }
 
-    /// How it ended, if it has: `Ok(())` for a clean end.
-    fn ended(&mut self, exit_file: &FsPath) -> Option<Result<(), String>> {
+    /// How it ended, if it has.
+    fn ended(&mut self, exit_file: &FsPath) -> Option<End> {
         match self {
             Process::Child(child) => match child.try_wait() {
-                Ok(Some(status)) if status.success() => Some(Ok(())),
-                Ok(Some(status)) => Some(Err(format!("vmrun ended with {status}"))),
+                Ok(Some(status)) => Some(match status.code() {
+                    Some(0) => End::Clean,
+                    Some(EXIT_REBOOT) => End::Reboot,
+                    _ => End::Failed(format!("vmrun ended with {status}")),
+                }),
                 Ok(None) => None,
                 Err(error) => {
                     tracing::warn!(%error, "cannot check a VM's runner");
@@ -110,10 +127,13 @@ impl Process {
                     return None;
                 }
                 // Not our child: its exit code is in the file it wrote.
-                match std::fs::read_to_string(exit_file) {
-                    Ok(code) if code.trim() == "0" => Some(Ok(())),
-                    Ok(code) => Some(Err(format!("vmrun exited with {}", code.trim()))),
-                    Err(_) => Some(Err("vmrun ended without an exit code (killed)".into())),
+                match std::fs::read_to_string(exit_file).map(|code| code.trim().parse::<i32>()) {
+                    Ok(Ok(0)) => Some(End::Clean),
+                    Ok(Ok(EXIT_REBOOT)) => Some(End::Reboot),
+                    Ok(Ok(code)) => Some(End::Failed(format!("vmrun exited with {code}"))),
+                    _ => Some(End::Failed(
+                        "vmrun ended without an exit code (killed)".into(),
+                    )),
                 }
             }
         }
@@ -155,6 +175,8 @@ struct Runner {
     process: Option<Process>,
     state: VmState,
     restarts: u32,
+    /// Times the guest rebooted (not failures).
+    reboots: u32,
     recent_failures: VecDeque<Instant>,
     last_error: Option<String>,
     started_unix: u64,
@@ -257,6 +279,7 @@ impl VmSupervisor {
                             process: Some(Process::Adopted { pid }),
                             state,
                             restarts: 0,
+                            reboots: 0,
                             recent_failures: VecDeque::new(),
                             last_error: None,
                             started_unix: unix_now().saturating_sub(uptime),
@@ -322,6 +345,7 @@ impl VmSupervisor {
                 process: Some(Process::Child(child)),
                 state: VmState::Running,
                 restarts: 0,
+                reboots: 0,
                 recent_failures: VecDeque::new(),
                 last_error: None,
                 started_unix: unix_now(),
@@ -426,14 +450,31 @@ impl VmSupervisor {
             let _ = std::fs::remove_file(self.record(name));
             let said = last_line(&self.stderr(name));
             let reason = match ended {
-                Ok(()) => {
+                End::Clean => {
                     tracing::info!(vm = %name, said = %said, "a VM ended");
                     runner.state = VmState::Stopped;
                     runner.last_error = None;
                     continue;
                 }
-                Err(reason) if said.is_empty() => reason,
-                Err(reason) => format!("{reason}: {said}"),
+                End::Reboot => {
+                    match self.spawn(name, &runner.launch) {
+                        Ok(child) => {
+                            tracing::info!(vm = %name, pid = child.id(), "a VM rebooted");
+                            runner.process = Some(Process::Child(child));
+                            runner.state = VmState::Running;
+                            runner.reboots += 1;
+                            runner.started_unix = unix_now();
+                        }
+                        Err(error) => {
+                            tracing::error!(vm = %name, %error, "cannot start a rebooted VM");
+                            runner.state = VmState::Failed;
+                            runner.last_error = Some(error);
+                        }
+                    }
+                    continue;
+                }
+                End::Failed(reason) if said.is_empty() => reason,
+                End::Failed(reason) => format!("{reason}: {said}"),
             };
             let now = Instant::now();
             runner
@@ -491,6 +532,7 @@ impl VmSupervisor {
                 state: runner.state,
                 pid: runner.process.as_ref().map(Process::pid),
                 restarts: runner.restarts,
+                reboots: runner.reboots,
                 last_error: runner.last_error.clone(),
                 started_unix: runner.started_unix,
                 devices: Vec::new(),
@@ -580,9 +622,12 @@ fn vm_not_found(name: &str) -> ApiError {
 }
 
 /// Body of `POST /v1/vms`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct CreateVm {
+    /// The node to define it on (id or name; default: this one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    node: Option<String>,
     name: String,
     kernel: String,
     #[serde(default = "one")]
@@ -601,8 +646,18 @@ fn one() -> u32 {
 async fn create_vm(
     State(api): State<VmApi>,
     body: Result<Json<CreateVm>, JsonRejection>,
-) -> Result<impl IntoResponse, ApiError> {
-    let Json(request) = body?;
+) -> Result<axum::response::Response, ApiError> {
+    let Json(mut request) = body?;
+    if let Some(target) = request.node.take() {
+        let body = serde_json::to_value(&request)
+            .map_err(|error| ApiError::bad_request(error.to_string()))?;
+        if let Some(answer) =
+            crate::cluster_api::forward(&api.cluster, &target, "POST", "/v1/vms".into(), Some(body))
+                .await?
+        {
+            return Ok(answer);
+        }
+    }
     if let Err(blockstore::Error::InvalidName { reason, .. }) =
         blockstore::store::validate_name(&request.name)
     {
@@ -666,7 +721,7 @@ async fn create_vm(
         .vms
         .get(&request.name)
         .ok_or_else(|| vm_not_found(&request.name))?;
-    Ok((StatusCode::CREATED, Json(view(&api, me, vm).await?)))
+    Ok((StatusCode::CREATED, Json(view(&api, me, vm).await?)).into_response())
 }
 
 /// A VM as the API shows it.
@@ -683,10 +738,63 @@ struct RunnerView {
     state: VmState,
     pid: Option<u32>,
     restarts: u32,
+    reboots: u32,
     last_error: Option<String>,
     started_unix: u64,
     /// The runner's devices and their backends (while it runs).
     devices: Vec<vmrun::control::DeviceStatus>,
+}
+
+/// Where a request about a VM is answered.
+enum Owner {
+    /// This node runs it: its definition.
+    Here(Metadata, VmMeta),
+    /// Another node runs it: that node's answer to the same request.
+    There(axum::response::Response),
+}
+
+/// Finds a VM and, if another node runs it, passes `method path` to that
+/// node over the cluster transport.
+async fn owner(api: &VmApi, name: &str, method: &str, path: &str) -> Result<Owner, ApiError> {
+    let (metadata, me) = current(&api.cluster).await?;
+    let vm = metadata
+        .vms
+        .get(name)
+        .ok_or_else(|| vm_not_found(name))?
+        .clone();
+    match vm.node {
+        Some(node) if node == me => Ok(Owner::Here(metadata, vm)),
+        Some(node) => {
+            match crate::cluster_api::forward(
+                &api.cluster,
+                &node.to_string(),
+                method,
+                path.into(),
+                None,
+            )
+            .await?
+            {
+                Some(answer) => Ok(Owner::There(answer)),
+                None => Ok(Owner::Here(metadata, vm)),
+            }
+        }
+        None => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "vm_elsewhere",
+            format!("VM {name:?} has no node"),
+        )),
+    }
+}
+
+/// The VM's definition if this node runs it; otherwise the answer of the
+/// node that does (`Err(Ok(answer))`).
+macro_rules! here_or_forward {
+    ($api:expr, $name:expr, $method:expr, $path:expr) => {
+        match owner(&$api, &$name, $method, &$path).await? {
+            Owner::Here(metadata, vm) => (metadata, vm),
+            Owner::There(answer) => return Ok(answer),
+        }
+    };
 }
 
 /// The VMs as the API shows them: this node's with their runners.
@@ -724,38 +832,18 @@ async fn list_vms(State(api): State<VmApi>) -> Result<impl IntoResponse, ApiErro
 async fn show_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let (metadata, me) = current(&api.cluster).await?;
-    let vm = metadata.vms.get(&name).ok_or_else(|| vm_not_found(&name))?;
-    Ok(Json(view(&api, me, vm).await?))
-}
-
-/// The VM's definition, if this node runs it.
-async fn local_vm(api: &VmApi, name: &str) -> Result<(Metadata, VmMeta), ApiError> {
-    let (metadata, me) = current(&api.cluster).await?;
-    let vm = metadata
-        .vms
-        .get(name)
-        .ok_or_else(|| vm_not_found(name))?
-        .clone();
-    if vm.node != Some(me) {
-        return Err(ApiError::new(
-            StatusCode::CONFLICT,
-            "vm_elsewhere",
-            format!(
-                "VM {name:?} runs on node {}; ask that node (fabctl --api ...)",
-                vm.node.map_or("none".into(), |n| n.to_string())
-            ),
-        ));
-    }
-    Ok((metadata, vm))
+) -> Result<axum::response::Response, ApiError> {
+    // The node that runs it knows its runner.
+    let (_, vm) = here_or_forward!(api, name, "GET", format!("/v1/vms/{name}"));
+    let me = vm.node.unwrap_or_default();
+    Ok(Json(view(&api, me, &vm).await?).into_response())
 }
 
 async fn start_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let (metadata, vm) = local_vm(&api, &name).await?;
+) -> Result<axum::response::Response, ApiError> {
+    let (metadata, vm) = here_or_forward!(api, name, "POST", format!("/v1/vms/{name}/start"));
     let mut args = vec![
         "--kernel".to_owned(),
         vm.kernel.clone(),
@@ -803,48 +891,53 @@ async fn start_vm(
         .await
         .map_err(|e| ApiError::bad_request(e.to_string()))?;
     started.map_err(|reason| ApiError::new(StatusCode::CONFLICT, "vm_not_started", reason))?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn stop_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    local_vm(&api, &name).await?;
+) -> Result<axum::response::Response, ApiError> {
+    here_or_forward!(api, name, "POST", format!("/v1/vms/{name}/stop"));
     let supervisor = api.supervisor.clone();
     let _ = tokio::task::spawn_blocking(move || supervisor.stop(&name)).await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn pause_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     pause_or_resume(api, name, true).await
 }
 
 async fn resume_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<axum::response::Response, ApiError> {
     pause_or_resume(api, name, false).await
 }
 
-async fn pause_or_resume(api: VmApi, name: String, pause: bool) -> Result<StatusCode, ApiError> {
-    local_vm(&api, &name).await?;
+async fn pause_or_resume(
+    api: VmApi,
+    name: String,
+    pause: bool,
+) -> Result<axum::response::Response, ApiError> {
+    let action = if pause { "pause" } else { "resume" };
+    here_or_forward!(api, name, "POST", format!("/v1/vms/{name}/{action}"));
     let supervisor = api.supervisor.clone();
     tokio::task::spawn_blocking(move || supervisor.pause(&name, pause))
         .await
         .map_err(|e| ApiError::bad_request(e.to_string()))?
         .map_err(|reason| ApiError::new(StatusCode::CONFLICT, "vm_not_running", reason))?;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn delete_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    let (_, vm) = local_vm(&api, &name).await?;
+) -> Result<axum::response::Response, ApiError> {
+    let (_, vm) = here_or_forward!(api, name, "DELETE", format!("/v1/vms/{name}"));
     let supervisor = api.supervisor.clone();
     let owned = name.clone();
     let running = tokio::task::spawn_blocking(move || supervisor.running(&owned))
@@ -860,14 +953,14 @@ async fn delete_vm(
     commit(&api.cluster, MetaCommand::DeleteVm { name: vm.name }).await?;
     let supervisor = api.supervisor.clone();
     let _ = tokio::task::spawn_blocking(move || supervisor.forget(&name)).await;
-    Ok(StatusCode::NO_CONTENT)
+    Ok(StatusCode::NO_CONTENT.into_response())
 }
 
 async fn console_vm(
     State(api): State<VmApi>,
     Path(name): Path<String>,
-) -> Result<impl IntoResponse, ApiError> {
-    local_vm(&api, &name).await?;
+) -> Result<axum::response::Response, ApiError> {
+    here_or_forward!(api, name, "GET", format!("/v1/vms/{name}/console"));
     let path = api.supervisor.console(&name);
     let text = tokio::task::spawn_blocking(move || -> std::io::Result<String> {
         use std::io::{Read, Seek, SeekFrom};
@@ -885,5 +978,5 @@ async fn console_vm(
     .await
     .map_err(|e| ApiError::bad_request(e.to_string()))?
     .map_err(|e| ApiError::bad_request(format!("cannot read the console: {e}")))?;
-    Ok(text)
+    Ok(text.into_response())
 }

@@ -4,7 +4,8 @@
 //! and wrong orders are refused with clear errors; a VM pauses and
 //! resumes; a VM keeps running across a fabricd crash (the new fabricd
 //! takes its runner over and the disk's backend comes back under it); a
-//! hung runner is killed by the next fabricd.
+//! hung runner is killed by the next fabricd; a guest that reboots starts
+//! again; VMs are defined on and driven from any node of a cluster.
 
 use std::path::Path;
 use std::time::Duration;
@@ -290,5 +291,64 @@ fn a_vm_pauses_resumes_and_keeps_its_disk_across_a_fabricd_crash() -> Result<()>
     );
     let not_running = node.fabctl_fails(&["vm", "pause", "vm1"])?;
     ensure!(not_running.contains("not running"), "{not_running}");
+    Ok(())
+}
+
+#[test]
+fn a_rebooting_guest_starts_again_and_vms_are_managed_from_any_node() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let reboot = integration::guest::vmrun_program(dir.path(), "reboot")?;
+    let spin = integration::guest::vmrun_program(dir.path(), "spin")?;
+    let (reboot, spin) = (
+        reboot.to_str().context("path")?,
+        spin.to_str().context("path")?,
+    );
+    let nodes = start_cluster(dir.path(), 2, "")?;
+    let (n1, n2) = (&nodes[0].node, &nodes[1].node);
+
+    // A guest reboot starts the VM again: not a failure, not a stop.
+    n1.fabctl(&["vm", "create", "rb", "--kernel", reboot, "--memory", "16M"])?;
+    n1.fabctl(&["vm", "start", "rb"])?;
+    let rebooted = wait_vm(n1, "rb", "rebooted twice", |v| {
+        v["runner"]["reboots"].as_u64() >= Some(2)
+    })?;
+    ensure!(
+        rebooted["runner"]["restarts"] == 0 && rebooted["runner"]["last_error"].is_null(),
+        "{rebooted}"
+    );
+    let console = n1.fabctl(&["vm", "console", "rb"])?;
+    ensure!(console.matches("reboot: up").count() >= 2, "{console}");
+    n1.fabctl(&["vm", "stop", "rb"])?;
+    wait_vm(n1, "rb", "stopped", |v| v["runner"]["state"] == "stopped")?;
+
+    // Defined on n2 through n1, and driven from n1: each request goes to
+    // the VM's node.
+    n1.fabctl(&[
+        "vm", "create", "far", "--node", "n2", "--kernel", spin, "--memory", "16M",
+    ])?;
+    n1.fabctl(&["vm", "start", "far"])?;
+    let running = wait_vm(n1, "far", "ran on n2", |v| {
+        v["runner"]["pid"].as_u64().is_some()
+    })?;
+    let on_n2 = n2.fabctl_json(&["vm", "show", "far"])?;
+    ensure!(
+        on_n2["runner"]["pid"] == running["runner"]["pid"] && on_n2["node"] == running["node"],
+        "{running}\n{on_n2}"
+    );
+    wait_vm(n1, "far", "said it is up", |_| {
+        n1.fabctl(&["vm", "console", "far"])
+            .is_ok_and(|c| c.contains("spin: up"))
+    })?;
+    n1.fabctl(&["vm", "pause", "far"])?;
+    wait_vm(n2, "far", "paused", |v| v["runner"]["state"] == "paused")?;
+    let busy = n1.fabctl_fails(&["vm", "delete", "far"])?;
+    ensure!(busy.contains("is running"), "{busy}");
+    n1.fabctl(&["vm", "stop", "far"])?;
+    wait_vm(n1, "far", "stopped", |v| v["runner"]["state"] == "stopped")?;
+    n1.fabctl(&["vm", "delete", "far"])?;
+    let gone = n2.fabctl_fails(&["vm", "show", "far"])?;
+    ensure!(gone.contains("no VM \"far\""), "{gone}");
+    let nowhere = n1.fabctl_fails(&["vm", "create", "x", "--node", "n9", "--kernel", spin])?;
+    ensure!(nowhere.contains("n9"), "{nowhere}");
     Ok(())
 }

@@ -85,6 +85,28 @@ fn a_64_bit_guest_prints_on_the_serial_console_and_powers_off() -> Result<()> {
     Ok(())
 }
 
+/// POPCNT, which this host's emulated KVM cannot run (the runner does it
+/// there), gives the right counts and zero flag either way.
+#[test]
+fn popcnt_counts_right() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let program = integration::guest::vmrun_program(dir.path(), "popcnt")?;
+    let output = vmrun(&[
+        "--kernel",
+        program.to_str().context("path")?,
+        "--memory",
+        "16M",
+    ])?;
+    let console = text(&output.stdout);
+    ensure!(
+        output.status.success() && console.contains("popcnt: ok"),
+        "{}: {console} {}",
+        output.status,
+        text(&output.stderr)
+    );
+    Ok(())
+}
+
 #[test]
 fn every_vcpu_reports_in() -> Result<()> {
     let dir = tempfile::tempdir()?;

@@ -412,7 +412,7 @@ impl Vm {
             if x86::emulating_kvm() {
                 // This host's KVM emulates guests and cannot run XRSTOR.
                 eprintln!(
-                    "vmrun: KVM here emulates guests (kvm_pvm): CMPXCHG16B and POPCNT hidden, noxsave added"
+                    "vmrun: KVM here emulates guests (kvm_pvm): CMPXCHG16B hidden, noxsave added"
                 );
                 cmdline.push_str(" noxsave");
             }
@@ -792,8 +792,8 @@ fn run_vcpu(
             Ok(other) => {
                 let internal = matches!(other, VcpuExit::InternalError);
                 let exit = format!("{other:?}");
-                // Only where KVM emulates guests: an int3 it cannot deliver.
-                if internal && emulated && x86::deliver_int3(vcpu, &mmio.memory)? {
+                // Only where KVM emulates guests: what its emulator lacks.
+                if internal && emulated && x86::emulate_unsupported(vcpu, &mmio.memory)? {
                     continue;
                 }
                 control.end();

@@ -183,8 +183,6 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), SetupError> {
 
 /// CPUID leaf 1, ECX: CMPXCHG16B.
 const CPUID_1_ECX_CX16: u32 = 1 << 13;
-/// CPUID leaf 1, ECX: POPCNT.
-const CPUID_1_ECX_POPCNT: u32 = 1 << 23;
 
 /// Whether the host's KVM runs guests by emulation (the `kvm_pvm` module),
 /// which cannot execute CMPXCHG16B: Linux stops with an internal error in
@@ -195,28 +193,95 @@ pub fn emulating_kvm() -> bool {
 
 /// The breakpoint exception's vector.
 const BP_VECTOR: u8 = 3;
+const RFLAGS_STATUS: u64 = 0x8d5; // CF, PF, AF, ZF, SF, OF
+const RFLAGS_ZF: u64 = 1 << 6;
+const RFLAGS_AC: u64 = 1 << 18;
 
-/// Where KVM only emulates guests, it stops on an `int3` in 64-bit mode
-/// (an internal error: its emulator delivers software interrupts only in
-/// real mode). If the vCPU stopped on an `int3`, this delivers the #BP
-/// exception the instruction raises (a trap: the saved RIP is the next
-/// instruction) and returns true; otherwise false. Linux's alternatives
-/// self-test and its text patching rely on `int3`.
-pub fn deliver_int3(vcpu: &VcpuFd, memory: &Memory) -> Result<bool, SetupError> {
+/// Where KVM only emulates guests, its emulator stops (an internal error)
+/// on a few instructions Linux uses: `int3` in 64-bit mode (it delivers
+/// software interrupts only in real mode), `clac`/`stac`, and `popcnt`
+/// (which CPUID cannot hide there). If the vCPU stopped on one of these, this does
+/// what the instruction does and returns true; otherwise false.
+pub fn emulate_unsupported(vcpu: &VcpuFd, memory: &Memory) -> Result<bool, SetupError> {
     let mut regs = vcpu.get_regs().map_err(kvm("registers"))?;
-    if instruction_bytes(vcpu, memory, regs.rip).first() != Some(&0xcc) {
-        return Ok(false);
+    let bytes = instruction_bytes(vcpu, memory, regs.rip);
+    match bytes.as_slice() {
+        // int3: the #BP it raises is a trap (the saved RIP is the next
+        // instruction). Linux's alternatives self-test and text patching
+        // use it.
+        [0xcc, ..] => {
+            regs.rip += 1;
+            vcpu.set_regs(&regs).map_err(kvm("registers"))?;
+            let mut events = vcpu.get_vcpu_events().map_err(kvm("vCPU events"))?;
+            events.exception.injected = 1;
+            events.exception.nr = BP_VECTOR;
+            events.exception.has_error_code = 0;
+            events.exception.pending = 0;
+            events.flags = 0;
+            vcpu.set_vcpu_events(&events).map_err(kvm("vCPU events"))?;
+            Ok(true)
+        }
+        // clac, stac: RFLAGS.AC (SMAP's user-access window).
+        [0x0f, 0x01, op @ (0xca | 0xcb), ..] => {
+            if *op == 0xca {
+                regs.rflags &= !RFLAGS_AC;
+            } else {
+                regs.rflags |= RFLAGS_AC;
+            }
+            regs.rip += 3;
+            vcpu.set_regs(&regs).map_err(kvm("registers"))?;
+            Ok(true)
+        }
+        // popcnt r, r (32 or 64 bits, register operands only).
+        [0xf3, rest @ ..] => {
+            let (rex, rest) = match rest {
+                [rex @ 0x40..=0x4f, rest @ ..] => (*rex, rest),
+                _ => (0, rest),
+            };
+            let [0x0f, 0xb8, modrm, ..] = rest else {
+                return Ok(false);
+            };
+            if modrm >> 6 != 0b11 {
+                return Ok(false);
+            }
+            let dst = ((modrm >> 3) & 7) | ((rex & 0x4) << 1);
+            let src = (modrm & 7) | ((rex & 0x1) << 3);
+            let wide = rex & 0x8 != 0;
+            let value = *register(&mut regs, src);
+            let value = if wide { value } else { value & 0xffff_ffff };
+            *register(&mut regs, dst) = u64::from(value.count_ones());
+            regs.rflags &= !RFLAGS_STATUS;
+            if value == 0 {
+                regs.rflags |= RFLAGS_ZF;
+            }
+            regs.rip += 1 + u64::from(rex != 0) + 3;
+            vcpu.set_regs(&regs).map_err(kvm("registers"))?;
+            Ok(true)
+        }
+        _ => Ok(false),
     }
-    regs.rip += 1;
-    vcpu.set_regs(&regs).map_err(kvm("registers"))?;
-    let mut events = vcpu.get_vcpu_events().map_err(kvm("vCPU events"))?;
-    events.exception.injected = 1;
-    events.exception.nr = BP_VECTOR;
-    events.exception.has_error_code = 0;
-    events.exception.pending = 0;
-    events.flags = 0;
-    vcpu.set_vcpu_events(&events).map_err(kvm("vCPU events"))?;
-    Ok(true)
+}
+
+/// A general-purpose register by its encoding (0 rax .. 15 r15).
+fn register(regs: &mut kvm_regs, number: u8) -> &mut u64 {
+    match number {
+        0 => &mut regs.rax,
+        1 => &mut regs.rcx,
+        2 => &mut regs.rdx,
+        3 => &mut regs.rbx,
+        4 => &mut regs.rsp,
+        5 => &mut regs.rbp,
+        6 => &mut regs.rsi,
+        7 => &mut regs.rdi,
+        8 => &mut regs.r8,
+        9 => &mut regs.r9,
+        10 => &mut regs.r10,
+        11 => &mut regs.r11,
+        12 => &mut regs.r12,
+        13 => &mut regs.r13,
+        14 => &mut regs.r14,
+        _ => &mut regs.r15,
+    }
 }
 
 /// Up to 15 bytes (the longest x86 instruction) at the guest's virtual
@@ -248,7 +313,7 @@ pub fn set_cpuid(vcpu: &VcpuFd, supported: &CpuId, index: u8) -> Result<(), Setu
             1 => {
                 entry.ebx = (entry.ebx & 0x00ff_ffff) | (u32::from(index) << 24);
                 if emulated {
-                    entry.ecx &= !(CPUID_1_ECX_CX16 | CPUID_1_ECX_POPCNT);
+                    entry.ecx &= !CPUID_1_ECX_CX16;
                 }
             }
             // The extended topology leaves give the x2APIC id.

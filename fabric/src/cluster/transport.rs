@@ -396,11 +396,14 @@ pub struct ApiCall {
     pub body: Option<serde_json::Value>,
 }
 
-/// The forwarded request's HTTP status and JSON body.
+/// The forwarded request's HTTP status and body: JSON, or (`text`) a
+/// string the API answered as plain text.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ApiAnswer {
     pub status: u16,
     pub body: serde_json::Value,
+    #[serde(default)]
+    pub text: bool,
 }
 
 async fn call_api(api: Option<axum::Router>, call: ApiCall) -> Result<ApiAnswer, String> {
@@ -424,16 +427,23 @@ async fn call_api(api: Option<axum::Router>, call: ApiCall) -> Result<ApiAnswer,
         Err(never) => match never {},
     };
     let status = response.status().as_u16();
+    let text = response
+        .headers()
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|value| value.to_str().ok())
+        .is_some_and(|value| value.starts_with("text/"));
     let bytes = axum::body::to_bytes(response.into_body(), MESSAGE_BYTES_MAX)
         .await
         .map_err(|e| e.to_string())?;
     let body = if bytes.is_empty() {
         serde_json::Value::Null
+    } else if text {
+        serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned())
     } else {
         serde_json::from_slice(&bytes)
             .map_err(|e| format!("the API answered with non-JSON: {e}"))?
     };
-    Ok(ApiAnswer { status, body })
+    Ok(ApiAnswer { status, body, text })
 }
 
 /// Answers each ping frame with its length until the sender finishes.
