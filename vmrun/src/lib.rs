@@ -15,6 +15,7 @@
 //!   initramfs, zero page).
 //! - [`virtio_mmio`]: the virtio-mmio transport's registers, pure.
 //! - [`vhost_user`]: a virtio device served by a vhost-user backend.
+//! - [`dirty`]: the pages the guest writes (dirty rings, or KVM's bitmap).
 //! - [`vm`]: the VM, its vCPU threads and its MMIO bus; it keeps the
 //!   devices' backends connected (a backend that restarts is resumed).
 //! - [`control`]: pause, resume, stop and status, in process and on a
@@ -23,6 +24,7 @@
 pub mod acpi;
 pub mod control;
 pub mod devices;
+pub mod dirty;
 pub mod linux;
 pub mod memory;
 pub mod vhost_user;

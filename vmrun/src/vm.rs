@@ -20,6 +20,8 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::acpi;
 use crate::control::{DeviceStatus, VmControl};
 use crate::devices::{Console, GuestRequest, IrqLine, PortBus};
+pub use crate::dirty::DirtyPages;
+use crate::dirty::{self, DirtyLog};
 use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
 use crate::vhost_user::{
     VhostUserDevice, VhostUserError, QUEUE_MAX, VIRTIO_ID_BLOCK, VIRTIO_ID_NET,
@@ -150,7 +152,7 @@ pub struct Vm {
     _kvm: Kvm,
     fd: Arc<VmFd>,
     ram: GuestRam,
-    dirty_log: bool,
+    dirty: Option<DirtyLog>,
     vcpus: Vec<VcpuFd>,
     bus: Arc<PortBus>,
     mmio: Arc<MmioBus>,
@@ -347,6 +349,8 @@ impl Vm {
         let mut kernel = check(config)?;
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let fd = kvm.create_vm().map_err(VmError::Kvm)?;
+        // Dirty rings are chosen before any vCPU exists.
+        let rings = config.dirty_log && dirty::enable_rings(&kvm, &fd)?;
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_call("the TSS address"))?;
         let ram = GuestRam::new(config.memory_bytes)?;
@@ -562,11 +566,16 @@ impl Vm {
             }
             vcpus.push(vcpu);
         }
+        let dirty = match (config.dirty_log, rings) {
+            (false, _) => None,
+            (true, false) => Some(DirtyLog::Bitmap),
+            (true, true) => Some(DirtyLog::Rings(Arc::new(dirty::Rings::map(&vcpus)?))),
+        };
         Ok(Vm {
             _kvm: kvm,
             fd: Arc::new(fd),
             ram,
-            dirty_log: config.dirty_log,
+            dirty,
             vcpus,
             bus: Arc::new(PortBus::new(console, serial_irq)),
             mmio,
@@ -586,9 +595,10 @@ impl Vm {
     /// The guest-written page log, if the VM was made with `dirty_log`;
     /// usable while the VM runs and after.
     pub fn dirty_pages(&self) -> Option<DirtyPages> {
-        self.dirty_log.then(|| DirtyPages {
+        self.dirty.clone().map(|log| DirtyPages {
             fd: self.fd.clone(),
             bytes: self.ram.bytes(),
+            log,
         })
     }
 
@@ -597,11 +607,13 @@ impl Vm {
     pub fn run(self) -> Result<Ended, VmError> {
         use std::os::unix::thread::JoinHandleExt;
         install_kick_handler()?;
+        let dirty = self.dirty_pages();
         let control = self.control;
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
         let mut spawn_error = None;
         for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
+            let dirty = dirty.clone();
             let bus = self.bus.clone();
             let mmio = self.mmio.clone();
             let thread_control = control.clone();
@@ -615,7 +627,14 @@ impl Vm {
                         control: &thread_control,
                         done,
                     };
-                    run_vcpu(index, &mut vcpu, &bus, &mmio, &thread_control)
+                    run_vcpu(
+                        index,
+                        &mut vcpu,
+                        &bus,
+                        &mmio,
+                        &thread_control,
+                        dirty.as_ref(),
+                    )
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
@@ -687,36 +706,7 @@ impl Vm {
 }
 
 /// KVM's memory slot for guest RAM.
-const RAM_SLOT: u32 = 0;
-
-/// The pages the guest has written, from KVM's dirty log of guest RAM:
-/// the base of live migration and of streaming a VM to a standby node.
-#[derive(Debug, Clone)]
-pub struct DirtyPages {
-    fd: Arc<VmFd>,
-    bytes: u64,
-}
-
-impl DirtyPages {
-    /// The guest page numbers (4 KiB) written since the last call (or
-    /// since the VM started), and clears the log.
-    pub fn take(&self) -> Result<Vec<u64>, VmError> {
-        let bitmap = self
-            .fd
-            .get_dirty_log(RAM_SLOT, self.bytes as usize)
-            .map_err(kvm_call("the dirty log"))?;
-        let mut pages = Vec::new();
-        for (word_index, &word) in bitmap.iter().enumerate() {
-            let mut word = word;
-            while word != 0 {
-                let bit = u64::from(word.trailing_zeros());
-                pages.push(word_index as u64 * 64 + bit);
-                word &= word - 1;
-            }
-        }
-        Ok(pages)
-    }
-}
+pub(crate) const RAM_SLOT: u32 = 0;
 
 extern "C" fn kick(_: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {}
 
@@ -760,6 +750,7 @@ fn run_vcpu(
     bus: &PortBus,
     mmio: &MmioBus,
     control: &VmControl,
+    dirty: Option<&DirtyPages>,
 ) -> Result<Option<Ended>, VmError> {
     let end = |ended: Ended| {
         control.end();
@@ -780,6 +771,13 @@ fn run_vcpu(
             Ok(VcpuExit::IoIn(port, data)) => bus.read(port, data),
             Ok(VcpuExit::MmioRead(address, data)) => mmio.read(address, data),
             Ok(VcpuExit::MmioWrite(address, data)) => mmio.write(address, data),
+            // This vCPU's dirty ring is full: collect it (kept for the
+            // next `take`) and go on.
+            Ok(VcpuExit::Unsupported(dirty::KVM_EXIT_DIRTY_RING_FULL)) if dirty.is_some() => {
+                if let Some(dirty) = dirty {
+                    dirty.collect()?;
+                }
+            }
             // No interrupt can wake a halted vCPU yet: it is done.
             Ok(VcpuExit::Hlt) => return Ok(Some(Ended::Halted)),
             Ok(VcpuExit::Shutdown) => return end(Ended::TripleFault { vcpu: index }),

@@ -199,8 +199,8 @@ const RFLAGS_AC: u64 = 1 << 18;
 
 /// Where KVM only emulates guests, its emulator stops (an internal error)
 /// on a few instructions Linux uses: `int3` in 64-bit mode (it delivers
-/// software interrupts only in real mode), `clac`/`stac`, and `popcnt`
-/// (which CPUID cannot hide there). If the vCPU stopped on one of these, this does
+/// software interrupts only in real mode), `clac`/`stac`, `fwait`, and
+/// `popcnt` (which CPUID cannot hide there). If the vCPU stopped on one of these, this does
 /// what the instruction does and returns true; otherwise false.
 pub fn emulate_unsupported(vcpu: &VcpuFd, memory: &Memory) -> Result<bool, SetupError> {
     let mut regs = vcpu.get_regs().map_err(kvm("registers"))?;
@@ -219,6 +219,14 @@ pub fn emulate_unsupported(vcpu: &VcpuFd, memory: &Memory) -> Result<bool, Setup
             events.exception.pending = 0;
             events.flags = 0;
             vcpu.set_vcpu_events(&events).map_err(kvm("vCPU events"))?;
+            Ok(true)
+        }
+        // fwait: taken as a no-op (it raises #MF only for a pending,
+        // unmasked x87 exception, which the kernels it is met in do not
+        // leave).
+        [0x9b, ..] => {
+            regs.rip += 1;
+            vcpu.set_regs(&regs).map_err(kvm("registers"))?;
             Ok(true)
         }
         // clac, stac: RFLAGS.AC (SMAP's user-access window).

@@ -1,6 +1,7 @@
-//! KVM's dirty log through the runner's API: a guest program writes three
-//! pages; the log names them, not their neighbours, and is empty once
-//! taken.
+//! KVM's dirty log through the runner's API (each vCPU's dirty ring where
+//! the kernel offers it): a guest program writes three pages and then 5000
+//! more, past what a ring holds; the log names them all, not their
+//! neighbours, and is empty once taken.
 
 use std::path::Path;
 use std::process::Command;
@@ -23,7 +24,7 @@ fn pages_the_guest_writes_show_up_in_the_dirty_log() {
 
     let config = VmConfig {
         vcpus: 1,
-        memory_bytes: 16 << 20,
+        memory_bytes: 32 << 20,
         kernel: program,
         cmdline: None,
         initramfs: None,
@@ -34,6 +35,10 @@ fn pages_the_guest_writes_show_up_in_the_dirty_log() {
     let console = Box::new(std::io::sink());
     let vm = Vm::new(&config, console).expect("a VM");
     let dirty = vm.dirty_pages().expect("dirty logging was asked for");
+    // Rings wherever the kernel offers them.
+    let kvm = kvm_ioctls::Kvm::new().expect("/dev/kvm");
+    let offered = kvm.check_extension_int(kvm_ioctls::Cap::DirtyLogRing) >= 64 << 10;
+    assert_eq!(dirty.uses_rings(), offered);
     // Nothing ran yet: what the loader wrote is not the guest's doing.
     assert_eq!(dirty.take().expect("log"), Vec::<u64>::new());
     assert_eq!(vm.run().expect("run"), Ended::PoweredOff);
@@ -44,7 +49,12 @@ fn pages_the_guest_writes_show_up_in_the_dirty_log() {
             "page {page:#x} missing from {pages:x?}"
         );
     }
-    for page in [0x601, 0x604, 0x64c, 0x64e] {
+    // More pages than a ring holds: the vCPU stopped when its ring was
+    // full, and nothing was lost.
+    for page in 0x800..0x800 + 5000 {
+        assert!(pages.contains(&page), "page {page:#x} missing");
+    }
+    for page in [0x601, 0x604, 0x64c, 0x64e, 0x800 + 5000] {
         assert!(
             !pages.contains(&page),
             "page {page:#x} was not written: {pages:x?}"
