@@ -102,9 +102,16 @@ enum VmCommand {
         /// there.
         #[arg(long)]
         node: Option<String>,
-        /// The kernel (a 64-bit ELF), as a path on that node.
+        /// The kernel (a Linux bzImage or vmlinux, or a 64-bit ELF
+        /// program), as an absolute path on that node.
         #[arg(long)]
         kernel: String,
+        /// A Linux kernel's initramfs, as an absolute path on that node.
+        #[arg(long)]
+        initramfs: Option<String>,
+        /// A Linux kernel's command line (default: console on ttyS0).
+        #[arg(long, default_value = "")]
+        cmdline: String,
         #[arg(long, default_value_t = 1)]
         vcpus: u32,
         /// Guest RAM (a multiple of 2 MiB, at least 8 MiB).
@@ -1140,6 +1147,8 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
             name,
             node,
             kernel,
+            initramfs,
+            cmdline,
             vcpus,
             memory,
             volumes,
@@ -1148,6 +1157,7 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
             let mut body = json!({
                 "name": name,
                 "kernel": kernel,
+                "cmdline": cmdline,
                 "vcpus": vcpus,
                 "memory_bytes": memory,
                 "volumes": volumes,
@@ -1155,6 +1165,9 @@ fn vm(endpoint: &Endpoint, command: &VmCommand, json: bool) -> Result<(), CliErr
             });
             if let Some(node) = node {
                 body["node"] = json!(node);
+            }
+            if let Some(initramfs) = initramfs {
+                body["initramfs"] = json!(initramfs);
             }
             let value = call(endpoint, "POST", "/v1/vms", Some(body))?;
             done(

@@ -45,6 +45,8 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// The tail of a VM's console the API returns.
 const CONSOLE_BYTES_MAX: u64 = 64 * 1024;
+/// Longest kernel command line taken (the runner's limit, less its NUL).
+const CMDLINE_BYTES_MAX: usize = vmrun::linux::CMDLINE_BYTES_MAX - 1;
 /// How long a runner has to answer on its control socket.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a runner left by an earlier daemon has to answer before it
@@ -330,6 +332,23 @@ impl VmSupervisor {
         Ok(child)
     }
 
+    /// Writes a VM's definition for its runner; the runner's command line.
+    fn define(
+        &self,
+        name: &str,
+        definition: &vmrun::definition::Definition,
+    ) -> Result<Launch, String> {
+        std::fs::create_dir_all(&self.dir)
+            .map_err(|e| format!("cannot create {}: {e}", self.dir.display()))?;
+        let path = self.dir.join(format!("{name}.json"));
+        let text = serde_json::to_string_pretty(definition).map_err(|e| e.to_string())?;
+        std::fs::write(&path, text)
+            .map_err(|e| format!("cannot write the VM's definition {}: {e}", path.display()))?;
+        Ok(Launch {
+            args: vec!["--config".into(), path.display().to_string()],
+        })
+    }
+
     /// Starts a VM (again, if it had stopped or failed).
     fn start(&self, name: &str, launch: Launch) -> Result<(), String> {
         let mut runners = self.runners.lock().expect("runners poisoned");
@@ -430,6 +449,7 @@ impl VmSupervisor {
             self.record(name),
             self.exit_file(name),
             self.control(name),
+            self.dir.join(format!("{name}.json")),
         ] {
             let _ = std::fs::remove_file(path);
         }
@@ -630,6 +650,12 @@ struct CreateVm {
     node: Option<String>,
     name: String,
     kernel: String,
+    /// A Linux kernel's initramfs, a path on the VM's node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    initramfs: Option<String>,
+    /// A Linux kernel's command line (default: the runner's).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    cmdline: String,
     #[serde(default = "one")]
     vcpus: u32,
     memory_bytes: u64,
@@ -689,6 +715,19 @@ async fn create_vm(
             kernel.display()
         )));
     }
+    if let Some(initramfs) = &request.initramfs {
+        let path = FsPath::new(initramfs);
+        if !path.is_absolute() || !path.is_file() {
+            return Err(ApiError::bad_request(format!(
+                "the initramfs must be an absolute path to a file on this node: {initramfs:?}"
+            )));
+        }
+    }
+    if request.cmdline.len() > CMDLINE_BYTES_MAX || request.cmdline.contains('\0') {
+        return Err(ApiError::bad_request(format!(
+            "a kernel command line is at most {CMDLINE_BYTES_MAX} bytes, without NUL"
+        )));
+    }
     let (metadata, me) = current(&api.cluster).await?;
     if metadata.vms.contains_key(&request.name) {
         return Err(ApiError::new(
@@ -710,8 +749,8 @@ async fn create_vm(
         vcpus: request.vcpus,
         memory_bytes: request.memory_bytes,
         kernel: request.kernel,
-        initramfs: None,
-        cmdline: String::new(),
+        initramfs: request.initramfs,
+        cmdline: request.cmdline,
         volumes: request.volumes,
         ports: request.ports,
         node: Some(me),
@@ -844,14 +883,15 @@ async fn start_vm(
     Path(name): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
     let (metadata, vm) = here_or_forward!(api, name, "POST", format!("/v1/vms/{name}/start"));
-    let mut args = vec![
-        "--kernel".to_owned(),
-        vm.kernel.clone(),
-        "--memory".to_owned(),
-        vm.memory_bytes.to_string(),
-        "--cpus".to_owned(),
-        vm.vcpus.to_string(),
-    ];
+    let mut definition = vmrun::definition::Definition {
+        kernel: vm.kernel.clone().into(),
+        vcpus: u8::try_from(vm.vcpus).unwrap_or(u8::MAX),
+        memory_bytes: vm.memory_bytes,
+        initramfs: vm.initramfs.clone().map(Into::into),
+        cmdline: (!vm.cmdline.is_empty()).then(|| vm.cmdline.clone()),
+        disks: Vec::new(),
+        nics: Vec::new(),
+    };
     for volume in &vm.volumes {
         let node = api.node.clone();
         let owned = volume.clone();
@@ -871,25 +911,25 @@ async fn start_vm(
                     ),
                 )
             })?;
-        args.push("--disk".into());
-        args.push(socket.display().to_string());
+        definition.disks.push(socket);
     }
     for port in &vm.ports {
         let meta = metadata
             .ports
             .get(port)
             .ok_or_else(|| ApiError::bad_request(format!("port {port:?} does not exist")))?;
-        args.push("--nic".into());
-        args.push(format!(
-            "{},mac={}",
-            api.switch.socket(port).display(),
-            meta.mac
-        ));
+        definition.nics.push(vmrun::definition::NicDefinition {
+            socket: api.switch.socket(port),
+            mac: meta.mac.to_string(),
+        });
     }
     let supervisor = api.supervisor.clone();
-    let started = tokio::task::spawn_blocking(move || supervisor.start(&name, Launch { args }))
-        .await
-        .map_err(|e| ApiError::bad_request(e.to_string()))?;
+    let started = tokio::task::spawn_blocking(move || {
+        let launch = supervisor.define(&name, &definition)?;
+        supervisor.start(&name, launch)
+    })
+    .await
+    .map_err(|e| ApiError::bad_request(e.to_string()))?;
     started.map_err(|reason| ApiError::new(StatusCode::CONFLICT, "vm_not_started", reason))?;
     Ok(StatusCode::NO_CONTENT.into_response())
 }

@@ -66,7 +66,7 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
     );
 
     // Bad definitions.
-    let cases: [(Vec<&str>, &str); 7] = [
+    let cases: [(Vec<&str>, &str); 8] = [
         (
             vec!["vm", "create", "x", "--kernel", "/nonexistent/k"],
             "no kernel file at /nonexistent/k",
@@ -92,6 +92,18 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
             "already a disk of VM \"vm1\"",
         ),
         (vec!["vm", "create", "vm1", "--kernel", blk], "exists"),
+        (
+            vec![
+                "vm",
+                "create",
+                "x",
+                "--kernel",
+                blk,
+                "--initramfs",
+                "initrd",
+            ],
+            "initramfs must be an absolute path",
+        ),
     ];
     for (args, expected) in cases {
         let error = node.fabctl_fails(&args)?;

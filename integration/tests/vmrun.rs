@@ -85,6 +85,42 @@ fn a_64_bit_guest_prints_on_the_serial_console_and_powers_off() -> Result<()> {
     Ok(())
 }
 
+/// A VM defined in a JSON file runs as one given by flags; a misspelt
+/// field, or a definition beside flags, is refused with the reason.
+#[test]
+fn a_definition_file_runs_a_vm() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let hello = integration::guest::vmrun_program(dir.path(), "hello")?;
+    let definition = dir.path().join("vm.json");
+    let write = |text: serde_json::Value| std::fs::write(&definition, text.to_string());
+    write(serde_json::json!({
+        "kernel": hello, "vcpus": 2, "memory_bytes": 16 << 20,
+    }))?;
+    let config = definition.to_str().context("path")?;
+    let output = vmrun(&["--config", config])?;
+    let console = text(&output.stdout);
+    ensure!(
+        output.status.success() && console.contains("hello from a 64-bit guest"),
+        "{}: {console} {}",
+        output.status,
+        text(&output.stderr)
+    );
+    write(serde_json::json!({"kernel": hello, "memory_bytes": 16 << 20, "vcpu": 2}))?;
+    let output = vmrun(&["--config", config])?;
+    let stderr = text(&output.stderr);
+    ensure!(
+        !output.status.success() && stderr.contains("unknown field `vcpu`"),
+        "{stderr}"
+    );
+    let output = vmrun(&["--config", config, "--kernel", config])?;
+    let stderr = text(&output.stderr);
+    ensure!(
+        !output.status.success() && stderr.contains("cannot be used with"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 /// POPCNT, which this host's emulated KVM cannot run (the runner does it
 /// there), gives the right counts and zero flag either way.
 #[test]

@@ -1,7 +1,8 @@
 //! The pages a guest writes: the base of live migration and of streaming
 //! a VM to a standby node.
 //!
-//! Where the kernel offers it, each vCPU has a dirty ring (KVM writes the
+//! Where the kernel offers it (and runs guests natively), each vCPU has a
+//! dirty ring (KVM writes the
 //! page numbers the vCPU dirties into a ring shared with the runner; the
 //! runner collects them and hands the entries back). Otherwise KVM's dirty
 //! bitmap of the RAM slot is read and cleared. Either way
@@ -31,11 +32,43 @@ pub const KVM_EXIT_DIRTY_RING_FULL: u32 = 31;
 
 ioctl_io_nr!(KVM_RESET_DIRTY_RINGS, kvm_bindings::KVMIO, 0xc7);
 
-/// The ring size to ask for, if this kernel offers dirty rings (checked
-/// before any vCPU exists: the ring is a VM-wide choice).
-pub fn enable_rings(kvm: &Kvm, vm: &VmFd) -> Result<bool, VmError> {
+/// Whether dirty rings are used on this host: where the kernel offers
+/// rings of [`RING_BYTES`], unless KVM only emulates guests there (its
+/// emulator runs on past a full ring's reserve and overwrites entries
+/// not yet collected, which the kernel warns about; the bitmap loses
+/// nothing).
+pub fn rings_usable(kvm: &Kvm) -> bool {
     let offered = kvm.check_extension_int(Cap::DirtyLogRing);
-    if offered <= 0 || (offered as u32) < RING_BYTES {
+    offered > 0 && offered as u32 >= RING_BYTES && !crate::x86::emulating_kvm()
+}
+
+/// How a VM logs the pages its guest writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DirtyLogMode {
+    /// Not at all.
+    Off,
+    /// Rings where [`rings_usable`], else the bitmap.
+    Auto,
+    /// Rings wherever the kernel offers them (an error where it does
+    /// not): for a guest known to dirty fewer pages between two
+    /// collections than a ring's reserve, e.g. in tests.
+    Rings,
+    /// KVM's bitmap.
+    Bitmap,
+}
+
+/// Enables dirty rings on `vm` (before any vCPU exists: the ring is a
+/// VM-wide choice): where [`rings_usable`], or, if `forced`, wherever the
+/// kernel offers them. Returns whether it did.
+pub fn enable_rings(kvm: &Kvm, vm: &VmFd, forced: bool) -> Result<bool, VmError> {
+    let offered = kvm.check_extension_int(Cap::DirtyLogRing);
+    if forced && (offered <= 0 || (offered as u32) < RING_BYTES) {
+        return Err(VmError::KvmCall {
+            what: "dirty rings (this kernel does not offer them)",
+            source: kvm_ioctls::Error::new(libc::ENOTSUP),
+        });
+    }
+    if !forced && !rings_usable(kvm) {
         return Ok(false);
     }
     let cap = kvm_enable_cap {

@@ -8,6 +8,7 @@
 //! - [`memory`]: guest RAM (memfd-backed, shareable with vhost-user
 //!   backends) and its e820 map.
 //! - [`x86`]: 64-bit mode for a vCPU: GDT, page tables, registers, CPUID.
+//! - [`definition`]: a VM's definition as a JSON file.
 //! - [`devices`]: the port bus: serial console, power-off and reset ports.
 //! - [`acpi`]: the ACPI tables a Linux guest finds its vCPUs, devices
 //!   and power-off in.
@@ -23,6 +24,7 @@
 
 pub mod acpi;
 pub mod control;
+pub mod definition;
 pub mod devices;
 pub mod dirty;
 pub mod linux;

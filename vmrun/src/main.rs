@@ -14,9 +14,13 @@ use vmrun::vm::{Ended, NicConfig, Vm, VmConfig, VmError};
 #[derive(Debug, Parser)]
 #[command(name = "vmrun", version)]
 struct Args {
+    /// The VM's definition, a JSON file (kernel, vcpus, memory_bytes,
+    /// initramfs, cmdline, disks, nics), instead of the flags below.
+    #[arg(long, conflicts_with_all = ["kernel", "memory", "cpus", "cmdline", "initramfs", "disks", "nics"])]
+    config: Option<PathBuf>,
     /// The Linux bzImage or 64-bit ELF to boot.
-    #[arg(long)]
-    kernel: PathBuf,
+    #[arg(long, required_unless_present = "config")]
+    kernel: Option<PathBuf>,
     /// Guest RAM, e.g. 128M or 1G (a multiple of 2 MiB, at least 8 MiB).
     #[arg(long, default_value = "128M", value_parser = parse_size)]
     memory: u64,
@@ -56,24 +60,9 @@ fn parse_nic(text: &str) -> Result<NicConfig, String> {
     let (socket, mac) = text
         .rsplit_once(",mac=")
         .ok_or_else(|| format!("{text:?}: a NIC is SOCKET,mac=52:54:00:12:34:56"))?;
-    let mut bytes = [0u8; 6];
-    let mut parts = mac.split(':');
-    for byte in &mut bytes {
-        let part = parts
-            .next()
-            .filter(|p| p.len() == 2)
-            .ok_or_else(|| format!("{mac:?} is not a MAC address like 52:54:00:12:34:56"))?;
-        *byte = u8::from_str_radix(part, 16)
-            .map_err(|_| format!("{mac:?} is not a MAC address like 52:54:00:12:34:56"))?;
-    }
-    if parts.next().is_some() {
-        return Err(format!(
-            "{mac:?} is not a MAC address like 52:54:00:12:34:56"
-        ));
-    }
     Ok(NicConfig {
         socket: PathBuf::from(socket),
-        mac: bytes,
+        mac: vmrun::definition::parse_mac(mac)?,
     })
 }
 
@@ -101,15 +90,26 @@ fn parse_size(text: &str) -> Result<u64, String> {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    let config = VmConfig {
-        vcpus: args.cpus,
-        memory_bytes: args.memory,
-        kernel: args.kernel,
-        cmdline: args.cmdline,
-        initramfs: args.initramfs,
-        disks: args.disks,
-        nics: args.nics,
-        dirty_log: false,
+    let config = match &args.config {
+        Some(path) => match vmrun::definition::Definition::load(path)
+            .and_then(|definition| definition.to_config())
+        {
+            Ok(config) => config,
+            Err(error) => {
+                eprintln!("vmrun: {error}");
+                return ExitCode::FAILURE;
+            }
+        },
+        None => VmConfig {
+            vcpus: args.cpus,
+            memory_bytes: args.memory,
+            kernel: args.kernel.clone().unwrap_or_default(),
+            cmdline: args.cmdline.clone(),
+            initramfs: args.initramfs.clone(),
+            disks: args.disks.clone(),
+            nics: args.nics.clone(),
+            dirty_log: vmrun::vm::DirtyLogMode::Off,
+        },
     };
     let console: vmrun::devices::Console = match &args.serial_log {
         // Appended to: a restarted VM's console follows the last one's;

@@ -20,6 +20,7 @@ use vmm_sys_util::signal::{register_signal_handler, SIGRTMIN};
 use crate::acpi;
 use crate::control::{DeviceStatus, VmControl};
 use crate::devices::{Console, GuestRequest, IrqLine, PortBus};
+pub use crate::dirty::DirtyLogMode;
 pub use crate::dirty::DirtyPages;
 use crate::dirty::{self, DirtyLog};
 use crate::memory::{GuestRam, Memory, MemoryError, HIGH_RAM_START};
@@ -64,8 +65,9 @@ pub struct VmConfig {
     /// vhost-user-net sockets (e.g. a `fabricd` switch port's), each a
     /// virtio-net NIC with its MAC (virtio-mmio, after the disks).
     pub nics: Vec<NicConfig>,
-    /// Log the pages the guest writes ([`Vm::dirty_pages`]).
-    pub dirty_log: bool,
+    /// Whether and how to log the pages the guest writes
+    /// ([`Vm::dirty_pages`]).
+    pub dirty_log: DirtyLogMode,
 }
 
 /// A NIC: its vhost-user-net socket and the MAC the guest is given.
@@ -350,7 +352,11 @@ impl Vm {
         let kvm = Kvm::new().map_err(VmError::Kvm)?;
         let fd = kvm.create_vm().map_err(VmError::Kvm)?;
         // Dirty rings are chosen before any vCPU exists.
-        let rings = config.dirty_log && dirty::enable_rings(&kvm, &fd)?;
+        let rings = match config.dirty_log {
+            DirtyLogMode::Off | DirtyLogMode::Bitmap => false,
+            DirtyLogMode::Auto => dirty::enable_rings(&kvm, &fd, false)?,
+            DirtyLogMode::Rings => dirty::enable_rings(&kvm, &fd, true)?,
+        };
         fd.set_tss_address(KVM_TSS_ADDRESS)
             .map_err(kvm_call("the TSS address"))?;
         let ram = GuestRam::new(config.memory_bytes)?;
@@ -360,7 +366,7 @@ impl Vm {
             .map_err(|error| MemoryError::Map(error.to_string()))?;
         let region = kvm_userspace_memory_region {
             slot: RAM_SLOT,
-            flags: if config.dirty_log {
+            flags: if config.dirty_log != DirtyLogMode::Off {
                 kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES
             } else {
                 0
@@ -567,9 +573,9 @@ impl Vm {
             vcpus.push(vcpu);
         }
         let dirty = match (config.dirty_log, rings) {
-            (false, _) => None,
-            (true, false) => Some(DirtyLog::Bitmap),
-            (true, true) => Some(DirtyLog::Rings(Arc::new(dirty::Rings::map(&vcpus)?))),
+            (DirtyLogMode::Off, _) => None,
+            (_, false) => Some(DirtyLog::Bitmap),
+            (_, true) => Some(DirtyLog::Rings(Arc::new(dirty::Rings::map(&vcpus)?))),
         };
         Ok(Vm {
             _kvm: kvm,
@@ -592,7 +598,7 @@ impl Vm {
         &self.ram
     }
 
-    /// The guest-written page log, if the VM was made with `dirty_log`;
+    /// The guest-written page log, unless the VM was made without one;
     /// usable while the VM runs and after.
     pub fn dirty_pages(&self) -> Option<DirtyPages> {
         self.dirty.clone().map(|log| DirtyPages {
