@@ -146,7 +146,10 @@ pub async fn run(config: Config) -> anyhow::Result<()> {
         .ok()
         .and_then(|exe| exe.parent().map(|dir| dir.join("vmrun")))
         .unwrap_or_else(|| "vmrun".into());
-    let vms = crate::vms::VmSupervisor::new(vmrun, config.data_dir.join("vms"));
+    // Taking over the runners a previous daemon left may wait on them.
+    let vms_dir = config.data_dir.join("vms");
+    let vms =
+        tokio::task::spawn_blocking(move || crate::vms::VmSupervisor::new(vmrun, vms_dir)).await?;
     tokio::spawn(crate::vms::watch(vms.clone()));
     let router = api::router(node.clone(), cluster.clone())
         .merge(cluster_api::router(cluster.clone()))

@@ -45,8 +45,9 @@ const RESTART_WINDOW: Duration = Duration::from_secs(60);
 const WATCH_INTERVAL: Duration = Duration::from_millis(500);
 /// The tail of a VM's console the API returns.
 const CONSOLE_BYTES_MAX: u64 = 64 * 1024;
-/// Longest kernel command line taken (the runner's limit, less its NUL).
-const CMDLINE_BYTES_MAX: usize = vmrun::linux::CMDLINE_BYTES_MAX - 1;
+/// Longest kernel command line taken: the runner's limit, less its NUL
+/// and room for what the runner may add (` noxsave`).
+const CMDLINE_BYTES_MAX: usize = vmrun::linux::CMDLINE_BYTES_MAX - 64;
 /// How long a runner has to answer on its control socket.
 const CONTROL_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a runner left by an earlier daemon has to answer before it
@@ -76,9 +77,32 @@ struct Launch {
 #[derive(Debug, Serialize, Deserialize)]
 struct RunnerRecord {
     pid: u32,
+    /// When the process started (clock ticks since boot): with the pid,
+    /// it names the process even after the pid is reused.
+    #[serde(default)]
+    start_time: Option<u64>,
     launch: Launch,
 }
 
+/// When process `pid` started (clock ticks since boot, /proc/PID/stat's
+/// 22nd field), unless it has ended (a zombie has).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces and parentheses: fields follow the
+    // last ')'.
+    let (_, rest) = stat.rsplit_once(')')?;
+    let mut fields = rest.split_whitespace();
+    // Field 3 is the state; field 22 the start time.
+    let state = fields.next()?;
+    if state.starts_with('Z') || state.starts_with('X') {
+        return None;
+    }
+    fields.nth(18)?.parse().ok()
+}
+
+/// Guest resets allowed within [`RESTART_WINDOW`]; one more is a reboot
+/// loop, and the VM is failed.
+const REBOOTS_MAX: usize = 5;
 /// `vmrun`'s exit code when the guest asked for a reset.
 const EXIT_REBOOT: i32 = 2;
 
@@ -98,14 +122,18 @@ enum End {
 #[derive(Debug)]
 enum Process {
     Child(Child),
-    Adopted { pid: u32 },
+    /// Named by pid and start time, so a reused pid is never taken for it.
+    Adopted {
+        pid: u32,
+        start_time: u64,
+    },
 }
 
 impl Process {
     fn pid(&self) -> u32 {
         match self {
             Process::Child(child) => child.id(),
-            Process::Adopted { pid } => *pid,
+            Process::Adopted { pid, .. } => *pid,
         }
     }
 
@@ -124,8 +152,11 @@ impl Process {
                     None
                 }
             },
-            Process::Adopted { pid } => {
-                if alive(*pid) {
+            Process::Adopted {
+                pid,
+                start_time: started,
+            } => {
+                if start_time(*pid) == Some(*started) {
                     return None;
                 }
                 // Not our child: its exit code is in the file it wrote.
@@ -148,11 +179,18 @@ impl Process {
                 let _ = child.kill();
                 let _ = child.wait();
             }
-            Process::Adopted { pid } => {
-                // SAFETY: kill(2) on a pid this daemon took over.
+            Process::Adopted {
+                pid,
+                start_time: started,
+            } => {
+                if start_time(*pid) != Some(*started) {
+                    return;
+                }
+                // SAFETY: kill(2) on the process this daemon took over,
+                // checked just above to still be it.
                 unsafe { libc::kill(*pid as i32, libc::SIGKILL) };
                 for _ in 0..100 {
-                    if !alive(*pid) {
+                    if start_time(*pid) != Some(*started) {
                         break;
                     }
                     std::thread::sleep(Duration::from_millis(20));
@@ -160,15 +198,6 @@ impl Process {
             }
         }
     }
-}
-
-/// Whether a process exists and has not ended (a zombie has).
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        !stat
-            .rsplit_once(')')
-            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
-    })
 }
 
 #[derive(Debug)]
@@ -179,9 +208,13 @@ struct Runner {
     restarts: u32,
     /// Times the guest rebooted (not failures).
     reboots: u32,
+    recent_reboots: VecDeque<Instant>,
     recent_failures: VecDeque<Instant>,
     last_error: Option<String>,
     started_unix: u64,
+    /// A stop is under way (its runner taken out, not yet gone): the VM
+    /// cannot be started until it is over.
+    stopping: bool,
 }
 
 /// The VMs this node runs.
@@ -253,12 +286,25 @@ impl VmSupervisor {
             };
             let text = std::fs::read_to_string(&path).unwrap_or_default();
             // An older record is the bare pid.
-            let (pid, launch) = match serde_json::from_str::<RunnerRecord>(&text) {
-                Ok(record) => (record.pid, Some(record.launch)),
-                Err(_) => (text.trim().parse().unwrap_or(0), None),
+            let (pid, recorded_start, launch) = match serde_json::from_str::<RunnerRecord>(&text) {
+                Ok(record) => (record.pid, record.start_time, Some(record.launch)),
+                Err(_) => (text.trim().parse().unwrap_or(0), None, None),
             };
-            let exe = std::fs::read_link(format!("/proc/{pid}/exe")).ok();
-            if pid == 0 || !alive(pid) || exe.as_deref() != Some(self.vmrun.as_path()) {
+            let Some(started) = start_time(pid).filter(|_| pid != 0) else {
+                let _ = std::fs::remove_file(&path);
+                continue;
+            };
+            // The recorded process: by its start time, or (an older
+            // record) by its binary, even one replaced by an upgrade.
+            let same = match recorded_start {
+                Some(recorded) => recorded == started,
+                None => std::fs::read_link(format!("/proc/{pid}/exe")).is_ok_and(|exe| {
+                    let exe = exe.to_string_lossy();
+                    let vmrun = self.vmrun.to_string_lossy();
+                    exe == vmrun || exe == format!("{vmrun} (deleted)")
+                }),
+            };
+            if !same {
                 let _ = std::fs::remove_file(&path);
                 continue;
             }
@@ -278,13 +324,18 @@ impl VmSupervisor {
                         name,
                         Runner {
                             launch,
-                            process: Some(Process::Adopted { pid }),
+                            process: Some(Process::Adopted {
+                                pid,
+                                start_time: started,
+                            }),
                             state,
                             restarts: 0,
                             reboots: 0,
+                            recent_reboots: VecDeque::new(),
                             recent_failures: VecDeque::new(),
                             last_error: None,
                             started_unix: unix_now().saturating_sub(uptime),
+                            stopping: false,
                         },
                     );
                 }
@@ -323,6 +374,7 @@ impl VmSupervisor {
             .map_err(|e| format!("cannot start {}: {e}", self.vmrun.display()))?;
         let record = RunnerRecord {
             pid: child.id(),
+            start_time: start_time(child.id()),
             launch: launch.clone(),
         };
         let text = serde_json::to_string(&record).unwrap_or_default();
@@ -355,6 +407,9 @@ impl VmSupervisor {
         if runners.get(name).is_some_and(|r| r.process.is_some()) {
             return Err(format!("VM {name:?} is already running"));
         }
+        if runners.get(name).is_some_and(|r| r.stopping) {
+            return Err(format!("VM {name:?} is stopping; start it once it has"));
+        }
         let child = self.spawn(name, &launch)?;
         tracing::info!(vm = name, pid = child.id(), "started a VM");
         runners.insert(
@@ -365,9 +420,11 @@ impl VmSupervisor {
                 state: VmState::Running,
                 restarts: 0,
                 reboots: 0,
+                recent_reboots: VecDeque::new(),
                 recent_failures: VecDeque::new(),
                 last_error: None,
                 started_unix: unix_now(),
+                stopping: false,
             },
         );
         Ok(())
@@ -383,24 +440,37 @@ impl VmSupervisor {
                 return false;
             };
             runner.state = VmState::Stopped;
-            runner.process.take()
+            let process = runner.process.take();
+            runner.stopping = process.is_some();
+            process
         };
         if let Some(mut process) = process {
             let asked = vmrun::control::request(&self.control(name), "stop", CONTROL_TIMEOUT);
-            let deadline = Instant::now() + STOP_GRACE;
-            let mut ended = false;
-            while asked.is_ok() && Instant::now() < deadline {
+            // Asked or not (it may have ended before it could answer), the
+            // runner is checked before it is killed: never a signal to a
+            // pid that has ended (it may be reused).
+            let deadline = Instant::now()
+                + if asked.is_ok() {
+                    STOP_GRACE
+                } else {
+                    Duration::ZERO
+                };
+            let ended = loop {
                 if process.ended(&self.exit_file(name)).is_some() {
-                    ended = true;
-                    break;
+                    break true;
+                }
+                if Instant::now() >= deadline {
+                    break false;
                 }
                 std::thread::sleep(Duration::from_millis(20));
-            }
-            // Never a signal to a pid that has ended (it may be reused).
+            };
             if !ended {
                 process.kill();
             }
             let _ = std::fs::remove_file(self.record(name));
+            if let Some(runner) = self.runners.lock().expect("runners poisoned").get_mut(name) {
+                runner.stopping = false;
+            }
         }
         true
     }
@@ -477,6 +547,23 @@ impl VmSupervisor {
                     continue;
                 }
                 End::Reboot => {
+                    // A guest that keeps resetting (a kernel that panics at
+                    // boot) is failing, not rebooting.
+                    let now = Instant::now();
+                    runner
+                        .recent_reboots
+                        .retain(|at| now.duration_since(*at) < RESTART_WINDOW);
+                    runner.recent_reboots.push_back(now);
+                    if runner.recent_reboots.len() > REBOOTS_MAX {
+                        let reason = format!(
+                            "the guest reset {} times within a minute (a reboot loop); not starting it again",
+                            runner.recent_reboots.len()
+                        );
+                        tracing::error!(vm = %name, %reason, "a VM failed");
+                        runner.state = VmState::Failed;
+                        runner.last_error = Some(reason);
+                        continue;
+                    }
                     match self.spawn(name, &runner.launch) {
                         Ok(child) => {
                             tracing::info!(vm = %name, pid = child.id(), "a VM rebooted");
@@ -559,11 +646,26 @@ impl VmSupervisor {
             }
         };
         if view.pid.is_some() {
-            view.devices =
+            let reply =
                 vmrun::control::request(&self.control(name), "status", Duration::from_secs(1))
                     .ok()
-                    .and_then(|reply| serde_json::from_value(reply["devices"].clone()).ok())
-                    .unwrap_or_default();
+                    .filter(|reply| reply["ok"] == true);
+            if let Some(reply) = reply {
+                view.devices = serde_json::from_value(reply["devices"].clone()).unwrap_or_default();
+                // The runner knows best whether it is paused.
+                let state = match reply["state"].as_str() {
+                    Some("paused") => Some(VmState::Paused),
+                    Some("running") => Some(VmState::Running),
+                    _ => None,
+                };
+                if let Some(state) = state {
+                    view.state = state;
+                    let mut runners = self.runners.lock().expect("runners poisoned");
+                    if let Some(runner) = runners.get_mut(name).filter(|r| r.process.is_some()) {
+                        runner.state = state;
+                    }
+                }
+            }
         }
         Some(view)
     }
@@ -723,9 +825,28 @@ async fn create_vm(
             )));
         }
     }
-    if request.cmdline.len() > CMDLINE_BYTES_MAX || request.cmdline.contains('\0') {
+    if request.cmdline.len() > CMDLINE_BYTES_MAX
+        || !request.cmdline.bytes().all(|b| (b' '..=b'~').contains(&b))
+    {
         return Err(ApiError::bad_request(format!(
-            "a kernel command line is at most {CMDLINE_BYTES_MAX} bytes, without NUL"
+            "a kernel command line is at most {CMDLINE_BYTES_MAX} bytes of printable ASCII"
+        )));
+    }
+    let devices = request.volumes.len() + request.ports.len();
+    let linux = request.initramfs.is_some() || !request.cmdline.is_empty();
+    let devices_max = if linux {
+        vmrun::vm::DEVICE_GSIS.len()
+    } else {
+        vmrun::vm::DEVICES_MAX
+    };
+    if devices > devices_max {
+        return Err(ApiError::bad_request(format!(
+            "a VM has at most {devices_max} volumes and ports together{}, not {devices}",
+            if linux {
+                " when it boots Linux (one interrupt line each)"
+            } else {
+                ""
+            }
         )));
     }
     let (metadata, me) = current(&api.cluster).await?;

@@ -26,6 +26,8 @@ use vmm_sys_util::signal::SIGRTMIN;
 
 use crate::vm::MmioBus;
 
+/// How long a pause waits for the vCPUs to leave the guest.
+const PAUSE_WAIT: Duration = Duration::from_secs(3);
 /// How long a stop waits for the vCPUs to leave.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 /// Longest request line taken from the control socket.
@@ -37,6 +39,8 @@ pub enum ControlError {
     Ended,
     #[error("the VM is not paused")]
     NotPaused,
+    #[error("the vCPUs did not leave the guest within {PAUSE_WAIT:?}; the VM stays paused")]
+    Stuck,
 }
 
 /// What a VM is doing.
@@ -136,14 +140,22 @@ impl VmControl {
 
     /// Ends the VM (a vCPU ended it, or it was asked to).
     pub(crate) fn end(&self) {
+        // Under the lock, so a vCPU about to wait in `park_if_paused`
+        // either sees the flag or gets the wake-up.
+        let _runs = self.runs();
         self.stop.store(true, Ordering::Release);
         self.changed.notify_all();
     }
 
-    /// The vCPU threads are running.
+    /// `count` vCPU threads are about to start (each ends with
+    /// [`Self::vcpu_ended`], even one that ends at once).
+    pub(crate) fn starting(&self, count: usize) {
+        self.runs().live = count;
+    }
+
+    /// The vCPU threads are running (`threads`: their handles, for kicks).
     pub(crate) fn started(&self, threads: Vec<libc::pthread_t>) {
         let mut runs = self.runs();
-        runs.live = threads.len();
         runs.threads = threads;
         if runs.state == RunState::Created {
             runs.state = RunState::Running;
@@ -191,18 +203,21 @@ impl VmControl {
         runs.parked -= 1;
     }
 
-    /// Pauses the VM: returns once every vCPU is out of the guest.
+    /// Pauses the VM: returns once every vCPU is out of the guest (or the
+    /// VM was resumed or ended meanwhile); fails if they are not out
+    /// within [`PAUSE_WAIT`].
     pub fn pause(&self) -> Result<(), ControlError> {
         {
             let mut runs = self.runs();
             match runs.state {
                 RunState::Ended => return Err(ControlError::Ended),
-                RunState::Paused => return Ok(()),
+                RunState::Paused => {}
                 RunState::Created | RunState::Running => runs.state = RunState::Paused,
             }
         }
         // Kicks are repeated: one that lands just before a vCPU enters
         // KVM_RUN is lost.
+        let deadline = Instant::now() + PAUSE_WAIT;
         loop {
             self.kick();
             let runs = self.runs();
@@ -210,8 +225,11 @@ impl VmControl {
                 .changed
                 .wait_timeout(runs, Duration::from_millis(10))
                 .expect("VM control poisoned");
-            if runs.parked >= runs.live || self.stopping() {
+            if runs.parked >= runs.live || runs.state != RunState::Paused || self.stopping() {
                 return Ok(());
+            }
+            if Instant::now() >= deadline {
+                return Err(ControlError::Stuck);
             }
         }
     }
@@ -316,9 +334,31 @@ pub fn answer(control: &VmControl, line: &str) -> serde_json::Value {
     }
 }
 
+/// A control socket this process serves.
+#[derive(Debug)]
+pub struct ControlSocket {
+    path: std::path::PathBuf,
+    /// The socket file's device and inode, to know it is still ours.
+    identity: (u64, u64),
+}
+
+impl ControlSocket {
+    /// Removes the socket file, unless another process has bound one at
+    /// the same path since (a runner started after this one).
+    pub fn remove_if_ours(&self) {
+        use std::os::unix::fs::MetadataExt;
+        let ours = std::fs::symlink_metadata(&self.path)
+            .is_ok_and(|m| (m.dev(), m.ino()) == self.identity);
+        if ours {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
 /// Serves the control socket at `path` (replacing a stale one; owner
 /// only) on its own thread, for as long as the process lives.
-pub fn serve(path: &Path, control: Arc<VmControl>) -> std::io::Result<()> {
+pub fn serve(path: &Path, control: Arc<VmControl>) -> std::io::Result<ControlSocket> {
+    use std::os::unix::fs::MetadataExt;
     match std::fs::remove_file(path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -326,6 +366,11 @@ pub fn serve(path: &Path, control: Arc<VmControl>) -> std::io::Result<()> {
     }
     let listener = UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    let metadata = std::fs::symlink_metadata(path)?;
+    let socket = ControlSocket {
+        path: path.to_path_buf(),
+        identity: (metadata.dev(), metadata.ino()),
+    };
     std::thread::Builder::new()
         .name("control".into())
         .spawn(move || {
@@ -336,7 +381,7 @@ pub fn serve(path: &Path, control: Arc<VmControl>) -> std::io::Result<()> {
                     .spawn(move || client(stream, &control));
             }
         })?;
-    Ok(())
+    Ok(socket)
 }
 
 fn client(stream: UnixStream, control: &VmControl) {

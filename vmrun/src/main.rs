@@ -137,15 +137,18 @@ fn main() -> ExitCode {
         },
         None => Box::new(std::io::stdout()),
     };
+    let mut control_socket = None;
     let ended = Vm::new(&config, console).and_then(|vm| {
         if let Some(path) = &args.control {
-            vmrun::control::serve(path, vm.control()).map_err(|error| VmError::Exit {
-                vcpu: 0,
-                exit: format!(
-                    "cannot serve the control socket {}: {error}",
-                    path.display()
-                ),
-            })?;
+            let socket =
+                vmrun::control::serve(path, vm.control()).map_err(|error| VmError::Exit {
+                    vcpu: 0,
+                    exit: format!(
+                        "cannot serve the control socket {}: {error}",
+                        path.display()
+                    ),
+                })?;
+            control_socket = Some(socket);
         }
         vm.run()
     });
@@ -167,8 +170,8 @@ fn main() -> ExitCode {
             eprintln!("vmrun: cannot write {}: {error}", path.display());
         }
     }
-    if let Some(path) = &args.control {
-        let _ = std::fs::remove_file(path);
+    if let Some(socket) = &control_socket {
+        socket.remove_if_ours();
     }
     ExitCode::from(code)
 }

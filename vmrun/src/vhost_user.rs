@@ -91,22 +91,39 @@ fn refused(path: &Path, request: &'static str) -> impl FnOnce(vhost::Error) -> V
     }
 }
 
+/// How long the runner waits for a backend's answer: a backend that hangs
+/// fails its request instead of stalling the vCPU that touched its device.
+const BACKEND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// A backend connected and asked what it offers.
-struct Handshake {
+pub struct Handshake {
     frontend: Frontend,
     features: u64,
     config: Vec<u8>,
 }
 
+impl std::fmt::Debug for Handshake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Handshake")
+            .field("features", &format_args!("{:#x}", self.features))
+            .finish_non_exhaustive()
+    }
+}
+
 /// Connects to `path`, takes ownership and learns the device's features
 /// and (for a disk) its config space.
-fn handshake(path: &Path, device_id: u32, queues: usize) -> Result<Handshake, VhostUserError> {
+pub fn handshake(path: &Path, device_id: u32, queues: usize) -> Result<Handshake, VhostUserError> {
     let protocol = |request: &'static str| refused(path, request);
-    let mut frontend =
-        Frontend::connect(path, queues as u64).map_err(|source| VhostUserError::Connect {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let connect_error = |source: std::io::Error| VhostUserError::Connect {
+        path: path.to_path_buf(),
+        source: vhost::Error::VhostUserProtocol(vhost::vhost_user::Error::SocketConnect(source)),
+    };
+    let stream = std::os::unix::net::UnixStream::connect(path).map_err(connect_error)?;
+    stream
+        .set_read_timeout(Some(BACKEND_TIMEOUT))
+        .and_then(|()| stream.set_write_timeout(Some(BACKEND_TIMEOUT)))
+        .map_err(connect_error)?;
+    let mut frontend = Frontend::from_stream(stream, queues as u64);
     frontend.set_owner().map_err(protocol("SET_OWNER"))?;
     let features = frontend.get_features().map_err(protocol("GET_FEATURES"))?;
     if features & VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits() == 0 {
@@ -227,14 +244,21 @@ impl VhostUserDevice {
         gone
     }
 
-    /// Connects to a backend that came back on the same socket. It must
-    /// offer every feature the first one did (the guest has them).
-    pub fn reconnect(&mut self) -> Result<(), VhostUserError> {
+    /// What [`handshake`] needs to connect to this device's backend again:
+    /// its socket, device id and number of queues.
+    pub fn identity(&self) -> (PathBuf, u32, usize) {
+        (self.path.clone(), self.device_id, self.kicks.len())
+    }
+
+    /// Takes a backend that came back on the same socket (connected by
+    /// [`handshake`] without the device's lock held). It must offer every
+    /// feature the first one did (the guest has them).
+    pub fn reconnect(&mut self, handshake: Handshake) -> Result<(), VhostUserError> {
         let Handshake {
             frontend,
             features,
             config,
-        } = handshake(&self.path, self.device_id, self.kicks.len())?;
+        } = handshake;
         let features = features & !self.protocol_bit;
         if features & self.features != self.features {
             return Err(VhostUserError::Missing {

@@ -177,37 +177,34 @@ struct VirtioDevice {
 }
 
 impl VirtioDevice {
-    /// Notices a backend that went away and connects to it again once it
-    /// is back; a device the driver had started is started on the new
-    /// backend where the guest's rings are.
-    fn keep_connected(&mut self, memory: &Memory) {
-        if !self.backend.connected() {
-            if self.backend.reconnect().is_err() {
-                return;
-            }
+    /// Takes a backend that came back (connected without the lock held);
+    /// a device the driver had started is started on it where the
+    /// guest's rings are.
+    fn reconnected(&mut self, handshake: crate::vhost_user::Handshake, memory: &Memory) {
+        if let Err(error) = self.backend.reconnect(handshake) {
             eprintln!(
-                "vmrun: the backend at {} is back",
-                self.backend.path().display()
+                "vmrun: the device at {:#x} cannot take its backend back: {error}",
+                self.base
             );
-            if self.transport.status() & virtio_mmio::STATUS_DRIVER_OK != 0 {
-                let features = self.transport.driver_features();
-                let queues = self.transport.queues().to_vec();
-                match self.backend.activate(memory, features, &queues, true) {
-                    Ok(()) => self.backend.kick_all(),
-                    Err(error) => {
-                        eprintln!(
-                            "vmrun: the device at {:#x} cannot resume: {error}",
-                            self.base
-                        );
-                        self.transport.fail();
-                    }
+            return;
+        }
+        eprintln!(
+            "vmrun: the backend at {} is back",
+            self.backend.path().display()
+        );
+        if self.transport.status() & virtio_mmio::STATUS_DRIVER_OK != 0 {
+            let features = self.transport.driver_features();
+            let queues = self.transport.queues().to_vec();
+            match self.backend.activate(memory, features, &queues, true) {
+                Ok(()) => self.backend.kick_all(),
+                Err(error) => {
+                    eprintln!(
+                        "vmrun: the device at {:#x} cannot resume: {error}",
+                        self.base
+                    );
+                    self.transport.fail();
                 }
             }
-        } else if self.backend.hung_up() {
-            eprintln!(
-                "vmrun: the backend at {} went away; waiting for it to come back",
-                self.backend.path().display()
-            );
         }
     }
 
@@ -245,14 +242,33 @@ impl MmioBus {
             .collect()
     }
 
-    /// Keeps every device's backend connected until the VM stops.
+    /// Keeps every device's backend connected until the VM stops: notices
+    /// a backend that went away, and connects to it again once it is back
+    /// (the handshake without the device's lock, so vCPUs touching the
+    /// device wait at most for the queues' restart).
     fn keep_connected(&self, control: &VmControl) {
         while !control.stopping() {
             for device in &self.devices {
-                device
-                    .lock()
-                    .expect("device poisoned")
-                    .keep_connected(&self.memory);
+                let identity = {
+                    let mut device = device.lock().expect("device poisoned");
+                    if device.backend.connected() {
+                        if device.backend.hung_up() {
+                            eprintln!(
+                                "vmrun: the backend at {} went away; waiting for it to come back",
+                                device.backend.path().display()
+                            );
+                        }
+                        continue;
+                    }
+                    device.backend.identity()
+                };
+                let (path, device_id, queues) = identity;
+                if let Ok(handshake) = crate::vhost_user::handshake(&path, device_id, queues) {
+                    device
+                        .lock()
+                        .expect("device poisoned")
+                        .reconnected(handshake, &self.memory);
+                }
             }
             std::thread::sleep(RECONNECT_INTERVAL);
         }
@@ -555,6 +571,7 @@ impl Vm {
             x86::set_cpuid(&vcpu, &supported, index)?;
             if linux {
                 x86::set_lint(&vcpu)?;
+                x86::set_boot_msrs(&vcpu)?;
                 // Linux starts the other vCPUs itself (INIT, SIPI); KVM
                 // holds them until then.
                 if index == 0 {
@@ -618,6 +635,8 @@ impl Vm {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         let mut threads = Vec::new();
         let mut spawn_error = None;
+        let vcpu_count = self.vcpus.len();
+        control.starting(vcpu_count);
         for (index, mut vcpu) in self.vcpus.into_iter().enumerate() {
             let dirty = dirty.clone();
             let bus = self.bus.clone();
@@ -633,19 +652,28 @@ impl Vm {
                         control: &thread_control,
                         done,
                     };
-                    run_vcpu(
+                    let ran = run_vcpu(
                         index,
                         &mut vcpu,
                         &bus,
                         &mmio,
                         &thread_control,
                         dirty.as_ref(),
-                    )
+                    );
+                    // A vCPU that fails ends the VM.
+                    if ran.is_err() {
+                        thread_control.end();
+                    }
+                    ran
                 });
             match spawned {
                 Ok(thread) => threads.push(thread),
                 Err(error) => {
-                    // Stop the vCPUs already running before giving up.
+                    // Stop the vCPUs already running before giving up;
+                    // the ones never started will not end by themselves.
+                    for _ in usize::from(index)..vcpu_count {
+                        control.vcpu_ended();
+                    }
                     control.end();
                     spawn_error = Some(VmError::Exit {
                         vcpu: index,

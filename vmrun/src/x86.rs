@@ -181,6 +181,38 @@ pub fn set_lint(vcpu: &VcpuFd) -> Result<(), SetupError> {
     vcpu.set_lapic(&lapic).map_err(kvm("local APIC"))
 }
 
+/// The MSRs a PC's firmware leaves set, as a Linux guest expects them:
+/// fast string operations on, and MTRRs enabled with write-back as the
+/// default memory type (else Linux leaves PAT off).
+pub fn set_boot_msrs(vcpu: &VcpuFd) -> Result<(), SetupError> {
+    const MSR_IA32_MISC_ENABLE: u32 = 0x1a0;
+    const MISC_ENABLE_FAST_STRING: u64 = 1;
+    const MSR_MTRR_DEF_TYPE: u32 = 0x2ff;
+    const MTRR_ENABLE: u64 = 1 << 11;
+    const MTRR_TYPE_WRITE_BACK: u64 = 6;
+    let entries = [
+        (MSR_IA32_MISC_ENABLE, MISC_ENABLE_FAST_STRING),
+        (MSR_MTRR_DEF_TYPE, MTRR_ENABLE | MTRR_TYPE_WRITE_BACK),
+    ]
+    .map(|(index, data)| kvm_bindings::kvm_msr_entry {
+        index,
+        data,
+        ..Default::default()
+    });
+    let msrs = kvm_bindings::Msrs::from_entries(&entries).map_err(|_| SetupError::Kvm {
+        what: "boot MSRs",
+        source: kvm_ioctls::Error::new(libc::EINVAL),
+    })?;
+    let set = vcpu.set_msrs(&msrs).map_err(kvm("boot MSRs"))?;
+    if set != entries.len() {
+        return Err(SetupError::Kvm {
+            what: "boot MSRs (some refused)",
+            source: kvm_ioctls::Error::new(libc::EINVAL),
+        });
+    }
+    Ok(())
+}
+
 /// CPUID leaf 1, ECX: CMPXCHG16B.
 const CPUID_1_ECX_CX16: u32 = 1 << 13;
 

@@ -1,6 +1,7 @@
 //! The vhost-user-blk backend: turns descriptor chains into requests on a
 //! [`VolumeQueue`], one queue (and one worker thread) per virtqueue.
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -82,6 +83,14 @@ struct Worker {
     completions: Vec<Completion>,
     /// Finished requests to return to the guest: (head, used length).
     used: Vec<(u16, u32)>,
+    /// Heads of the requests taken and not yet returned, in the order the
+    /// guest made them available. Requests are returned in that order, so
+    /// the used index always says how many of the available requests are
+    /// done: a frontend whose backend restarted resumes at it exactly.
+    order: VecDeque<u16>,
+    /// Used lengths of finished requests waiting for those before them,
+    /// by head.
+    finished: Vec<Option<u32>>,
     bytes_in_flight: u64,
     /// The vring this worker serves on the current connection.
     vring: Option<Vring>,
@@ -186,6 +195,8 @@ impl BlkBackend {
                     pending: (0..QUEUE_SIZE_MAX).map(|_| None).collect(),
                     completions: Vec::with_capacity(QUEUE_SIZE_MAX),
                     used: Vec::with_capacity(QUEUE_SIZE_MAX),
+                    order: VecDeque::with_capacity(QUEUE_SIZE_MAX),
+                    finished: vec![None; QUEUE_SIZE_MAX],
                     bytes_in_flight: 0,
                     vring: None,
                 })
@@ -248,11 +259,28 @@ impl BlkBackend {
                 worker.queue.release(completion.slot);
             }
             worker.pending.iter_mut().for_each(|p| *p = None);
+            worker.order.clear();
+            worker.finished.iter_mut().for_each(|f| *f = None);
             worker.bytes_in_flight = 0;
             worker.vring = None;
         }
         *self.inner.memory.write().expect("memory lock poisoned") = None;
     }
+}
+
+/// Returns to the guest the finished requests at the front of the
+/// worker's order (none past one still in flight). Returns whether any.
+fn publish(worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
+    let mut any = false;
+    while let Some(&head) = worker.order.front() {
+        let Some(len) = worker.finished[usize::from(head)].take() else {
+            break;
+        };
+        vring.add_used(head, len).map_err(std::io::Error::other)?;
+        worker.order.pop_front();
+        any = true;
+    }
+    Ok(any)
 }
 
 impl Inner {
@@ -291,13 +319,12 @@ impl Inner {
                     .get_queue_mut()
                     .pop_descriptor_chain(memory.clone());
                 let Some(chain) = chain else { break };
+                worker.order.push_back(chain.head_index());
                 if let Some((head, used_len)) = self.start_request(worker, chain, &memory) {
-                    vring
-                        .add_used(head, used_len)
-                        .map_err(std::io::Error::other)?;
-                    used_any = true;
+                    worker.finished[usize::from(head)] = Some(used_len);
                 }
             }
+            used_any |= publish(worker, vring)?;
             if !event_idx || worker.bytes_in_flight >= QUEUE_BYTES_IN_FLIGHT_MAX {
                 break;
             }
@@ -485,12 +512,11 @@ impl Inner {
     fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
         let mut used = std::mem::take(&mut worker.used);
         self.reap(worker, &mut used);
-        let any = !used.is_empty();
-        let result = used
-            .drain(..)
-            .try_for_each(|(head, len)| vring.add_used(head, len).map_err(std::io::Error::other));
+        for (head, len) in used.drain(..) {
+            worker.finished[usize::from(head)] = Some(len);
+        }
         worker.used = used;
-        result.map(|()| any)
+        publish(worker, vring)
     }
 
     fn count(&self, pending: &Pending, completion: &Completion) {
