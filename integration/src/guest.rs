@@ -151,6 +151,9 @@ pub struct GuestConfig {
     pub vcpus: u32,
     /// `num-queues` of each vhost-user-blk-pci device; `None` leaves QEMU's default.
     pub num_queues: Option<u16>,
+    /// Queue pairs of each virtio-net NIC (MQ, with QEMU's control
+    /// queue); `None`: one pair.
+    pub net_queue_pairs: Option<u16>,
     /// Wall-clock limit for the whole run, boot included; QEMU is killed after it.
     pub timeout: Duration,
     /// If set, QEMU reconnects to a vhost-user socket whose backend went away,
@@ -167,6 +170,7 @@ impl Default for GuestConfig {
             memory_mib: 256,
             vcpus: 1,
             num_queues: None,
+            net_queue_pairs: None,
             timeout: Duration::from_secs(180),
             reconnect_secs: None,
         }
@@ -331,14 +335,21 @@ fn qemu_args(image: &GuestImage, config: &GuestConfig, initrd: &Path) -> Vec<Str
             chardev.push_str(&format!(",reconnect={secs}"));
         }
         push("-chardev", chardev);
-        push("-netdev", format!("vhost-user,chardev=vun{i},id=net{i}"));
+        let (queues, mq) = match config.net_queue_pairs {
+            Some(pairs) => (format!(",queues={pairs}"), ",mq=on"),
+            None => (String::new(), ""),
+        };
+        push(
+            "-netdev",
+            format!("vhost-user,chardev=vun{i},id=net{i}{queues}"),
+        );
         push(
             "-device",
             format!(
                 // INTx rather than MSI-X: QEMU 10 under TCG crashes in
                 // vhost_net_start setting up MSI-X vector notifiers for a
                 // vhost-user NIC (it has no irqfd there).
-                "virtio-net-pci,netdev=net{i},mac={mac},addr=0x{:02x},vectors=0",
+                "virtio-net-pci,netdev=net{i},mac={mac},addr=0x{:02x},vectors=0{mq}",
                 FIRST_NIC_SLOT + i
             ),
         );

@@ -22,6 +22,8 @@ pub struct TestpmdConfig {
     pub mode: String,
     /// Length of the frames sent (without the FCS).
     pub frame_bytes: usize,
+    /// Queue pairs per port (1: no MQ).
+    pub queues: usize,
 }
 
 /// Packets a port sent and received.
@@ -29,6 +31,45 @@ pub struct TestpmdConfig {
 pub struct PortStats {
     pub rx_packets: u64,
     pub tx_packets: u64,
+}
+
+/// Packets one port received on one queue.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct QueueStats {
+    pub port: usize,
+    pub queue: usize,
+    pub rx_packets: u64,
+}
+
+/// Reads the "Forward Stats for RX Port= P/Queue= Q -> ..." blocks.
+fn parse_queue_stats(output: &str) -> Vec<QueueStats> {
+    let mut streams = Vec::new();
+    let mut current: Option<(usize, usize)> = None;
+    for line in output.lines() {
+        if let Some(at) = line.find("Forward Stats for RX Port=") {
+            let rest = &line[at + "Forward Stats for RX Port=".len()..];
+            let port = rest.split('/').next().and_then(|p| p.trim().parse().ok());
+            let queue = rest
+                .split("Queue=")
+                .nth(1)
+                .and_then(|q| q.split_whitespace().next())
+                .and_then(|q| q.parse().ok());
+            current = port.zip(queue);
+        } else if let (Some((port, queue)), Some(at)) = (current, line.find("RX-packets:")) {
+            let packets = line[at + "RX-packets:".len()..]
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            streams.push(QueueStats {
+                port,
+                queue,
+                rx_packets: packets,
+            });
+            current = None;
+        }
+    }
+    streams
 }
 
 /// A running testpmd.
@@ -96,13 +137,16 @@ impl Testpmd {
         ]);
         for (i, (socket, mac)) in config.ports.iter().enumerate() {
             args.push(format!(
-                "--vdev=net_virtio_user{i},path={},queues=1,queue_size=1024,mac={mac}",
-                socket.display()
+                "--vdev=net_virtio_user{i},path={},queues={},queue_size=1024,mac={mac}",
+                socket.display(),
+                config.queues
             ));
         }
         args.push("--".into());
         args.push(format!("--forward-mode={}", config.mode));
         args.push("--nb-cores=1".into());
+        args.push(format!("--rxq={}", config.queues));
+        args.push(format!("--txq={}", config.queues));
         args.push("--total-num-mbufs=16384".into());
         args.push(format!("--txpkts={}", config.frame_bytes));
         let peers = config.ports.len();
@@ -174,7 +218,14 @@ impl Testpmd {
     }
 
     /// Stops forwarding and returns each port's counts.
-    pub fn stop(mut self) -> Result<Vec<PortStats>> {
+    pub fn stop(self) -> Result<Vec<PortStats>> {
+        self.stop_with_queues().map(|(stats, _)| stats)
+    }
+
+    /// Stops forwarding and returns each port's counts, and the packets
+    /// received on each (port, queue) that forwarded any (testpmd prints
+    /// those per stream when a port has several queues).
+    pub fn stop_with_queues(mut self) -> Result<(Vec<PortStats>, Vec<QueueStats>)> {
         if let Some(mut stdin) = self.stdin.take() {
             let _ = stdin.write_all(b"\n");
         }
@@ -198,7 +249,7 @@ impl Testpmd {
         if stats.is_empty() {
             bail!("no forward statistics from testpmd:\n{output}");
         }
-        Ok(stats)
+        Ok((stats, parse_queue_stats(&output)))
     }
 }
 

@@ -247,13 +247,21 @@ fn two_guests_on_one_node_ping_and_a_spoofer_is_cut_off() -> Result<()> {
 
 /// 4 MiB over TCP (busybox `nc`) from one guest to the other, checksums
 /// compared on both sides.
+///
+/// Both guests have two vCPUs and NICs with two queue pairs (MQ), which
+/// Linux turns on (it says so in sysfs).
 #[test]
 fn two_guests_on_one_node_transfer_a_file() -> Result<()> {
     let image = GuestImage::ensure()?;
     let dir = tempfile::tempdir()?;
     let (nodes, sockets) = two_ports(dir.path())?;
-    let server = Guest::spawn(&image, &guest(&sockets, 0, SERVER))?;
-    let client = Guest::spawn(&image, &guest(&sockets, 1, CLIENT))?;
+    let multiqueue = |port: usize, script: &str| GuestConfig {
+        vcpus: 2,
+        net_queue_pairs: Some(2),
+        ..guest(&sockets, port, &format!("{QUEUES}{script}"))
+    };
+    let server = Guest::spawn(&image, &multiqueue(0, SERVER))?;
+    let client = Guest::spawn(&image, &multiqueue(1, CLIENT))?;
     let client = client.wait()?;
     let server = server.wait().with_context(|| {
         format!(
@@ -264,8 +272,21 @@ fn two_guests_on_one_node_transfer_a_file() -> Result<()> {
     })?;
     check_transfer(&client, &server)
         .with_context(|| format!("fabricd's log:\n{}", nodes[0].node.log_text()))?;
+    for run in [&client, &server] {
+        let queues = check_line(run, "CHECK queues")?;
+        ensure!(
+            queues == "rx-0 rx-1 tx-0 tx-1",
+            "one queue pair only: {queues}"
+        );
+    }
     Ok(())
 }
+
+/// Prints the NIC's queues (Linux sets up one pair per vCPU, up to the
+/// NIC's pairs).
+const QUEUES: &str = r#"
+echo "CHECK queues $(ls /sys/class/net/eth0/queues | tr '\n' ' ')"
+"#;
 
 /// Two guests on ports of two different nodes (port `b` added on node 2
 /// through node 1): they ping each other and move 4 MiB with `nc` through

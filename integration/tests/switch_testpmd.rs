@@ -1,6 +1,7 @@
 //! Switch ports driven by DPDK `testpmd` (`net_virtio_user`, no VM) at
-//! full rate: frames flow both ways between two ports, small and large; a
-//! new testpmd on the same sockets is taken; frames over the largest size
+//! full rate: frames flow both ways between two ports, small and large,
+//! with one queue pair or two (MQ); a new testpmd on the same sockets is
+//! taken; frames over the largest size
 //! are dropped and counted; port security drops what testpmd sends from an
 //! address that is not the port's. No timing is asserted.
 
@@ -32,6 +33,7 @@ fn two_ports(dir: &std::path::Path, security: bool) -> Result<(Vec<ClusterMember
         ports,
         mode: "flowgen".into(),
         frame_bytes: 64,
+        queues: 1,
     };
     Ok((nodes, config))
 }
@@ -122,5 +124,37 @@ fn port_security_passes_the_ports_address_and_drops_others() -> Result<()> {
     ensure!(stats.iter().all(|p| p.rx_packets == 0), "{stats:?}");
     let c = counters(node, "a")?;
     ensure!(c["drops"]["spoofed"].as_u64() > Some(1_000), "{c}");
+    Ok(())
+}
+
+/// Two queue pairs per port (MQ): testpmd sends on both transmit queues
+/// of each port, and the switch spreads its flows over both receive
+/// queues of the other.
+#[test]
+fn two_queue_pairs_carry_traffic_on_every_queue() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (nodes, mut config) = two_ports(dir.path(), false)?;
+    config.queues = 2;
+    let testpmd = Testpmd::start(&config)?;
+    std::thread::sleep(Duration::from_secs(3));
+    let (stats, queues) = testpmd.stop_with_queues()?;
+    ensure!(
+        stats
+            .iter()
+            .all(|p| p.rx_packets > 10_000 && p.tx_packets > 10_000),
+        "{stats:?}"
+    );
+    for port in 0..2 {
+        for queue in 0..2 {
+            ensure!(
+                queues
+                    .iter()
+                    .any(|q| q.port == port && q.queue == queue && q.rx_packets > 100),
+                "port {port} queue {queue} received nothing: {queues:?}"
+            );
+        }
+    }
+    let a = counters(&nodes[0], "a")?;
+    ensure!(a["drops"]["malformed"] == 0, "{a}");
     Ok(())
 }

@@ -45,6 +45,11 @@ const SERIAL_IRQ: u32 = 4;
 /// A Linux guest's command line unless one is given: the console on COM1,
 /// with early messages; no PCI to probe (devices are found in ACPI).
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 earlyprintk=serial,ttyS0 reboot=k panic=1 pci=off";
+/// virtio-net features that need a control queue (CTRL_VQ, CTRL_RX,
+/// CTRL_VLAN, GUEST_ANNOUNCE, MQ, CTRL_MAC_ADDR), which the runner's NICs
+/// do not have.
+const NET_FEATURES_NEEDING_CONTROL_QUEUE: u64 =
+    (1 << 17) | (1 << 18) | (1 << 19) | (1 << 21) | (1 << 22) | (1 << 23);
 /// Devices (disks and NICs) a VM may have: windows up to 0xd001_ffff.
 pub const DEVICES_MAX: usize = 32;
 
@@ -542,12 +547,14 @@ impl Vm {
                 }
                 None => backend.config().to_vec(),
             };
-            let transport = MmioTransport::new(
-                device_id,
-                backend.features(),
-                &vec![QUEUE_MAX; queues],
-                config_space,
-            );
+            // A NIC has one queue pair and no control queue here: the
+            // features that need one are not offered.
+            let features = match mac {
+                Some(_) => backend.features() & !NET_FEATURES_NEEDING_CONTROL_QUEUE,
+                None => backend.features(),
+            };
+            let transport =
+                MmioTransport::new(device_id, features, &vec![QUEUE_MAX; queues], config_space);
             devices.push(Mutex::new(VirtioDevice {
                 base,
                 transport,

@@ -1,5 +1,6 @@
-//! vhost-user-net ports: the device side of a guest's virtio-net NIC, one
-//! receive and one transmit queue, joined to the node's [`Fabric`].
+//! vhost-user-net ports: the device side of a guest's virtio-net NIC, up
+//! to [`QUEUE_PAIRS_MAX`] pairs of receive and transmit queues (MQ), joined
+//! to the node's [`Fabric`].
 //!
 //! A frame a guest transmits is read out of its descriptor chain into the
 //! port's own buffer (sized when the port is made), switched, and copied
@@ -42,6 +43,7 @@ type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
 const VIRTIO_NET_F_MAC: u64 = 5;
 const VIRTIO_NET_F_MRG_RXBUF: u64 = 15;
 const VIRTIO_NET_F_STATUS: u64 = 16;
+const VIRTIO_NET_F_MQ: u64 = 22;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
 const VIRTIO_F_VERSION_1: u64 = 32;
@@ -57,8 +59,9 @@ const RX_BUFFERS_MAX: usize = 64;
 /// told (and the queue is let go, for a moment).
 const TX_BATCH: usize = 64;
 
-const RX_QUEUE: u16 = 0;
-const TX_QUEUE: u16 = 1;
+/// Queue pairs a port offers (MQ). Queue `2i` receives and `2i + 1`
+/// transmits; the frontend's control queue, if any, is its own.
+pub const QUEUE_PAIRS_MAX: usize = 4;
 
 /// The way to another node's switch.
 pub trait Tunnel: Send + Sync + std::fmt::Debug {
@@ -299,16 +302,50 @@ struct Receiver {
 
 #[derive(Default)]
 struct ReceiveState {
-    vring: Option<Vring>,
+    /// Each queue pair's receive queue, once the frontend set them up.
+    vrings: Vec<Vring>,
     memory: Option<GuestMemoryAtomic<Memory>>,
     event_idx: bool,
     merge: bool,
+    /// Receive queues given frames the guest was not told of (bit i:
+    /// pair i).
+    unsignalled: u32,
+}
+
+/// The receive queue a frame goes to among `ready` ones (pair numbers):
+/// chosen by a hash of its flow (MACs; for untagged IPv4, the addresses
+/// and, for TCP and UDP, the ports), so a flow stays on one queue, in
+/// order, and flows spread over the queues.
+pub fn receive_queue(frame: &[u8], ready: &[usize]) -> Option<usize> {
+    if ready.is_empty() {
+        return None;
+    }
+    let fnv = |hash: u64, bytes: &[u8]| {
+        bytes.iter().fold(hash, |hash, &byte| {
+            (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
+        })
+    };
+    let mut hash = fnv(0xcbf2_9ce4_8422_2325, frame.get(..12).unwrap_or(frame));
+    const IPV4: [u8; 2] = [0x08, 0x00];
+    if frame.get(12..14) == Some(&IPV4[..]) {
+        if let Some(ip) = frame.get(14..34) {
+            hash = fnv(hash, &ip[12..20]);
+            let header = usize::from(ip[0] & 0x0f) * 4;
+            let protocol = ip[9];
+            if matches!(protocol, 6 | 17) {
+                if let Some(ports) = frame.get(14 + header..14 + header + 4) {
+                    hash = fnv(hash, ports);
+                }
+            }
+        }
+    }
+    Some(ready[(hash % ready.len() as u64) as usize])
 }
 
 impl std::fmt::Debug for ReceiveState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReceiveState")
-            .field("ready", &self.vring.is_some())
+            .field("queues", &self.vrings.len())
             .field("event_idx", &self.event_idx)
             .field("merge", &self.merge)
             .finish_non_exhaustive()
@@ -320,8 +357,21 @@ impl Receiver {
     /// buffers (several with MRG_RXBUF). `NoRoom` if the guest has not
     /// given enough buffers. The guest is told later, by [`Receiver::signal`].
     fn deliver(&self, frame: &[u8]) -> Result<(), DropReason> {
-        let state = self.state.lock().expect("receiver poisoned");
-        let (Some(vring), Some(memory)) = (&state.vring, &state.memory) else {
+        let mut state = self.state.lock().expect("receiver poisoned");
+        let mut ready = [0usize; QUEUE_PAIRS_MAX];
+        let mut count = 0;
+        for (pair, vring) in state.vrings.iter().enumerate() {
+            let vring_state = vring.get_ref();
+            if vring_state.is_enabled() && vring_state.get_queue().ready() {
+                ready[count] = pair;
+                count += 1;
+            }
+        }
+        let Some(pair) = receive_queue(frame, &ready[..count]) else {
+            return Err(DropReason::NoRoom);
+        };
+        state.unsignalled |= 1 << pair;
+        let (Some(vring), Some(memory)) = (state.vrings.get(pair), &state.memory) else {
             return Err(DropReason::NoRoom);
         };
         let memory = memory.memory();
@@ -395,11 +445,15 @@ impl Receiver {
         }
     }
 
-    /// Tells the guest of used buffers, if its event index asks for it.
+    /// Tells the guest of used buffers on the receive queues given frames
+    /// since the last call, if its event index asks for it.
     fn signal(&self) {
-        let state = self.state.lock().expect("receiver poisoned");
-        if let Some(vring) = &state.vring {
-            signal(vring, state.event_idx);
+        let mut state = self.state.lock().expect("receiver poisoned");
+        let unsignalled = std::mem::take(&mut state.unsignalled);
+        for (pair, vring) in state.vrings.iter().enumerate() {
+            if unsignalled & (1 << pair) != 0 {
+                signal(vring, state.event_idx);
+            }
         }
     }
 }
@@ -540,7 +594,8 @@ impl NetBackend {
     /// Forgets the frontend's queues and memory (it disconnected).
     pub fn reset(&self) {
         let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
-        state.vring = None;
+        state.vrings.clear();
+        state.unsignalled = 0;
         state.memory = None;
         *self.inner.memory.write().expect("memory lock poisoned") = None;
     }
@@ -641,7 +696,7 @@ impl VhostUserBackend for NetBackend {
     type Vring = Vring;
 
     fn num_queues(&self) -> usize {
-        2
+        2 * QUEUE_PAIRS_MAX
     }
 
     fn max_queue_size(&self) -> usize {
@@ -653,6 +708,7 @@ impl VhostUserBackend for NetBackend {
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_MRG_RXBUF,
             VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_MQ,
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
             VIRTIO_F_VERSION_1,
@@ -668,7 +724,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::REPLY_ACK
+        VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -681,12 +737,12 @@ impl VhostUserBackend for NetBackend {
             .event_idx = enabled;
     }
 
-    /// The config space: MAC, status (link up), one queue pair.
+    /// The config space: MAC, status (link up), queue pairs.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
         let mut space = [0u8; 10];
         space[..6].copy_from_slice(&self.inner.mac.0);
         space[6..8].copy_from_slice(&VIRTIO_NET_S_LINK_UP.to_le_bytes());
-        space[8..10].copy_from_slice(&1u16.to_le_bytes());
+        space[8..10].copy_from_slice(&(QUEUE_PAIRS_MAX as u16).to_le_bytes());
         let start = offset as usize;
         let end = start.saturating_add(size as usize);
         if end > space.len() {
@@ -707,10 +763,10 @@ impl VhostUserBackend for NetBackend {
         Ok(())
     }
 
-    /// Both queues on one thread: the port's transmit path and the
-    /// bookkeeping of its receive queue.
+    /// Every queue on one thread: the port's transmit paths and the
+    /// bookkeeping of its receive queues.
     fn queues_per_thread(&self) -> Vec<u64> {
-        vec![0b11]
+        vec![(1 << (2 * QUEUE_PAIRS_MAX)) - 1]
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
@@ -729,17 +785,17 @@ impl VhostUserBackend for NetBackend {
                 "unexpected epoll event set {evset:?}"
             )));
         }
-        let (Some(rx), Some(tx)) = (vrings.get(RX_QUEUE as usize), vrings.get(TX_QUEUE as usize))
-        else {
-            return Ok(());
-        };
         {
             let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
-            if state.vring.is_none() {
-                state.vring = Some(rx.clone());
+            if state.vrings.is_empty() {
+                state.vrings = vrings.iter().step_by(2).cloned().collect();
             }
         }
-        if device_event == TX_QUEUE {
+        // Odd queues transmit.
+        if device_event % 2 == 1 {
+            let Some(tx) = vrings.get(usize::from(device_event)) else {
+                return Ok(());
+            };
             if let Err(error) = self.transmit(tx) {
                 // The worker thread ends with this error: say why.
                 tracing::error!(port = self.inner.id, %error, "a port's transmit queue failed");
@@ -747,5 +803,44 @@ impl VhostUserBackend for NetBackend {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ipv4_udp(source: [u8; 4], port: u16) -> Vec<u8> {
+        let mut frame = vec![0u8; 64];
+        frame[..6].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 0x0b]);
+        frame[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 0x0a]);
+        frame[12..14].copy_from_slice(&[0x08, 0x00]);
+        frame[14] = 0x45;
+        frame[23] = 17;
+        frame[26..30].copy_from_slice(&source);
+        frame[30..34].copy_from_slice(&[10, 0, 0, 2]);
+        frame[34..36].copy_from_slice(&port.to_be_bytes());
+        frame[36..38].copy_from_slice(&53u16.to_be_bytes());
+        frame
+    }
+
+    #[test]
+    fn flows_keep_their_queue_and_spread_over_the_ready_ones() {
+        assert_eq!(receive_queue(&ipv4_udp([10, 0, 0, 1], 1000), &[]), None);
+        assert_eq!(receive_queue(&ipv4_udp([10, 0, 0, 1], 1000), &[2]), Some(2));
+        let ready = [0, 1, 3];
+        let mut seen = [0usize; 4];
+        for i in 0..64u8 {
+            let frame = ipv4_udp([10, 0, 1, i], 1000 + u16::from(i));
+            let queue = receive_queue(&frame, &ready).expect("a queue");
+            assert!(ready.contains(&queue));
+            // The same flow, the same queue.
+            assert_eq!(receive_queue(&frame, &ready), Some(queue));
+            seen[queue] += 1;
+        }
+        assert!(seen[0] > 0 && seen[1] > 0 && seen[3] > 0, "{seen:?}");
+        assert_eq!(seen[2], 0);
+        // Runts and other protocols still get a queue.
+        assert!(receive_queue(&[1, 2, 3], &ready).is_some());
     }
 }
