@@ -5,7 +5,7 @@
 # arrives on both), its lcores on CPU 0; the switch under test on CPU 1.
 #
 #   integration/bench/switch-vs-ovs.sh [--runs 3] [--seconds 8] [--sizes 64,1500]
-#       [--json FILE] [--skip-bridge]
+#       [--json FILE] [--skip-bridge] [--targets fabric,fabric-2-nodes,ovs-normal,ovs-flows]
 #
 # For each frame size and run, alternating:
 # - fabric:      fabricd, two ports on one segment (MAC learning, no port
@@ -31,6 +31,7 @@ seconds=8
 sizes=64,1500
 json=""
 bridge=true
+targets=fabric,fabric-2-nodes,ovs-normal,ovs-flows
 while [ $# -gt 0 ]; do
 	case "$1" in
 	--runs) runs="$2"; shift 2 ;;
@@ -38,7 +39,8 @@ while [ $# -gt 0 ]; do
 	--sizes) sizes="$2"; shift 2 ;;
 	--json) json="$2"; shift 2 ;;
 	--skip-bridge) bridge=false; shift ;;
-	*) echo "usage: $0 [--runs 3] [--seconds 8] [--sizes 64,1500] [--json FILE] [--skip-bridge]" >&2; exit 2 ;;
+	--targets) targets="$2"; shift 2 ;;
+	*) echo "usage: $0 [--runs 3] [--seconds 8] [--sizes 64,1500] [--json FILE] [--skip-bridge] [--targets LIST]" >&2; exit 2 ;;
 	esac
 done
 if [ "$(id -u)" -ne 0 ]; then
@@ -57,5 +59,5 @@ fi
 
 cargo build --release --bins -p fabric -p fabctl
 exec python3 integration/bench/switch_vs_ovs.py --runs "$runs" --seconds "$seconds" \
-	--sizes "$sizes" --json "$json" --bridge "$bridge" \
+	--sizes "$sizes" --json "$json" --bridge "$bridge" --targets "$targets" \
 	--bin "${CARGO_TARGET_DIR:-target}/release"

@@ -290,6 +290,7 @@ def main():
     parser.add_argument("--json", default="")
     parser.add_argument("--bridge", default="true")
     parser.add_argument("--bin", required=True)
+    parser.add_argument("--targets", default="fabric,fabric-2-nodes,ovs-normal,ovs-flows")
     args = parser.parse_args()
     hz = clock_hz()
     reserve_hugepages()
@@ -300,6 +301,8 @@ def main():
         "ovs-normal": lambda size: ovs_run(size, args.seconds, hz, flows=False),
         "ovs-flows": lambda size: ovs_run(size, args.seconds, hz, flows=True),
     }
+    wanted = args.targets.split(",")
+    targets = {name: run for name, run in targets.items() if name in wanted}
     results = {name: {size: [] for size in sizes} for name in targets}
     for run in range(args.runs):
         for size in sizes:
@@ -329,7 +332,7 @@ def main():
     print()
     print("| ratio, fabric / peer (medians) | frame | Mpps | cycles/packet |")
     print("|---|---|---|---|")
-    for peer in ["ovs-normal", "ovs-flows"]:
+    for peer in [p for p in ["ovs-normal", "ovs-flows"] if p in targets and "fabric" in targets]:
         for size in sizes:
             f = results["fabric"][size]
             p = results[peer][size]

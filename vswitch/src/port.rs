@@ -126,7 +126,7 @@ impl Fabric {
                 memory: RwLock::default(),
                 event_idx: AtomicBool::new(false),
                 transmit: Mutex::new(Transmit {
-                    frame: vec![0; NET_HEADER_BYTES + self.frame_bytes_max],
+                    batch: Batch::new(self.frame_bytes_max),
                     scratch: self.scratch(),
                 }),
             }),
@@ -141,6 +141,8 @@ impl Fabric {
             out: Vec::with_capacity(64),
             results: Vec::with_capacity(64),
             signal: Vec::with_capacity(64),
+            switched: Vec::with_capacity(TX_BATCH),
+            outs: Vec::with_capacity(4 * TX_BATCH),
         }
     }
 
@@ -182,7 +184,13 @@ impl Fabric {
             &mut scratch.out,
         );
         if let Ok(switched) = switched {
-            self.deliver(frame, &switched, scratch);
+            scratch.switched.clear();
+            scratch.switched.push(Some(switched));
+            scratch.outs.clear();
+            scratch
+                .outs
+                .extend(scratch.out.iter().map(|&(to, egress)| (0, to, egress)));
+            self.deliver(|_| frame, scratch);
         }
         self.signal(scratch);
     }
@@ -200,29 +208,57 @@ impl Fabric {
         self.switch().counters(id).cloned()
     }
 
-    /// Switches one frame from port `from` and delivers it; the guests it
-    /// went to are told by the next [`Fabric::signal`]. Used by the ports'
-    /// transmit paths.
-    fn forward_batched(&self, from: PortId, frame: &[u8], now: Duration, scratch: &mut Scratch) {
-        let switched = self.switch().switch(now, from, frame, &mut scratch.out);
-        if let Ok(switched) = switched {
-            self.deliver(frame, &switched, scratch);
+    /// Switches a batch of frames from port `from` and delivers them: the
+    /// switch is locked once to switch them all and once to count them,
+    /// the receivers' table read once. The guests they went to are told by
+    /// the next [`Fabric::signal`]. Used by the ports' transmit paths.
+    fn forward_batch(&self, from: PortId, batch: &Batch, scratch: &mut Scratch) {
+        let now = self.now();
+        scratch.switched.clear();
+        scratch.outs.clear();
+        {
+            let mut switch = self.switch();
+            for &reason in &batch.refused {
+                switch.count_drop(from, reason);
+            }
+            for index in 0..batch.count {
+                match switch.switch(now, from, batch.frame(index), &mut scratch.out) {
+                    Ok(switched) => {
+                        scratch.switched.push(Some(switched));
+                        scratch
+                            .outs
+                            .extend(scratch.out.iter().map(|&(to, egress)| (index, to, egress)));
+                    }
+                    Err(_) => scratch.switched.push(None),
+                }
+            }
         }
+        self.deliver(|index| batch.frame(index), scratch);
     }
 
-    /// Delivers a switched frame to the ports in `scratch.out`, and counts.
-    /// Guests are told of new frames by [`Fabric::signal`], once per batch.
-    fn deliver(&self, frame: &[u8], switched: &Switched, scratch: &mut Scratch) {
+    /// Delivers switched frames (`frame(index)`; `scratch.switched` and
+    /// `scratch.outs` say where each goes), and counts: the receivers'
+    /// table is read once, a receiver held once for frames in a row to it,
+    /// the switch locked once to count. Guests are told of new frames by
+    /// [`Fabric::signal`], once per batch.
+    fn deliver<'f>(&self, frame: impl Fn(usize) -> &'f [u8], scratch: &mut Scratch) {
         let Scratch {
             rewritten,
-            out,
             results,
             signal,
+            switched,
+            outs,
+            ..
         } = scratch;
         results.clear();
         {
             let receivers = self.receivers.read().expect("receivers poisoned");
-            for &(to, egress) in out.iter() {
+            let mut session: Option<(PortId, Delivery<'_>)> = None;
+            for &(index, to, egress) in outs.iter() {
+                let Some(switched) = switched[index] else {
+                    continue;
+                };
+                let frame = frame(index);
                 let unchanged = match egress {
                     Egress::Untagged => !switched.tagged,
                     Egress::Tagged(vlan) => switched.tagged && vlan == switched.vlan,
@@ -240,7 +276,16 @@ impl Fabric {
                         if !signal.contains(&to) {
                             signal.push(to);
                         }
-                        receiver.deliver(frame)
+                        // Frames in a row to one port share one hold on it.
+                        if session.as_ref().is_none_or(|(port, _)| *port != to) {
+                            // The hold on the last port goes first.
+                            drop(session.take());
+                            session = Some((to, receiver.open()));
+                        }
+                        match session.as_mut() {
+                            Some((_, delivery)) => delivery.deliver(frame),
+                            None => Err(DropReason::NoRoom),
+                        }
                     }
                     Some(Sink::Tunnel(tunnel)) => {
                         tunnel.send(switched.segment, switched.vlan, frame)
@@ -277,8 +322,8 @@ impl Fabric {
 /// Buffers of a port's transmit path, sized when the port is made.
 #[derive(Debug)]
 struct Transmit {
-    /// The frame read out of the guest's chain, after its virtio-net header.
-    frame: Vec<u8>,
+    /// The frames read out of the guest's chains.
+    batch: Batch,
     scratch: Scratch,
 }
 
@@ -291,6 +336,59 @@ pub struct Scratch {
     results: Vec<(PortId, Result<usize, DropReason>)>,
     /// Ports whose guests have frames they were not told of yet.
     signal: Vec<PortId>,
+    /// A batch's frames as switched (`None`: dropped).
+    switched: Vec<Option<Switched>>,
+    /// A batch's deliveries: (frame, port, egress).
+    outs: Vec<(usize, PortId, Egress)>,
+}
+
+/// Frames taken off a transmit queue, switched together.
+#[derive(Debug)]
+struct Batch {
+    /// [`TX_BATCH`] slots of `slot_bytes`: each a virtio-net header and a
+    /// frame.
+    frames: Vec<u8>,
+    slot_bytes: usize,
+    lens: [usize; TX_BATCH],
+    count: usize,
+    /// Chains refused (dropped and counted), by reason.
+    refused: Vec<DropReason>,
+}
+
+impl Batch {
+    fn new(frame_bytes_max: usize) -> Batch {
+        let slot_bytes = NET_HEADER_BYTES + frame_bytes_max;
+        Batch {
+            frames: vec![0; TX_BATCH * slot_bytes],
+            slot_bytes,
+            lens: [0; TX_BATCH],
+            count: 0,
+            refused: Vec::with_capacity(TX_BATCH),
+        }
+    }
+
+    fn clear(&mut self) {
+        self.count = 0;
+        self.refused.clear();
+    }
+
+    /// The next slot, to read a chain into.
+    fn slot(&mut self) -> &mut [u8] {
+        let start = self.count * self.slot_bytes;
+        &mut self.frames[start..start + self.slot_bytes]
+    }
+
+    /// Keeps the frame just read into the next slot.
+    fn push(&mut self, len: usize) {
+        self.lens[self.count] = len;
+        self.count += 1;
+    }
+
+    /// Frame `index`, without its virtio-net header.
+    fn frame(&self, index: usize) -> &[u8] {
+        let start = index * self.slot_bytes + NET_HEADER_BYTES;
+        &self.frames[start..start + self.lens[index]]
+    }
 }
 
 /// The receiving side of a port: its receive queue, once the frontend has
@@ -356,8 +454,23 @@ impl Receiver {
     /// Copies `frame`, after a virtio-net header, into the guest's receive
     /// buffers (several with MRG_RXBUF). `NoRoom` if the guest has not
     /// given enough buffers. The guest is told later, by [`Receiver::signal`].
-    fn deliver(&self, frame: &[u8]) -> Result<(), DropReason> {
+    /// Tells the guest of used buffers on the receive queues given frames
+    /// since the last call, if its event index asks for it.
+    fn signal(&self) {
         let mut state = self.state.lock().expect("receiver poisoned");
+        let unsignalled = std::mem::take(&mut state.unsignalled);
+        for (pair, vring) in state.vrings.iter().enumerate() {
+            if unsignalled & (1 << pair) != 0 {
+                signal(vring, state.event_idx);
+            }
+        }
+    }
+
+    /// Holds the receiver for a run of frames: its lock taken, guest
+    /// memory and the receive queues that are up looked up once.
+    fn open(&self) -> Delivery<'_> {
+        let state = self.state.lock().expect("receiver poisoned");
+        let memory = state.memory.as_ref().map(GuestMemoryAtomic::memory);
         let mut ready = [0usize; QUEUE_PAIRS_MAX];
         let mut count = 0;
         for (pair, vring) in state.vrings.iter().enumerate() {
@@ -367,15 +480,41 @@ impl Receiver {
                 count += 1;
             }
         }
-        let Some(pair) = receive_queue(frame, &ready[..count]) else {
-            return Err(DropReason::NoRoom);
+        Delivery {
+            state,
+            memory,
+            ready,
+            count,
+        }
+    }
+}
+
+/// A receiver held for a run of frames ([`Receiver::open`]).
+struct Delivery<'r> {
+    state: std::sync::MutexGuard<'r, ReceiveState>,
+    memory: Option<GuestMemoryLoadGuard<Memory>>,
+    /// The pairs whose receive queue is up, `count` of them.
+    ready: [usize; QUEUE_PAIRS_MAX],
+    count: usize,
+}
+
+impl Delivery<'_> {
+    /// Copies `frame`, after a virtio-net header, into the guest's receive
+    /// buffers (several with MRG_RXBUF) of one of the receive queues that
+    /// are up. `NoRoom` if the guest has not given enough buffers. The
+    /// guest is told later, by [`Receiver::signal`].
+    fn deliver(&mut self, frame: &[u8]) -> Result<(), DropReason> {
+        let pair = match self.count {
+            0 => return Err(DropReason::NoRoom),
+            1 => self.ready[0],
+            _ => receive_queue(frame, &self.ready[..self.count]).ok_or(DropReason::NoRoom)?,
         };
+        let state = &mut *self.state;
         state.unsignalled |= 1 << pair;
-        let (Some(vring), Some(memory)) = (state.vrings.get(pair), &state.memory) else {
+        let (Some(vring), Some(memory)) = (state.vrings.get(pair), &self.memory) else {
             return Err(DropReason::NoRoom);
         };
-        let memory = memory.memory();
-        let memory = &*memory;
+        let memory = &**memory;
         let mut guard = vring.get_mut();
         let queue = guard.get_queue_mut();
         let needed = NET_HEADER_BYTES + frame.len();
@@ -441,18 +580,6 @@ impl Receiver {
                     queue.go_to_previous_position();
                 }
                 Err(failed.unwrap_or(DropReason::NoRoom))
-            }
-        }
-    }
-
-    /// Tells the guest of used buffers on the receive queues given frames
-    /// since the last call, if its event index asks for it.
-    fn signal(&self) {
-        let mut state = self.state.lock().expect("receiver poisoned");
-        let unsignalled = std::mem::take(&mut state.unsignalled);
-        for (pair, vring) in state.vrings.iter().enumerate() {
-            if unsignalled & (1 << pair) != 0 {
-                signal(vring, state.event_idx);
             }
         }
     }
@@ -620,7 +747,7 @@ impl NetBackend {
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let fabric = &self.inner.fabric;
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
-        let Transmit { frame, scratch } = &mut *transmit;
+        let Transmit { batch, scratch } = &mut *transmit;
         let mut used_any = false;
         // A queue the guest broke (its rings outside memory) ends the
         // worker, after the guests already served are told.
@@ -635,30 +762,28 @@ impl NetBackend {
                 }
             }
             let mut taken = 0;
-            let now = fabric.now();
+            batch.clear();
             while taken < TX_BATCH {
                 let Some(chain) = queue.pop_descriptor_chain(memory) else {
                     break;
                 };
                 taken += 1;
                 let head = chain.head_index();
-                let read = read_frame(chain, frame);
+                let read = read_frame(chain, batch.slot());
                 if let Err(error) = queue.add_used(memory, head, 0) {
                     failed = Some(error);
                     break;
                 }
                 match read {
-                    Ok(len) => fabric.forward_batched(
-                        self.inner.id,
-                        &frame[NET_HEADER_BYTES..NET_HEADER_BYTES + len],
-                        now,
-                        scratch,
-                    ),
-                    Err(reason) => fabric.switch().count_drop(self.inner.id, reason),
+                    Ok(len) => batch.push(len),
+                    Err(reason) => batch.refused.push(reason),
                 }
             }
             used_any |= taken > 0;
             if failed.is_some() {
+                // What was read before the queue broke still goes out.
+                drop(guard);
+                fabric.forward_batch(self.inner.id, batch, scratch);
                 break;
             }
             let more = if taken == TX_BATCH {
@@ -675,6 +800,7 @@ impl NetBackend {
                 false
             };
             drop(guard);
+            fabric.forward_batch(self.inner.id, batch, scratch);
             fabric.signal(scratch);
             if !more {
                 break;

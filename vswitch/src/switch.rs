@@ -233,7 +233,7 @@ pub enum SwitchError {
 }
 
 /// Where a switched frame goes.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Switched {
     /// The frame carried a tag when it arrived.
     pub tagged: bool,
