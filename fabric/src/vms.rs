@@ -549,12 +549,7 @@ impl VmSupervisor {
                 End::Reboot => {
                     // A guest that keeps resetting (a kernel that panics at
                     // boot) is failing, not rebooting.
-                    let now = Instant::now();
-                    runner
-                        .recent_reboots
-                        .retain(|at| now.duration_since(*at) < RESTART_WINDOW);
-                    runner.recent_reboots.push_back(now);
-                    if runner.recent_reboots.len() > REBOOTS_MAX {
+                    if another_within_window(&mut runner.recent_reboots, REBOOTS_MAX) {
                         let reason = format!(
                             "the guest reset {} times within a minute (a reboot loop); not starting it again",
                             runner.recent_reboots.len()
@@ -564,49 +559,43 @@ impl VmSupervisor {
                         runner.last_error = Some(reason);
                         continue;
                     }
-                    match self.spawn(name, &runner.launch) {
-                        Ok(child) => {
-                            tracing::info!(vm = %name, pid = child.id(), "a VM rebooted");
-                            runner.process = Some(Process::Child(child));
-                            runner.state = VmState::Running;
-                            runner.reboots += 1;
-                            runner.started_unix = unix_now();
-                        }
-                        Err(error) => {
-                            tracing::error!(vm = %name, %error, "cannot start a rebooted VM");
-                            runner.state = VmState::Failed;
-                            runner.last_error = Some(error);
-                        }
+                    if self.respawn(name, runner) {
+                        tracing::info!(vm = %name, "a VM rebooted");
+                        runner.reboots += 1;
                     }
                     continue;
                 }
                 End::Failed(reason) if said.is_empty() => reason,
                 End::Failed(reason) => format!("{reason}: {said}"),
             };
-            let now = Instant::now();
-            runner
-                .recent_failures
-                .retain(|at| now.duration_since(*at) < RESTART_WINDOW);
-            runner.recent_failures.push_back(now);
             runner.last_error = Some(reason.clone());
-            if runner.recent_failures.len() > RESTARTS_MAX {
+            if another_within_window(&mut runner.recent_failures, RESTARTS_MAX) {
                 tracing::error!(vm = %name, %reason, "a VM failed too often; not restarting it");
                 runner.state = VmState::Failed;
                 continue;
             }
-            match self.spawn(name, &runner.launch) {
-                Ok(child) => {
-                    tracing::warn!(vm = %name, %reason, pid = child.id(), "restarted a VM");
-                    runner.process = Some(Process::Child(child));
-                    runner.state = VmState::Running;
-                    runner.restarts += 1;
-                    runner.started_unix = unix_now();
-                }
-                Err(error) => {
-                    tracing::error!(vm = %name, %error, "cannot restart a VM");
-                    runner.state = VmState::Failed;
-                    runner.last_error = Some(error);
-                }
+            if self.respawn(name, runner) {
+                tracing::warn!(vm = %name, %reason, "restarted a VM");
+                runner.restarts += 1;
+            }
+        }
+    }
+
+    /// Starts a runner that ended again; on failure the VM is failed with
+    /// the reason. Returns whether it started.
+    fn respawn(&self, name: &str, runner: &mut Runner) -> bool {
+        match self.spawn(name, &runner.launch) {
+            Ok(child) => {
+                runner.process = Some(Process::Child(child));
+                runner.state = VmState::Running;
+                runner.started_unix = unix_now();
+                true
+            }
+            Err(error) => {
+                tracing::error!(vm = %name, %error, "cannot start a VM again");
+                runner.state = VmState::Failed;
+                runner.last_error = Some(error);
+                false
             }
         }
     }
@@ -669,6 +658,15 @@ impl VmSupervisor {
         }
         Some(view)
     }
+}
+
+/// Records one more event now in `recent` (the events of the last
+/// [`RESTART_WINDOW`]); whether there are now more than `max`.
+fn another_within_window(recent: &mut VecDeque<Instant>, max: usize) -> bool {
+    let now = Instant::now();
+    recent.retain(|at| now.duration_since(*at) < RESTART_WINDOW);
+    recent.push_back(now);
+    recent.len() > max
 }
 
 /// The last non-empty line of a file.

@@ -94,7 +94,7 @@ fn a_definition_file_runs_a_vm() -> Result<()> {
     let definition = dir.path().join("vm.json");
     let write = |text: serde_json::Value| std::fs::write(&definition, text.to_string());
     write(serde_json::json!({
-        "kernel": hello, "vcpus": 2, "memory_bytes": 16 << 20,
+        "kernel": hello, "vcpus": 1, "memory_bytes": 16 << 20,
     }))?;
     let config = definition.to_str().context("path")?;
     let output = vmrun(&["--config", config])?;

@@ -37,6 +37,20 @@ fn config(program: std::path::PathBuf, memory_bytes: u64, dirty_log: DirtyLogMod
     }
 }
 
+/// Runs the VM to its power-off and takes the log, which must name the
+/// three pages every `dirty` program writes.
+fn run_and_take(vm: Vm, dirty: &vmrun::vm::DirtyPages) -> Vec<u64> {
+    assert_eq!(vm.run().expect("run"), Ended::PoweredOff);
+    let pages = dirty.take().expect("log");
+    for page in [0x600, 0x605, 0x64d] {
+        assert!(
+            pages.contains(&page),
+            "page {page:#x} missing from {pages:x?}"
+        );
+    }
+    pages
+}
+
 #[test]
 fn pages_the_guest_writes_show_up_in_the_dirty_log() {
     let (dir, program) = program("dirty");
@@ -49,14 +63,7 @@ fn pages_the_guest_writes_show_up_in_the_dirty_log() {
     assert_eq!(dirty.uses_rings(), vmrun::dirty::rings_usable(&kvm));
     // Nothing ran yet: what the loader wrote is not the guest's doing.
     assert_eq!(dirty.take().expect("log"), Vec::<u64>::new());
-    assert_eq!(vm.run().expect("run"), Ended::PoweredOff);
-    let pages = dirty.take().expect("log");
-    for page in [0x600, 0x605, 0x64d] {
-        assert!(
-            pages.contains(&page),
-            "page {page:#x} missing from {pages:x?}"
-        );
-    }
+    let pages = run_and_take(vm, &dirty);
     // More pages than a ring holds (with rings: the vCPU stopped when its
     // ring was full), and nothing was lost.
     for page in 0x800..0x800 + 5000 {
@@ -91,14 +98,7 @@ fn dirty_rings_collect_the_pages_a_vcpu_writes() {
     let dirty = vm.dirty_pages().expect("dirty logging was asked for");
     assert!(dirty.uses_rings());
     assert_eq!(dirty.take().expect("log"), Vec::<u64>::new());
-    assert_eq!(vm.run().expect("run"), Ended::PoweredOff);
-    let pages = dirty.take().expect("log");
-    for page in [0x600, 0x605, 0x64d] {
-        assert!(
-            pages.contains(&page),
-            "page {page:#x} missing from {pages:x?}"
-        );
-    }
+    let pages = run_and_take(vm, &dirty);
     for page in [0x601, 0x604, 0x64c, 0x64e, 0x800] {
         assert!(
             !pages.contains(&page),
