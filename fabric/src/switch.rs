@@ -432,11 +432,54 @@ pub async fn read_tunnel(switch: Arc<NodeSwitch>, connection: quinn::Connection)
     let remote = canonical(connection.remote_address());
     // The node this connection comes from, once the metadata names it.
     let mut peer = None;
-    while let Ok(datagram) = connection.read_datagram().await {
+    let mut run = 0;
+    loop {
+        // Datagrams already here are taken without waiting (up to a batch,
+        // then the task lets others run); the guests they went to are told
+        // once, before waiting for more.
+        let now = if run < TUNNEL_RX_BATCH {
+            ready_now(connection.read_datagram())
+        } else {
+            None
+        };
+        let datagram = match now {
+            Some(datagram) => {
+                run += 1;
+                datagram
+            }
+            None => {
+                switch.fabric.signal(&mut scratch);
+                if run >= TUNNEL_RX_BATCH {
+                    tokio::task::yield_now().await;
+                }
+                run = 0;
+                connection.read_datagram().await
+            }
+        };
+        let Ok(datagram) = datagram else {
+            break;
+        };
         if peer.is_none() {
             peer = switch.node_at(remote);
         }
         switch.receive(&datagram, peer, &mut reassembly, &mut scratch);
+    }
+    switch.fabric.signal(&mut scratch);
+}
+
+/// Datagrams a tunnel's reader takes in a row before it tells the guests
+/// and lets other tasks run.
+const TUNNEL_RX_BATCH: usize = 16;
+
+/// Polls `future` once: its output if it is ready now. (Reading a
+/// connection's datagram is cancel-safe: a datagram not taken stays
+/// queued.)
+fn ready_now<F: std::future::Future>(future: F) -> Option<F::Output> {
+    let mut future = std::pin::pin!(future);
+    let mut context = std::task::Context::from_waker(std::task::Waker::noop());
+    match future.as_mut().poll(&mut context) {
+        std::task::Poll::Ready(output) => Some(output),
+        std::task::Poll::Pending => None,
     }
 }
 

@@ -166,7 +166,8 @@ impl Fabric {
     }
 
     /// Switches a frame that came through tunnel `from` and delivers it to
-    /// the ports here.
+    /// the ports here; their guests are told by the next
+    /// [`Fabric::signal`] (once for a run of frames).
     pub fn receive(
         &self,
         from: PortId,
@@ -192,7 +193,6 @@ impl Fabric {
                 .extend(scratch.out.iter().map(|&(to, egress)| (0, to, egress)));
             self.deliver(|_| frame, scratch);
         }
-        self.signal(scratch);
     }
 
     /// Removes a port; frames to it are no longer delivered.
