@@ -59,6 +59,10 @@ const RX_BUFFERS_MAX: usize = 64;
 /// told (and the queue is let go, for a moment).
 const TX_BATCH: usize = 64;
 
+/// Batches one transmit queue may take in a turn before the port's other
+/// queues get theirs.
+const TX_BATCHES_PER_EVENT: usize = 8;
+
 /// Queue pairs a port offers (MQ). Queue `2i` receives and `2i + 1`
 /// transmits; the frontend's control queue, if any, is its own.
 pub const QUEUE_PAIRS_MAX: usize = 4;
@@ -451,9 +455,6 @@ impl std::fmt::Debug for ReceiveState {
 }
 
 impl Receiver {
-    /// Copies `frame`, after a virtio-net header, into the guest's receive
-    /// buffers (several with MRG_RXBUF). `NoRoom` if the guest has not
-    /// given enough buffers. The guest is told later, by [`Receiver::signal`].
     /// Tells the guest of used buffers on the receive queues given frames
     /// since the last call, if its event index asks for it.
     fn signal(&self) {
@@ -516,6 +517,11 @@ impl Delivery<'_> {
         };
         let memory = &**memory;
         let mut guard = vring.get_mut();
+        // The frontend may have stopped or disabled the ring since the
+        // hold began: no frame goes into a ring that is down.
+        if !guard.is_enabled() || !guard.get_queue().ready() {
+            return Err(DropReason::NoRoom);
+        }
         let queue = guard.get_queue_mut();
         let needed = NET_HEADER_BYTES + frame.len();
         // Buffers this frame took: (head, bytes written).
@@ -736,12 +742,13 @@ impl NetBackend {
             .map(GuestMemoryAtomic::memory)
     }
 
-    /// Takes every frame off the transmit queue and switches it, in
+    /// Takes the frames off a transmit queue and switches them, in
     /// batches: the queue is held for a batch, and the guests frames went
-    /// to are told once per batch.
-    fn transmit(&self, vring: &Vring) -> std::io::Result<()> {
+    /// to are told once per batch. Stops after [`TX_BATCHES_PER_EVENT`]
+    /// batches; returns whether frames were left.
+    fn transmit(&self, vring: &Vring) -> std::io::Result<bool> {
         let Some(memory) = self.memory() else {
-            return Ok(());
+            return Ok(false);
         };
         let memory = &*memory;
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
@@ -749,6 +756,8 @@ impl NetBackend {
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
         let Transmit { batch, scratch } = &mut *transmit;
         let mut used_any = false;
+        let mut batches = 0;
+        let mut stopped_early = false;
         // A queue the guest broke (its rings outside memory) ends the
         // worker, after the guests already served are told.
         let mut failed = None;
@@ -793,6 +802,8 @@ impl NetBackend {
                     Ok(more) => more,
                     Err(error) => {
                         failed = Some(error);
+                        drop(guard);
+                        fabric.forward_batch(self.inner.id, batch, scratch);
                         break;
                     }
                 }
@@ -805,6 +816,12 @@ impl NetBackend {
             if !more {
                 break;
             }
+            batches += 1;
+            if batches == TX_BATCHES_PER_EVENT {
+                // The port's other queues get their turn first.
+                stopped_early = true;
+                break;
+            }
         }
         fabric.signal(scratch);
         if used_any {
@@ -812,7 +829,7 @@ impl NetBackend {
         }
         match failed {
             Some(error) => Err(std::io::Error::other(error)),
-            None => Ok(()),
+            None => Ok(stopped_early),
         }
     }
 }
@@ -917,18 +934,34 @@ impl VhostUserBackend for NetBackend {
                 state.vrings = vrings.iter().step_by(2).cloned().collect();
             }
         }
-        // Odd queues transmit.
+        // Odd queues transmit. The queue that was kicked goes first; then
+        // the port's transmit queues take turns, a few batches each, until
+        // none has frames left, so a busy queue cannot starve the others.
         if device_event % 2 == 1 {
             let Some(tx) = vrings.get(usize::from(device_event)) else {
                 return Ok(());
             };
-            if let Err(error) = self.transmit(tx) {
-                // The worker thread ends with this error: say why.
-                tracing::error!(port = self.inner.id, %error, "a port's transmit queue failed");
-                return Err(error);
+            let mut more = self.transmit_or_say(tx)?;
+            while more {
+                more = false;
+                for tx in vrings.iter().skip(1).step_by(2) {
+                    if tx.get_ref().get_queue().ready() {
+                        more |= self.transmit_or_say(tx)?;
+                    }
+                }
             }
         }
         Ok(())
+    }
+}
+
+impl NetBackend {
+    /// [`NetBackend::transmit`]; a queue that failed ends the worker
+    /// thread, which says why first.
+    fn transmit_or_say(&self, vring: &Vring) -> std::io::Result<bool> {
+        self.transmit(vring).inspect_err(|error| {
+            tracing::error!(port = self.inner.id, %error, "a port's transmit queue failed");
+        })
     }
 }
 

@@ -27,6 +27,7 @@ const FDS_MAX: usize = 32;
 
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
+const GET_QUEUE_NUM: u32 = 17;
 const FLAG_VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -119,6 +120,20 @@ fn forward(
         if request == SET_FEATURES && size >= 8 {
             let features = u64::from_le_bytes(message[12..20].try_into().expect("8 bytes"));
             protocol_acked = features & PROTOCOL_FEATURES != 0;
+        }
+        if request == GET_QUEUE_NUM {
+            // For a net device the answer is in queue pairs (QEMU compares
+            // it with its `queues=`); the backend library counts rings.
+            let mut reply = [0u8; HEADER_BYTES + 8];
+            reply[0..4].copy_from_slice(&request.to_le_bytes());
+            reply[4..8].copy_from_slice(&(FLAG_VERSION_1 | FLAG_REPLY).to_le_bytes());
+            reply[8..12].copy_from_slice(&8u32.to_le_bytes());
+            reply[12..20].copy_from_slice(&(crate::port::QUEUE_PAIRS_MAX as u64).to_le_bytes());
+            replies_to
+                .lock()
+                .expect("relay writer poisoned")
+                .write_all(&reply)?;
+            continue;
         }
         if request == SET_VRING_ENABLE && !protocol_acked && size == 8 {
             // Kept, latest per ring, and passed on after SET_FEATURES.

@@ -268,15 +268,25 @@ impl BlkBackend {
     }
 }
 
+/// What [`Inner::complete`] did.
+struct Completed {
+    /// Requests finished.
+    reaped: bool,
+    /// Requests returned to the guest.
+    published: bool,
+}
+
 /// Returns to the guest the finished requests at the front of the
 /// worker's order (none past one still in flight). Returns whether any.
 fn publish(worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
     let mut any = false;
     while let Some(&head) = worker.order.front() {
-        let Some(len) = worker.finished[usize::from(head)].take() else {
+        let Some(len) = worker.finished[usize::from(head)] else {
             break;
         };
+        // Taken off only once it is on the used ring.
         vring.add_used(head, len).map_err(std::io::Error::other)?;
+        worker.finished[usize::from(head)] = None;
         worker.order.pop_front();
         any = true;
     }
@@ -297,11 +307,12 @@ impl Inner {
     }
 
     /// Takes requests off the virtqueue until it is empty or the queue has
-    /// too much data in flight.
-    fn process_queue(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<()> {
+    /// too much data in flight. Returns whether it took any.
+    fn process_queue(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
         let Some(memory) = self.memory() else {
-            return Ok(());
+            return Ok(false);
         };
+        let mut took = false;
         let event_idx = self.event_idx.load(Ordering::Acquire);
         let mut used_any = false;
         loop {
@@ -319,6 +330,7 @@ impl Inner {
                     .get_queue_mut()
                     .pop_descriptor_chain(memory.clone());
                 let Some(chain) = chain else { break };
+                took = true;
                 worker.order.push_back(chain.head_index());
                 if let Some((head, used_len)) = self.start_request(worker, chain, &memory) {
                     worker.finished[usize::from(head)] = Some(used_len);
@@ -339,7 +351,7 @@ impl Inner {
         if used_any {
             self.signal(vring)?;
         }
-        Ok(())
+        Ok(took)
     }
 
     fn signal(&self, vring: &Vring) -> std::io::Result<()> {
@@ -497,26 +509,36 @@ impl Inner {
             let head = completion.tag as u16;
             let pending = worker.pending[usize::from(head)].take();
             let data = worker.queue.data(completion.slot);
-            if let (Some(pending), Some(memory)) = (pending, memory.as_ref()) {
+            if let Some(pending) = pending {
                 worker.bytes_in_flight -= pending.bytes;
                 self.count(&pending, &completion);
-                used.push((head, self.finish(memory, pending, &completion, data)));
+                // Without memory (the frontend is gone) nothing can be
+                // written back; the request still leaves the order.
+                let len = match memory.as_ref() {
+                    Some(memory) => self.finish(memory, pending, &completion, data),
+                    None => 0,
+                };
+                used.push((head, len));
             }
             worker.queue.release(completion.slot);
         }
         worker.completions = completions;
     }
 
-    /// Finishes requests whose I/O completed and returns them to the guest.
-    /// Returns whether any was returned.
-    fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<bool> {
+    /// Finishes requests whose I/O completed and returns to the guest those
+    /// whose turn it is.
+    fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<Completed> {
         let mut used = std::mem::take(&mut worker.used);
         self.reap(worker, &mut used);
+        let reaped = !used.is_empty();
         for (head, len) in used.drain(..) {
             worker.finished[usize::from(head)] = Some(len);
         }
         worker.used = used;
-        publish(worker, vring)
+        Ok(Completed {
+            reaped,
+            published: publish(worker, vring)?,
+        })
     }
 
     fn count(&self, pending: &Pending, completion: &Completion) {
@@ -713,18 +735,20 @@ impl VhostUserBackend for BlkBackend {
         if worker.vring.is_none() {
             worker.vring = Some(vring.clone());
         }
-        if device_event == completion_token(inner.workers.len()) {
-            if inner.complete(worker, vring)? {
-                inner.signal(vring)?;
-            }
-            // Completions may have made room for requests left on the ring.
-            inner.process_queue(worker, vring)?;
-        } else if device_event == 0 {
-            inner.process_queue(worker, vring)?;
-            // Requests that needed no I/O (reads of unwritten blocks) are
-            // ready now.
-            if inner.complete(worker, vring)? {
-                inner.signal(vring)?;
+        if device_event == completion_token(inner.workers.len()) || device_event == 0 {
+            // Finish what is done and take new requests until neither
+            // moves: a request that needed no I/O (a read of unwritten
+            // blocks) finishes without an event of its own, and finished
+            // requests make room for ones left on the ring.
+            loop {
+                let completed = inner.complete(worker, vring)?;
+                if completed.published {
+                    inner.signal(vring)?;
+                }
+                let took = inner.process_queue(worker, vring)?;
+                if !took && !completed.reaped {
+                    break;
+                }
             }
         }
         Ok(())
