@@ -258,6 +258,7 @@ impl Fabric {
         {
             let receivers = self.receivers.read().expect("receivers poisoned");
             let mut session: Option<(PortId, Delivery<'_>)> = None;
+            let mut last: Option<(PortId, Option<&Sink>)> = None;
             for &(index, to, egress) in outs.iter() {
                 let Some(switched) = switched[index] else {
                     continue;
@@ -273,7 +274,16 @@ impl Fabric {
                     let len = rewrite(frame, switched.tagged, egress, rewritten);
                     &rewritten[..len]
                 };
-                let delivered = match receivers.get(&to) {
+                // The table is looked up once per run of frames to a port.
+                let sink = match last {
+                    Some((port, sink)) if port == to => sink,
+                    _ => {
+                        let sink = receivers.get(&to);
+                        last = Some((to, sink));
+                        sink
+                    }
+                };
+                let delivered = match sink {
                     Some(Sink::Guest(receiver)) => {
                         // Signalled even when the frame found no room: the
                         // guest may have buffers given back to it unused.
@@ -771,21 +781,24 @@ impl NetBackend {
                 }
             }
             let mut taken = 0;
+            let mut heads = [0u16; TX_BATCH];
             batch.clear();
-            while taken < TX_BATCH {
-                let Some(chain) = queue.pop_descriptor_chain(memory) else {
-                    break;
-                };
-                taken += 1;
-                let head = chain.head_index();
-                let read = read_frame(chain, batch.slot());
+            // The available index is read once per batch. A queue whose
+            // index is out of range offers nothing (as a pop would).
+            if let Ok(chains) = queue.iter(memory) {
+                for chain in chains.take(TX_BATCH) {
+                    heads[taken] = chain.head_index();
+                    taken += 1;
+                    match read_frame(chain, batch.slot()) {
+                        Ok(len) => batch.push(len),
+                        Err(reason) => batch.refused.push(reason),
+                    }
+                }
+            }
+            for &head in &heads[..taken] {
                 if let Err(error) = queue.add_used(memory, head, 0) {
                     failed = Some(error);
                     break;
-                }
-                match read {
-                    Ok(len) => batch.push(len),
-                    Err(reason) => batch.refused.push(reason),
                 }
             }
             used_any |= taken > 0;
