@@ -1097,12 +1097,7 @@ async fn delete_vm(
     Path(name): Path<String>,
 ) -> Result<axum::response::Response, ApiError> {
     let (_, vm) = here_or_forward!(api, name, "DELETE", format!("/v1/vms/{name}"));
-    let supervisor = api.supervisor.clone();
-    let owned = name.clone();
-    let running = tokio::task::spawn_blocking(move || supervisor.running(&owned))
-        .await
-        .unwrap_or(true);
-    if running {
+    if api.supervisor.running(&name) {
         return Err(ApiError::new(
             StatusCode::CONFLICT,
             "vm_running",
