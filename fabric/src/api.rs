@@ -267,6 +267,9 @@ async fn show_volume(
     Path(name): Path<String>,
     params: Result<Query<crate::cluster_api::ReadParams>, QueryRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
+    // The driver first: an attachment registers its server before its
+    // driver, so a volume shown with a driver is shown with its attachment.
+    let driver = node.driver(&name);
     let lookup = name.clone();
     let view = blocking(&node, move |node| node.show(&lookup)).await?;
     let mut value = serde_json::to_value(view).expect("a volume view always serializes");
@@ -282,7 +285,7 @@ async fn show_volume(
                     "stale": volume.stale,
                     "min_replicas": volume.min_replicas,
                 });
-                if let Some(driver) = node.driver(&name) {
+                if let Some(driver) = &driver {
                     let status = driver.status();
                     let lower = |text: String| text.to_lowercase();
                     replication["phase"] = json!(lower(format!("{:?}", status.phase)));

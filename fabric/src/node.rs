@@ -394,6 +394,8 @@ impl Node {
                 BlkServer::start(backend, &socket).map_err(|e| serve_error(e.to_string()))?;
             servers.insert(name.to_owned(), server);
         }
+        // After the server: `volume show` reads the driver first and counts
+        // on an attached volume's server being there with it.
         self.drivers().insert(name.to_owned(), driver);
         self.show(name)
     }
