@@ -51,6 +51,21 @@ def cpu_seconds(pids):
     return total / CLK_TCK
 
 
+def context_switches(pids):
+    """Context switches so far, over every thread of the processes."""
+    total = 0
+    for pid in pids:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{task}/status") as f:
+                    for line in f:
+                        if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                            total += int(line.split()[1])
+            except FileNotFoundError:
+                pass
+    return total
+
+
 def free_udp_port():
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -124,12 +139,34 @@ class Testpmd:
 def measure(testpmd, pids, seconds, hz):
     testpmd.wait_for_traffic()
     time.sleep(2)
-    start, cpu0 = time.monotonic(), cpu_seconds(pids)
+    start, cpu0, switches0 = time.monotonic(), cpu_seconds(pids), context_switches(pids)
     time.sleep(seconds)
-    end, cpu1 = time.monotonic(), cpu_seconds(pids)
+    end, cpu1, switches1 = time.monotonic(), cpu_seconds(pids), context_switches(pids)
     pps = testpmd.rate(start + 0.5, end)
     cpu = (cpu1 - cpu0) / (end - start)
-    return {"pps": pps, "cpu": cpu, "cycles_per_packet": cpu * hz / pps if pps else None}
+    return {"pps": pps, "cpu": cpu, "cycles_per_packet": cpu * hz / pps if pps else None,
+            "context_switches_per_second": (switches1 - switches0) / (end - start)}
+
+
+def port_drops(listing):
+    """Drops by reason, summed over the ports of a `port list -o json`."""
+    drops = {}
+
+    def walk(value):
+        if isinstance(value, dict):
+            counters = value.get("counters")
+            if isinstance(counters, dict):
+                for reason, count in counters.get("drops", {}).items():
+                    if count:
+                        drops[reason] = drops.get(reason, 0) + count
+            for inner in value.values():
+                walk(inner)
+        elif isinstance(value, list):
+            for inner in value:
+                walk(inner)
+
+    walk(listing)
+    return drops
 
 
 def fabric_run(binaries, size, seconds, hz, nodes):
@@ -172,7 +209,13 @@ def fabric_run(binaries, size, seconds, hz, nodes):
         time.sleep(2 if nodes > 1 else 0)
         testpmd = Testpmd(sockets, size, f"fabbench{os.getpid()}", server=False)
         try:
-            return measure(testpmd, [d.pid for d in daemons], seconds, hz)
+            result = measure(testpmd, [d.pid for d in daemons], seconds, hz)
+            result["drops"] = {}
+            for n in range(nodes):
+                listing = json.loads(fabctl(n, "-o", "json", "switch", "port", "list"))
+                for reason, count in port_drops(listing).items():
+                    result["drops"][reason] = result["drops"].get(reason, 0) + count
+            return result
         finally:
             testpmd.stop()
     finally:
@@ -310,7 +353,9 @@ def main():
                 result = target(size)
                 print(f"run {run + 1} {name} {size} B: {result['pps'] / 1e6:.3f} Mpps, "
                       f"switch CPU {result['cpu']:.2f}, "
-                      f"{result['cycles_per_packet'] or 0:.0f} cycles/packet", flush=True)
+                      f"{result['cycles_per_packet'] or 0:.0f} cycles/packet, "
+                      f"{result['context_switches_per_second']:.0f} context switches/s"
+                      + (f", drops {result['drops']}" if "drops" in result else ""), flush=True)
                 results[name][size].append(result)
     bridge = []
     if args.bridge == "true":

@@ -14,10 +14,13 @@
 //!   [`server::NetServer`]: a port served on its unix socket;
 //!   [`port::Tunnel`]: the way out to another node's switch.
 //! - [`tunnel`]: the header of frames between nodes, and reassembly.
+//! - [`ring`]: guest-memory lookups and used-ring updates for the
+//!   per-frame path.
 
 pub mod frame;
 pub mod port;
 pub mod relay;
+pub mod ring;
 pub mod server;
 pub mod switch;
 pub mod tunnel;

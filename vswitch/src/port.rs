@@ -16,6 +16,7 @@
 //! [`Fabric::receive`].
 
 use std::collections::HashMap;
+use std::num::Wrapping;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
@@ -25,7 +26,7 @@ use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
-    GuestMemoryLoadGuard, GuestMemoryMmap,
+    GuestMemoryLoadGuard,
 };
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -33,11 +34,11 @@ use vmm_sys_util::event::{
 };
 
 use crate::frame::{rewrite, Egress, Mac, VLAN_TAG_BYTES};
+use crate::ring::{needs_signal, publish_used, Memory, RegionCache};
 use crate::switch::{
     DropReason, PortConfig, PortCounters, PortId, SegmentId, Switch, SwitchError, Switched,
 };
 
-type Memory = GuestMemoryMmap<()>;
 type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
 
 const VIRTIO_NET_F_MAC: u64 = 5;
@@ -419,9 +420,12 @@ struct ReceiveState {
     memory: Option<GuestMemoryAtomic<Memory>>,
     event_idx: bool,
     merge: bool,
-    /// Receive queues given frames the guest was not told of (bit i:
-    /// pair i).
-    unsignalled: u32,
+    /// Per pair: buffers filled in the current run and not yet on the used
+    /// ring (head, bytes written); published when the run ends.
+    pending: [Vec<(u16, u32)>; QUEUE_PAIRS_MAX],
+    /// Per pair: the used index before the first buffers the guest was
+    /// not told of yet.
+    unsignalled: [Option<Wrapping<u16>>; QUEUE_PAIRS_MAX],
 }
 
 /// The receive queue a frame goes to among `ready` ones (pair numbers):
@@ -470,9 +474,12 @@ impl Receiver {
     fn signal(&self) {
         let mut state = self.state.lock().expect("receiver poisoned");
         let unsignalled = std::mem::take(&mut state.unsignalled);
-        for (pair, vring) in state.vrings.iter().enumerate() {
-            if unsignalled & (1 << pair) != 0 {
-                signal(vring, state.event_idx);
+        let Some(memory) = state.memory.as_ref().map(GuestMemoryAtomic::memory) else {
+            return;
+        };
+        for (vring, since) in state.vrings.iter().zip(unsignalled) {
+            if let Some(since) = since {
+                signal(vring, &*memory, since);
             }
         }
     }
@@ -480,7 +487,11 @@ impl Receiver {
     /// Holds the receiver for a run of frames: its lock taken, guest
     /// memory and the receive queues that are up looked up once.
     fn open(&self) -> Delivery<'_> {
-        let state = self.state.lock().expect("receiver poisoned");
+        let mut state = self.state.lock().expect("receiver poisoned");
+        for pending in &mut state.pending {
+            // Once per port: a run never uses more buffers than a ring has.
+            pending.reserve(QUEUE_SIZE_MAX);
+        }
         let memory = state.memory.as_ref().map(GuestMemoryAtomic::memory);
         let mut ready = [0usize; QUEUE_PAIRS_MAX];
         let mut count = 0;
@@ -513,7 +524,8 @@ impl Delivery<'_> {
     /// Copies `frame`, after a virtio-net header, into the guest's receive
     /// buffers (several with MRG_RXBUF) of one of the receive queues that
     /// are up. `NoRoom` if the guest has not given enough buffers. The
-    /// guest is told later, by [`Receiver::signal`].
+    /// buffers go on the used ring when the hold ends, and the guest is
+    /// told later, by [`Receiver::signal`].
     fn deliver(&mut self, frame: &[u8]) -> Result<(), DropReason> {
         let pair = match self.count {
             0 => return Err(DropReason::NoRoom),
@@ -521,11 +533,11 @@ impl Delivery<'_> {
             _ => receive_queue(frame, &self.ready[..self.count]).ok_or(DropReason::NoRoom)?,
         };
         let state = &mut *self.state;
-        state.unsignalled |= 1 << pair;
         let (Some(vring), Some(memory)) = (state.vrings.get(pair), &self.memory) else {
             return Err(DropReason::NoRoom);
         };
-        let memory = &**memory;
+        let pending = &mut state.pending[pair];
+        let memory = &RegionCache::new(memory);
         let mut guard = vring.get_mut();
         // The frontend may have stopped or disabled the ring since the
         // hold began: no frame goes into a ring that is down.
@@ -572,7 +584,7 @@ impl Delivery<'_> {
                     // A buffer that is not writable guest memory (or too
                     // small for a header) goes back to the guest empty, so
                     // it cannot block the queue.
-                    let _ = queue.add_used(memory, head, 0);
+                    pending.push((head, 0));
                 }
                 Err(()) => {
                     count += 1;
@@ -585,9 +597,7 @@ impl Delivery<'_> {
                 if count > 1 {
                     let _ = memory.write_obj((count as u16).to_le(), at);
                 }
-                for &(head, len) in &used[..count] {
-                    let _ = queue.add_used(memory, head, len);
-                }
+                pending.extend_from_slice(&used[..count]);
                 Ok(())
             }
             (failed, _) => {
@@ -601,13 +611,45 @@ impl Delivery<'_> {
     }
 }
 
+impl Drop for Delivery<'_> {
+    /// Puts the run's buffers on the used rings, one index store per ring.
+    fn drop(&mut self) {
+        let Some(memory) = &self.memory else {
+            return;
+        };
+        let memory = &RegionCache::new(memory);
+        let state = &mut *self.state;
+        for (pair, vring) in state.vrings.iter().enumerate() {
+            let pending = &mut state.pending[pair];
+            if pending.is_empty() {
+                continue;
+            }
+            let mut guard = vring.get_mut();
+            // A ring the frontend stopped meanwhile gets nothing.
+            if guard.is_enabled() && guard.get_queue().ready() {
+                let queue = guard.get_queue_mut();
+                let since = Wrapping(queue.next_used());
+                match publish_used(queue, memory, pending) {
+                    Ok(()) => {
+                        state.unsignalled[pair].get_or_insert(since);
+                    }
+                    Err(error) => {
+                        tracing::warn!(%error, pair, "a port's receive ring is not in guest memory")
+                    }
+                }
+            }
+            pending.clear();
+        }
+    }
+}
+
 /// Writes `header` then `body` into a receive chain's buffers, as far as
 /// they go. Returns the bytes written and where the chain starts; `Err` if
 /// a buffer is not writable guest memory, or the first is too small for
 /// `header` (so it can be patched in place).
 fn fill(
-    memory: &Memory,
-    chain: DescriptorChain<&Memory>,
+    memory: &RegionCache,
+    chain: DescriptorChain<&RegionCache>,
     header: &[u8],
     body: &[u8],
 ) -> Result<(usize, GuestAddress), ()> {
@@ -653,7 +695,10 @@ fn fill(
 
 /// Reads a transmitted chain (virtio-net header, then the frame) into
 /// `buffer`; returns the frame's length.
-fn read_frame(chain: DescriptorChain<&Memory>, buffer: &mut [u8]) -> Result<usize, DropReason> {
+fn read_frame(
+    chain: DescriptorChain<&RegionCache>,
+    buffer: &mut [u8],
+) -> Result<usize, DropReason> {
     let memory = chain.memory();
     let mut total = 0usize;
     for descriptor in chain.clone() {
@@ -682,7 +727,7 @@ fn read_frame(chain: DescriptorChain<&Memory>, buffer: &mut [u8]) -> Result<usiz
 
 /// Copies guest memory at `address` into `out`: directly when it lies in
 /// one region (the common case), else region by region.
-fn read_guest(memory: &Memory, address: GuestAddress, out: &mut [u8]) -> Result<(), ()> {
+fn read_guest(memory: &RegionCache, address: GuestAddress, out: &mut [u8]) -> Result<(), ()> {
     match memory.get_slice(address, out.len()) {
         Ok(slice) => {
             slice.copy_to(out);
@@ -693,7 +738,7 @@ fn read_guest(memory: &Memory, address: GuestAddress, out: &mut [u8]) -> Result<
 }
 
 /// Copies `data` into guest memory at `address` (see [`read_guest`]).
-fn write_guest(memory: &Memory, address: GuestAddress, data: &[u8]) -> Result<(), ()> {
+fn write_guest(memory: &RegionCache, address: GuestAddress, data: &[u8]) -> Result<(), ()> {
     match memory.get_slice(address, data.len()) {
         Ok(slice) => {
             slice.copy_from(data);
@@ -703,8 +748,10 @@ fn write_guest(memory: &Memory, address: GuestAddress, data: &[u8]) -> Result<()
     }
 }
 
-fn signal(vring: &Vring, event_idx: bool) {
-    let needed = !event_idx || vring.needs_notification().unwrap_or(true);
+/// Tells the guest of the buffers used on `vring` since its used index
+/// was `since`, if it asks to be told (see [`needs_signal`]).
+fn signal<M: Bytes<GuestAddress>>(vring: &Vring, memory: &M, since: Wrapping<u16>) {
+    let needed = needs_signal(vring.get_ref().get_queue(), memory, since);
     if needed {
         if let Err(error) = vring.signal_used_queue() {
             tracing::debug!(%error, "cannot signal a port's used queue");
@@ -738,7 +785,10 @@ impl NetBackend {
     pub fn reset(&self) {
         let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
         state.vrings.clear();
-        state.unsignalled = 0;
+        state.unsignalled = Default::default();
+        for pending in &mut state.pending {
+            pending.clear();
+        }
         state.memory = None;
         *self.inner.memory.write().expect("memory lock poisoned") = None;
     }
@@ -760,7 +810,7 @@ impl NetBackend {
         let Some(memory) = self.memory() else {
             return Ok(false);
         };
-        let memory = &*memory;
+        let memory = &RegionCache::new(&memory);
         let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let fabric = &self.inner.fabric;
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
@@ -771,9 +821,13 @@ impl NetBackend {
         // A queue the guest broke (its rings outside memory) ends the
         // worker, after the guests already served are told.
         let mut failed = None;
+        // The used index when this call began: the guest is told of what
+        // was used since, if it asks to be.
+        let mut since = None;
         loop {
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
+            since.get_or_insert(Wrapping(queue.next_used()));
             if event_idx {
                 if let Err(error) = queue.disable_notification(memory) {
                     failed = Some(error);
@@ -781,13 +835,13 @@ impl NetBackend {
                 }
             }
             let mut taken = 0;
-            let mut heads = [0u16; TX_BATCH];
+            let mut used = [(0u16, 0u32); TX_BATCH];
             batch.clear();
             // The available index is read once per batch. A queue whose
             // index is out of range offers nothing (as a pop would).
             if let Ok(chains) = queue.iter(memory) {
                 for chain in chains.take(TX_BATCH) {
-                    heads[taken] = chain.head_index();
+                    used[taken].0 = chain.head_index();
                     taken += 1;
                     match read_frame(chain, batch.slot()) {
                         Ok(len) => batch.push(len),
@@ -795,11 +849,8 @@ impl NetBackend {
                     }
                 }
             }
-            for &head in &heads[..taken] {
-                if let Err(error) = queue.add_used(memory, head, 0) {
-                    failed = Some(error);
-                    break;
-                }
+            if let Err(error) = publish_used(queue, memory, &used[..taken]) {
+                failed = Some(virtio_queue::Error::GuestMemory(error));
             }
             used_any |= taken > 0;
             if failed.is_some() {
@@ -837,8 +888,8 @@ impl NetBackend {
             }
         }
         fabric.signal(scratch);
-        if used_any {
-            signal(vring, event_idx);
+        if let (true, Some(since)) = (used_any, since) {
+            signal(vring, memory, since);
         }
         match failed {
             Some(error) => Err(std::io::Error::other(error)),

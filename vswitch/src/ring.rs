@@ -1,0 +1,253 @@
+//! What a port needs of guest memory and its virtqueues beyond what
+//! virtio-queue gives, on the per-frame path:
+//!
+//! - [`RegionCache`]: guest memory that remembers the regions it last
+//!   found, so the several accesses a frame makes (ring entries,
+//!   descriptors, buffers) do not each search the region table.
+//! - [`publish_used`]: puts a run of used buffers on the used ring and
+//!   moves the used index once for the run, not once per buffer. The
+//!   driver polls that index; every store to it takes its cache line away
+//!   from the driver's CPU.
+//! - [`needs_signal`]: the event-index check for buffers published that
+//!   way (virtio-queue's own check counts only what its `add_used` added).
+
+use std::cell::Cell;
+use std::num::Wrapping;
+use std::sync::atomic::{fence, Ordering};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{
+    Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap,
+};
+
+/// A port's view of guest memory.
+pub type Memory = GuestMemoryMmap<()>;
+type Region = GuestRegionMmap<()>;
+
+/// Bytes before the used ring's elements: flags and index.
+const USED_HEADER_BYTES: u64 = 4;
+/// Bytes of a used element: id and length.
+const USED_ELEMENT_BYTES: u64 = 8;
+/// Bytes before the available ring's elements: flags and index.
+const AVAIL_HEADER_BYTES: u64 = 4;
+
+/// Guest memory that remembers the last two regions it found. It offers
+/// the same map as the memory it wraps; only the search is skipped.
+#[derive(Debug)]
+pub struct RegionCache<'m> {
+    memory: &'m Memory,
+    /// Most recently found first.
+    recent: Cell<[Option<&'m Region>; 2]>,
+}
+
+impl<'m> RegionCache<'m> {
+    pub fn new(memory: &'m Memory) -> RegionCache<'m> {
+        RegionCache {
+            memory,
+            recent: Cell::new([None, None]),
+        }
+    }
+}
+
+fn holds(region: &Region, address: GuestAddress) -> bool {
+    address >= region.start_addr() && address <= region.last_addr()
+}
+
+impl GuestMemoryBackend for RegionCache<'_> {
+    type R = Region;
+
+    fn num_regions(&self) -> usize {
+        self.memory.num_regions()
+    }
+
+    fn find_region(&self, address: GuestAddress) -> Option<&Region> {
+        let [first, second] = self.recent.get();
+        match (first, second) {
+            (Some(region), _) if holds(region, address) => Some(region),
+            (_, Some(region)) if holds(region, address) => {
+                self.recent.set([second, first]);
+                Some(region)
+            }
+            _ => {
+                let region = self.memory.find_region(address)?;
+                self.recent.set([Some(region), first]);
+                Some(region)
+            }
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Region> {
+        self.memory.iter()
+    }
+}
+
+/// Puts `used` (head, bytes written) on `queue`'s used ring after the
+/// entries already there, then moves the used index past them with one
+/// store. Fails only if the ring is not in guest memory.
+pub fn publish_used<M: Bytes<GuestAddress, E = vm_memory::GuestMemoryError>>(
+    queue: &mut Queue,
+    memory: &M,
+    used: &[(u16, u32)],
+) -> Result<(), vm_memory::GuestMemoryError> {
+    if used.is_empty() {
+        return Ok(());
+    }
+    let ring = GuestAddress(queue.used_ring());
+    let size = queue.size();
+    let mut next = Wrapping(queue.next_used());
+    for &(head, len) in used {
+        let mut element = [0u8; USED_ELEMENT_BYTES as usize];
+        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+        element[4..].copy_from_slice(&len.to_le_bytes());
+        let slot = u64::from(next.0 % size);
+        let at = ring
+            .checked_add(USED_HEADER_BYTES + slot * USED_ELEMENT_BYTES)
+            .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(ring))?;
+        memory.write_slice(&element, at)?;
+        next += 1;
+    }
+    let index_at = ring
+        .checked_add(2)
+        .ok_or(vm_memory::GuestMemoryError::InvalidGuestAddress(ring))?;
+    // Release: the elements are visible before the index that covers them.
+    memory.store(next.0.to_le(), index_at, Ordering::Release)?;
+    queue.set_next_used(next.0);
+    Ok(())
+}
+
+/// Whether the driver wants to hear of the buffers published since the
+/// used index was `since` (its used event index falls among them), or,
+/// without EVENT_IDX, of any. A ring outside guest memory says yes.
+pub fn needs_signal<M: Bytes<GuestAddress>>(
+    queue: &Queue,
+    memory: &M,
+    since: Wrapping<u16>,
+) -> bool {
+    let now = Wrapping(queue.next_used());
+    if now == since {
+        return false;
+    }
+    if !queue.event_idx_enabled() {
+        return true;
+    }
+    // The used index stores come before the read of the event index.
+    fence(Ordering::SeqCst);
+    let at = GuestAddress(queue.avail_ring())
+        .checked_add(AVAIL_HEADER_BYTES + 2 * u64::from(queue.size()));
+    let event = match at.map(|at| memory.load::<u16>(at, Ordering::Relaxed)) {
+        Some(Ok(event)) => Wrapping(u16::from_le(event)),
+        _ => return true,
+    };
+    // As the kernel's vring_need_event: the event index lies in
+    // [since, now).
+    now - event - Wrapping(1) < now - since
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SIZE: u16 = 8;
+    const DESC: u64 = 0x1000;
+    const AVAIL: u64 = 0x2000;
+    const USED: u64 = 0x3000;
+
+    fn setup() -> (Memory, Queue) {
+        let memory =
+            Memory::from_ranges(&[(GuestAddress(0), 0x4000), (GuestAddress(0x10000), 0x1000)])
+                .unwrap();
+        let mut queue = Queue::new(SIZE).unwrap();
+        queue.set_size(SIZE);
+        queue.set_desc_table_address(Some(DESC as u32), Some(0));
+        queue.set_avail_ring_address(Some(AVAIL as u32), Some(0));
+        queue.set_used_ring_address(Some(USED as u32), Some(0));
+        queue.set_ready(true);
+        (memory, queue)
+    }
+
+    #[test]
+    fn the_cache_finds_what_the_memory_finds() {
+        let memory =
+            Memory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x4000), 0x1000)])
+                .unwrap();
+        let cache = RegionCache::new(&memory);
+        for address in [
+            0u64, 0x4000, 0xfff, 0x4fff, 0x1000, 0x5000, 0x3fff, 0x10, 0x4010,
+        ] {
+            let address = GuestAddress(address);
+            assert_eq!(
+                cache
+                    .find_region(address)
+                    .map(GuestMemoryRegion::start_addr),
+                memory
+                    .find_region(address)
+                    .map(GuestMemoryRegion::start_addr),
+                "{address:?}"
+            );
+        }
+        // Reads through the cache span regions as the memory's do.
+        memory
+            .write_slice(&[7u8; 4], GuestAddress(0xffe))
+            .unwrap_err();
+        let mut out = [0u8; 2];
+        cache.read_slice(&mut out, GuestAddress(0x4ffe)).unwrap();
+        cache
+            .read_slice(&mut out, GuestAddress(0x4fff))
+            .unwrap_err();
+    }
+
+    #[test]
+    fn a_run_is_published_with_one_index_and_wraps_the_ring() {
+        let (memory, mut queue) = setup();
+        queue.set_next_used(SIZE - 1);
+        publish_used(&mut queue, &memory, &[(3, 100), (5, 200)]).unwrap();
+        assert_eq!(queue.next_used(), SIZE + 1);
+        let index: u16 = memory.read_obj(GuestAddress(USED + 2)).unwrap();
+        assert_eq!(index, SIZE + 1);
+        let element = |slot: u64| -> (u32, u32) {
+            let at = GuestAddress(USED + 4 + 8 * slot);
+            (
+                memory.read_obj(at).unwrap(),
+                memory.read_obj(at.unchecked_add(4)).unwrap(),
+            )
+        };
+        assert_eq!(element(u64::from(SIZE) - 1), (3, 100));
+        assert_eq!(element(0), (5, 200));
+        // Nothing to publish moves nothing.
+        publish_used(&mut queue, &memory, &[]).unwrap();
+        assert_eq!(queue.next_used(), SIZE + 1);
+    }
+
+    #[test]
+    fn a_used_ring_outside_memory_is_an_error() {
+        let (memory, mut queue) = setup();
+        queue.set_used_ring_address(Some(0x8000), Some(0));
+        assert!(publish_used(&mut queue, &memory, &[(0, 1)]).is_err());
+        assert_eq!(queue.next_used(), 0);
+    }
+
+    #[test]
+    fn the_event_index_decides_who_is_signalled() {
+        let (memory, mut queue) = setup();
+        let event_at = GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE));
+        // Without EVENT_IDX: any new buffer.
+        publish_used(&mut queue, &memory, &[(0, 1), (1, 1)]).unwrap();
+        assert!(needs_signal(&queue, &memory, Wrapping(0)));
+        assert!(!needs_signal(&queue, &memory, Wrapping(2)));
+        queue.set_event_idx(true);
+        // The driver wants to hear once buffer 3 is used (index 4).
+        memory.write_obj(3u16.to_le(), event_at).unwrap();
+        publish_used(&mut queue, &memory, &[(2, 1)]).unwrap();
+        assert!(!needs_signal(&queue, &memory, Wrapping(2)));
+        publish_used(&mut queue, &memory, &[(3, 1), (4, 1)]).unwrap();
+        assert!(needs_signal(&queue, &memory, Wrapping(3)));
+        // A window that wrapped the 16-bit index.
+        queue.set_next_used(u16::MAX - 1);
+        memory.write_obj(u16::MAX.to_le(), event_at).unwrap();
+        publish_used(&mut queue, &memory, &[(0, 1), (1, 1), (2, 1)]).unwrap();
+        assert_eq!(queue.next_used(), 1);
+        assert!(needs_signal(&queue, &memory, Wrapping(u16::MAX - 1)));
+        assert!(!needs_signal(&queue, &memory, Wrapping(0)));
+    }
+}
