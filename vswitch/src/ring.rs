@@ -61,6 +61,7 @@ impl GuestMemoryBackend for RegionCache<'_> {
         self.memory.num_regions()
     }
 
+    #[inline]
     fn find_region(&self, address: GuestAddress) -> Option<&Region> {
         let [first, second] = self.recent.get();
         match (first, second) {

@@ -269,9 +269,14 @@ fn main() -> Result<()> {
         .prefix("repbench-")
         .tempdir_in(&args.dir)
         .with_context(|| format!("cannot make a directory in {}", args.dir.display()))?;
-    if args.keep {
-        eprintln!("repbench: keeping {}", dir.path().display());
-    }
+    // Kept from the start, so a failed run leaves its logs too.
+    let dir = if args.keep {
+        let kept = dir.keep();
+        eprintln!("repbench: keeping {}", kept.display());
+        Kept::Path(kept)
+    } else {
+        Kept::Temp(dir)
+    };
     let mut nodes = start_cluster_with(
         dir.path(),
         3,
@@ -376,10 +381,23 @@ fn main() -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     println!("{}", resync_markdown(args.resync_mib, &resyncs));
     drop(nodes);
-    if args.keep {
-        let _ = dir.keep();
-    }
+    drop(dir);
     Ok(())
+}
+
+/// The nodes' directory: removed when done, or kept (`--keep`).
+enum Kept {
+    Temp(tempfile::TempDir),
+    Path(PathBuf),
+}
+
+impl Kept {
+    fn path(&self) -> &std::path::Path {
+        match self {
+            Kept::Temp(dir) => dir.path(),
+            Kept::Path(path) => path,
+        }
+    }
 }
 
 /// The figures reported for a workload: (JSON key, measure).
