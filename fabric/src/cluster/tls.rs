@@ -424,7 +424,7 @@ impl NodeIdentity {
 }
 
 /// The UDP payload of a 9000-byte IPv6 packet.
-const JUMBO_UDP_PAYLOAD_BYTES: u16 = 9000 - 40 - 8;
+pub(crate) const JUMBO_UDP_PAYLOAD_BYTES: u16 = 9000 - 40 - 8;
 
 /// Transport settings shared by all cluster connections.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {

@@ -133,8 +133,16 @@ pub fn bind(
         .map_err(bind_error)?;
     socket.bind(&address.into()).map_err(bind_error)?;
     let transport = transport_config();
+    let mut endpoint_config = quinn::EndpointConfig::new(identity.reset_key());
+    // Peers may send packets up to jumbo-frame size: the limit each end
+    // announces caps what MTU discovery can find (quinn's default stops at
+    // a 1,500-byte Ethernet MTU, so a 4 KiB write or a 1,500-byte frame
+    // needed several packets even on loopback).
+    endpoint_config
+        .max_udp_payload_size(super::tls::JUMBO_UDP_PAYLOAD_BYTES)
+        .expect("the jumbo payload is within QUIC's bounds");
     let mut endpoint = quinn::Endpoint::new(
-        quinn::EndpointConfig::new(identity.reset_key()),
+        endpoint_config,
         Some(identity.server_config(transport.clone())?),
         socket.into(),
         Arc::new(quinn::TokioRuntime),
