@@ -364,11 +364,15 @@ impl NodeSwitch {
         let tunnels = self.tunnels.lock().expect("tunnels poisoned");
         tunnels
             .iter()
-            .map(|(&node, end)| TunnelView {
-                node,
-                connected: end.tunnel.connection().is_some(),
-                segments: end.segments.iter().copied().collect(),
-                counters: self.fabric.counters(end.id).as_ref().map(Into::into),
+            .map(|(&node, end)| {
+                let connection = end.tunnel.connection();
+                TunnelView {
+                    node,
+                    connected: connection.is_some(),
+                    segments: end.segments.iter().copied().collect(),
+                    counters: self.fabric.counters(end.id).as_ref().map(Into::into),
+                    path: connection.as_ref().map(PathView::of),
+                }
             })
             .collect()
     }
@@ -689,6 +693,34 @@ struct TunnelView {
     /// The VNIs of the segments it carries.
     segments: Vec<SegmentId>,
     counters: Option<CountersView>,
+    /// The connection's path, while connected.
+    path: Option<PathView>,
+}
+
+/// What the QUIC connection under a tunnel knows of its path.
+#[derive(Debug, Serialize)]
+struct PathView {
+    rtt_us: u64,
+    congestion_window_bytes: u64,
+    congestion_events: u64,
+    sent_packets: u64,
+    lost_packets: u64,
+    /// The largest datagram the path takes now (MTU discovery).
+    datagram_bytes_max: Option<usize>,
+}
+
+impl PathView {
+    fn of(connection: &quinn::Connection) -> PathView {
+        let stats = connection.stats();
+        PathView {
+            rtt_us: u64::try_from(stats.path.rtt.as_micros()).unwrap_or(u64::MAX),
+            congestion_window_bytes: stats.path.cwnd,
+            congestion_events: stats.path.congestion_events,
+            sent_packets: stats.path.sent_packets,
+            lost_packets: stats.path.lost_packets,
+            datagram_bytes_max: connection.max_datagram_size(),
+        }
+    }
 }
 
 /// Body of `GET /v1/tunnels`.
