@@ -489,7 +489,8 @@ impl Receiver {
     fn open(&self) -> Delivery<'_> {
         let mut state = self.state.lock().expect("receiver poisoned");
         for pending in &mut state.pending {
-            // Once per port: a run never uses more buffers than a ring has.
+            // Once per port, for the runs of a well-behaved guest (a ring
+            // has at most this many buffers out at once).
             pending.reserve(QUEUE_SIZE_MAX);
         }
         let memory = state.memory.as_ref().map(GuestMemoryAtomic::memory);
@@ -613,11 +614,11 @@ impl Delivery<'_> {
 
 impl Drop for Delivery<'_> {
     /// Puts the run's buffers on the used rings, one index store per ring.
+    /// A ring stopped or disabled during the run (or one the guest put
+    /// outside its memory) gets them back on its available ring instead,
+    /// unused, as if never taken: the frontend learns where a ring stopped
+    /// only once the run is over ([`NetBackend::stop_vring`]).
     fn drop(&mut self) {
-        let Some(memory) = &self.memory else {
-            return;
-        };
-        let memory = &RegionCache::new(memory);
         let state = &mut *self.state;
         for (pair, vring) in state.vrings.iter().enumerate() {
             let pending = &mut state.pending[pair];
@@ -625,17 +626,30 @@ impl Drop for Delivery<'_> {
                 continue;
             }
             let mut guard = vring.get_mut();
-            // A ring the frontend stopped meanwhile gets nothing.
-            if guard.is_enabled() && guard.get_queue().ready() {
-                let queue = guard.get_queue_mut();
-                let since = Wrapping(queue.next_used());
-                match publish_used(queue, memory, pending) {
-                    Ok(()) => {
-                        state.unsignalled[pair].get_or_insert(since);
+            let up = guard.is_enabled() && guard.get_queue().ready();
+            let queue = guard.get_queue_mut();
+            let published = match (&self.memory, up) {
+                (Some(memory), true) => {
+                    let since = Wrapping(queue.next_used());
+                    match publish_used(queue, &RegionCache::new(memory), pending) {
+                        Ok(()) => {
+                            state.unsignalled[pair].get_or_insert(since);
+                            true
+                        }
+                        Err(error) => {
+                            tracing::debug!(%error, pair, "a port's used ring is not in guest memory");
+                            false
+                        }
                     }
-                    Err(error) => {
-                        tracing::warn!(%error, pair, "a port's receive ring is not in guest memory")
-                    }
+                }
+                _ => false,
+            };
+            if !published {
+                // Only this run took buffers off the ring since it began
+                // (a frame that failed gave its own back): the last ones
+                // taken are exactly these.
+                for _ in 0..pending.len() {
+                    queue.go_to_previous_position();
                 }
             }
             pending.clear();
@@ -974,6 +988,19 @@ impl VhostUserBackend for NetBackend {
     /// bookkeeping of its receive queues.
     fn queues_per_thread(&self) -> Vec<u64> {
         vec![(1 << (2 * QUEUE_PAIRS_MAX)) - 1]
+    }
+
+    /// A receive ring stops only between runs of frames: the frontend is
+    /// told where it stopped once the run in progress has published its
+    /// buffers or given them back.
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        if queue_index % 2 == 0 {
+            let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
+            if let Some(since) = state.unsignalled.get_mut(queue_index as usize / 2) {
+                *since = None;
+            }
+        }
+        Ok(())
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

@@ -187,7 +187,8 @@ mod tests {
                 "{address:?}"
             );
         }
-        // Reads through the cache span regions as the memory's do.
+        // Reads through the cache end where a region ends, as the
+        // memory's do.
         memory
             .write_slice(&[7u8; 4], GuestAddress(0xffe))
             .unwrap_err();

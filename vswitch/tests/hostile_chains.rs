@@ -384,3 +384,110 @@ fn hostile_chains_are_dropped_and_counted_and_good_frames_arrive() {
         assert!(drops[&reason] > 0, "no {reason:?} drops: {drops:?}");
     }
 }
+
+/// A tunnel that disables a receive ring on its `at`-th frame, as a
+/// frontend's `SET_VRING_ENABLE` would in the middle of a run.
+struct DisablingTunnel {
+    ring: VringRwLock,
+    at: usize,
+    frames: std::sync::Mutex<usize>,
+}
+
+impl std::fmt::Debug for DisablingTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DisablingTunnel")
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
+impl vswitch::port::Tunnel for DisablingTunnel {
+    fn send(&self, _segment: u32, _vlan: u16, _frame: &[u8]) -> Result<(), DropReason> {
+        let mut frames = self.frames.lock().expect("test lock");
+        *frames += 1;
+        if *frames == self.at {
+            self.ring.set_enabled(false);
+        }
+        Ok(())
+    }
+}
+
+/// Frames of one run go on a receive ring when the run ends; a ring
+/// disabled before then gets its buffers back unused (none is lost, none
+/// is used twice), and the next frames take them.
+#[test]
+fn a_receive_ring_disabled_during_a_run_gets_its_buffers_back() {
+    let memory: Memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_BYTES as usize)])
+        .expect("test setup");
+    let atomic = GuestMemoryAtomic::new(memory.clone());
+    let fabric = Fabric::new(Switch::default(), vswitch::frame::FRAME_BYTES_MAX_DEFAULT);
+    let a = port(&fabric, 1, A, &atomic);
+    let b = port(&fabric, 2, B, &atomic);
+    let a_vrings = [vring(&atomic, None), vring(&atomic, Some(A_TX))];
+    let b_vrings = [vring(&atomic, Some(B_RX)), vring(&atomic, None)];
+    b.handle_event(0, EventSet::IN, &b_vrings, 0)
+        .expect("test setup");
+    // Each frame is broadcast, to B and the tunnel in whichever order; the
+    // second frame to the tunnel disables B's ring while the run into B
+    // is open.
+    let tunnel = DisablingTunnel {
+        ring: b_vrings[0].clone(),
+        at: 2,
+        frames: std::sync::Mutex::new(0),
+    };
+    fabric.add_tunnel(3, Arc::new(tunnel)).expect("test setup");
+    fabric
+        .set_tunnel_segments(3, [1].into_iter().collect())
+        .expect("test setup");
+
+    let mut tx = Driver {
+        memory: &memory,
+        at: A_TX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    let mut rx = Driver {
+        memory: &memory,
+        at: B_RX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    post_rx(&mut Rng(1), &mut rx, 8, false);
+    let send = |tx: &mut Driver<'_>, n: u64| {
+        // Broadcast: to B and the tunnel, in whichever order.
+        let mut frame = good_frame(n, 60);
+        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
+        let data = TX_DATA + n * 2048;
+        memory
+            .write_slice(&frame, GuestAddress(data))
+            .expect("test setup");
+        let head = tx.take(1);
+        tx.desc(head, data, frame.len() as u32, 0, 0);
+        tx.offer(head);
+    };
+    send(&mut tx, 0);
+    send(&mut tx, 1);
+    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+        .expect("transmit");
+    assert_eq!(tx.used_idx(), 2, "both chains go back to the sender");
+    assert_eq!(rx.used_idx(), 0, "a disabled ring gets no frame");
+
+    // Enabled again: the next frame takes the first buffer, given back.
+    b_vrings[0].set_enabled(true);
+    send(&mut tx, 2);
+    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+        .expect("transmit");
+    assert_eq!(rx.used_idx(), 1);
+    let head: u32 = memory
+        .read_obj(GuestAddress(B_RX.2 + 4))
+        .expect("used element");
+    assert_eq!(head, 0, "the buffer given back is the one used");
+    let mut received = [0u8; 8];
+    memory
+        .read_slice(
+            &mut received,
+            GuestAddress(RX_DATA + NET_HEADER_BYTES as u64 + 14),
+        )
+        .expect("frame");
+    assert_eq!(u64::from_le_bytes(received), 2);
+}
