@@ -423,8 +423,13 @@ impl NodeIdentity {
     }
 }
 
-/// The UDP payload of a 9000-byte IPv6 packet.
-pub(crate) const JUMBO_UDP_PAYLOAD_BYTES: u16 = 9000 - 40 - 8;
+/// The largest QUIC packet (UDP payload) the cluster sends or takes. Paths
+/// with jumbo frames take it. Not the 8,952 bytes of a 9,000-byte packet:
+/// quinn hands the kernel up to 10 packets in one segmentation-offload
+/// call, the kernel refuses a call over 64 KiB, and quinn counts a refused
+/// call as sent, so every packet in it was lost (a third of them, in a
+/// flood of 1,500-byte frames between two nodes). 10 × 6,500 fits.
+pub(crate) const UDP_PAYLOAD_BYTES_MAX: u16 = 6_500;
 
 /// Transport settings shared by all cluster connections.
 pub fn transport_config() -> Arc<quinn::TransportConfig> {
@@ -439,11 +444,11 @@ pub fn transport_config() -> Arc<quinn::TransportConfig> {
             .expect("3 s is a valid idle timeout"),
     ));
     transport.max_concurrent_bidi_streams(1024u32.into());
-    // Packets up to jumbo-frame size where the path takes them (discovery
-    // finds out; the default stops at 1452 bytes): a 4 KiB write is then one
-    // packet, not four, each encrypted and sent on its own.
+    // Packets up to UDP_PAYLOAD_BYTES_MAX where the path takes them
+    // (discovery finds out; the default stops at 1452 bytes): a 4 KiB write
+    // is then one packet, not three, each encrypted and sent on its own.
     let mut mtu = quinn::MtuDiscoveryConfig::default();
-    mtu.upper_bound(JUMBO_UDP_PAYLOAD_BYTES);
+    mtu.upper_bound(UDP_PAYLOAD_BYTES_MAX);
     transport.mtu_discovery_config(Some(mtu));
     Arc::new(transport)
 }

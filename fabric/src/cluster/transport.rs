@@ -134,13 +134,13 @@ pub fn bind(
     socket.bind(&address.into()).map_err(bind_error)?;
     let transport = transport_config();
     let mut endpoint_config = quinn::EndpointConfig::new(identity.reset_key());
-    // Peers may send packets up to jumbo-frame size: the limit each end
-    // announces caps what MTU discovery can find (quinn's default stops at
-    // a 1,500-byte Ethernet MTU, so a 4 KiB write or a 1,500-byte frame
+    // Peers may send packets up to UDP_PAYLOAD_BYTES_MAX: the limit each
+    // end announces caps what MTU discovery can find (quinn's default stops
+    // at a 1,500-byte Ethernet MTU, so a 4 KiB write or a 1,500-byte frame
     // needed several packets even on loopback).
     endpoint_config
-        .max_udp_payload_size(super::tls::JUMBO_UDP_PAYLOAD_BYTES)
-        .expect("the jumbo payload is within QUIC's bounds");
+        .max_udp_payload_size(super::tls::UDP_PAYLOAD_BYTES_MAX)
+        .expect("the largest payload is within QUIC's bounds");
     let mut endpoint = quinn::Endpoint::new(
         endpoint_config,
         Some(identity.server_config(transport.clone())?),
