@@ -992,12 +992,18 @@ impl VhostUserBackend for NetBackend {
 
     /// A receive ring stops only between runs of frames: the frontend is
     /// told where it stopped once the run in progress has published its
-    /// buffers or given them back.
+    /// buffers or given them back. Frames published and not yet told of
+    /// are told of now, while the ring's call descriptor is still set.
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         if queue_index % 2 == 0 {
+            let pair = queue_index as usize / 2;
             let mut state = self.inner.receiver.state.lock().expect("receiver poisoned");
-            if let Some(since) = state.unsignalled.get_mut(queue_index as usize / 2) {
-                *since = None;
+            let since = state.unsignalled.get_mut(pair).and_then(Option::take);
+            let memory = state.memory.as_ref().map(GuestMemoryAtomic::memory);
+            if let (Some(since), Some(vring), Some(memory)) =
+                (since, state.vrings.get(pair), memory)
+            {
+                signal(vring, &*memory, since);
             }
         }
         Ok(())

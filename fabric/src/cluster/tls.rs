@@ -428,7 +428,9 @@ impl NodeIdentity {
 /// quinn hands the kernel up to 10 packets in one segmentation-offload
 /// call, the kernel refuses a call over 64 KiB, and quinn counts a refused
 /// call as sent, so every packet in it was lost (a third of them, in a
-/// flood of 1,500-byte frames between two nodes). 10 × 6,500 fits.
+/// flood of 1,500-byte frames between two nodes). 10 × 6,500 fits, with
+/// IPv4's headers. (Ten is quinn 0.11.12's `MAX_TRANSMIT_SEGMENTS`: check
+/// it when quinn is updated.)
 pub(crate) const UDP_PAYLOAD_BYTES_MAX: u16 = 6_500;
 
 /// Transport settings shared by all cluster connections.
