@@ -491,3 +491,102 @@ fn a_receive_ring_disabled_during_a_run_gets_its_buffers_back() {
         .expect("frame");
     assert_eq!(u64::from_le_bytes(received), 2);
 }
+
+/// A tunnel that, on its second frame, stops a receive ring from another
+/// thread as the vhost-user handler does for `GET_VRING_BASE` (not ready,
+/// then `stop_vring`, then the position), and gives that thread time to
+/// reach `stop_vring` before the run goes on.
+struct StoppingTunnel {
+    ring: VringRwLock,
+    backend: NetBackend,
+    frames: std::sync::Mutex<usize>,
+    stopped: std::sync::Mutex<Option<std::thread::JoinHandle<u16>>>,
+}
+
+impl std::fmt::Debug for StoppingTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoppingTunnel").finish_non_exhaustive()
+    }
+}
+
+impl vswitch::port::Tunnel for StoppingTunnel {
+    fn send(&self, _segment: u32, _vlan: u16, _frame: &[u8]) -> Result<(), DropReason> {
+        let mut frames = self.frames.lock().expect("test lock");
+        *frames += 1;
+        if *frames == 2 {
+            let ring = self.ring.clone();
+            let backend = self.backend.clone();
+            *self.stopped.lock().expect("test lock") = Some(std::thread::spawn(move || {
+                ring.set_queue_ready(false);
+                backend.stop_vring(0).expect("stop");
+                ring.queue_next_avail()
+            }));
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        Ok(())
+    }
+}
+
+/// A receive ring stopped in the middle of a run learns a position that
+/// counts the run's buffers as not taken: they were given back, and none
+/// went on the used ring.
+#[test]
+fn a_receive_ring_stopped_during_a_run_reports_its_buffers_untaken() {
+    let memory: Memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_BYTES as usize)])
+        .expect("test setup");
+    let atomic = GuestMemoryAtomic::new(memory.clone());
+    let fabric = Fabric::new(Switch::default(), vswitch::frame::FRAME_BYTES_MAX_DEFAULT);
+    let a = port(&fabric, 1, A, &atomic);
+    let b = port(&fabric, 2, B, &atomic);
+    let a_vrings = [vring(&atomic, None), vring(&atomic, Some(A_TX))];
+    let b_vrings = [vring(&atomic, Some(B_RX)), vring(&atomic, None)];
+    b.handle_event(0, EventSet::IN, &b_vrings, 0)
+        .expect("test setup");
+    let tunnel = Arc::new(StoppingTunnel {
+        ring: b_vrings[0].clone(),
+        backend: b.clone(),
+        frames: std::sync::Mutex::new(0),
+        stopped: std::sync::Mutex::new(None),
+    });
+    fabric.add_tunnel(3, tunnel.clone()).expect("test setup");
+    fabric
+        .set_tunnel_segments(3, [1].into_iter().collect())
+        .expect("test setup");
+
+    let mut tx = Driver {
+        memory: &memory,
+        at: A_TX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    let mut rx = Driver {
+        memory: &memory,
+        at: B_RX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    post_rx(&mut Rng(1), &mut rx, 8, false);
+    for n in 0..3u64 {
+        let mut frame = good_frame(n, 60);
+        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
+        let data = TX_DATA + n * 2048;
+        memory
+            .write_slice(&frame, GuestAddress(data))
+            .expect("test setup");
+        let head = tx.take(1);
+        tx.desc(head, data, frame.len() as u32, 0, 0);
+        tx.offer(head);
+    }
+    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+        .expect("transmit");
+    let stopper = tunnel
+        .stopped
+        .lock()
+        .expect("test lock")
+        .take()
+        .expect("the ring was stopped");
+    let position = stopper.join().expect("stopping thread");
+    assert_eq!(position, 0, "the position counts no buffer as taken");
+    assert_eq!(rx.used_idx(), 0, "no buffer went on the used ring");
+    assert_eq!(tx.used_idx(), 3, "every chain goes back to the sender");
+}
