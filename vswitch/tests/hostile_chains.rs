@@ -266,8 +266,18 @@ fn post_rx(rng: &mut Rng, rx: &mut Driver<'_>, count: u16, hostile: bool) {
     }
 }
 
-fn run_seed(seed: u64) -> PortCounters {
-    let mut rng = Rng(seed | 1);
+/// Guest memory, a switch, and ports A (transmitting on `A_TX`) and B
+/// (receiving on `B_RX`, registered) with their rings.
+struct Ports {
+    memory: Memory,
+    fabric: Arc<Fabric>,
+    a: NetBackend,
+    b: NetBackend,
+    a_vrings: [VringRwLock; 2],
+    b_vrings: [VringRwLock; 2],
+}
+
+fn two_ports() -> Ports {
     let memory: Memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_BYTES as usize)])
         .expect("test setup");
     let atomic = GuestMemoryAtomic::new(memory.clone());
@@ -279,6 +289,26 @@ fn run_seed(seed: u64) -> PortCounters {
     // The receiver's queue is registered on its first event.
     b.handle_event(0, EventSet::IN, &b_vrings, 0)
         .expect("test setup");
+    Ports {
+        memory,
+        fabric,
+        a,
+        b,
+        a_vrings,
+        b_vrings,
+    }
+}
+
+fn run_seed(seed: u64) -> PortCounters {
+    let mut rng = Rng(seed | 1);
+    let Ports {
+        memory,
+        fabric,
+        a,
+        b: _b,
+        a_vrings,
+        b_vrings: _b_vrings,
+    } = two_ports();
 
     let mut tx = Driver {
         memory: &memory,
@@ -385,105 +415,145 @@ fn hostile_chains_are_dropped_and_counted_and_good_frames_arrive() {
     }
 }
 
-/// A tunnel that disables a receive ring on its `at`-th frame, as a
-/// frontend's `SET_VRING_ENABLE` would in the middle of a run.
-struct DisablingTunnel {
-    ring: VringRwLock,
-    at: usize,
-    frames: std::sync::Mutex<usize>,
+/// Ports A and B on one switch, B's receive ring holding 8 good buffers,
+/// and a tunnel `make_tunnel` builds (given B's receive ring and device)
+/// on the same segment: a broadcast from A goes to B and the tunnel.
+struct Rig {
+    memory: Memory,
+    a: NetBackend,
+    a_vrings: [VringRwLock; 2],
+    tx_avail: u16,
 }
 
-impl std::fmt::Debug for DisablingTunnel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DisablingTunnel")
-            .field("at", &self.at)
-            .finish()
+impl Rig {
+    fn new<T: vswitch::port::Tunnel + 'static>(
+        make_tunnel: impl FnOnce(VringRwLock, NetBackend) -> Arc<T>,
+    ) -> (Rig, Arc<T>) {
+        let Ports {
+            memory,
+            fabric,
+            a,
+            b,
+            a_vrings,
+            b_vrings,
+        } = two_ports();
+        let tunnel = make_tunnel(b_vrings[0].clone(), b);
+        fabric.add_tunnel(3, tunnel.clone()).expect("test setup");
+        fabric
+            .set_tunnel_segments(3, [1].into_iter().collect())
+            .expect("test setup");
+        let mut rx = Driver {
+            memory: &memory,
+            at: B_RX,
+            avail_idx: 0,
+            next_desc: 0,
+        };
+        post_rx(&mut Rng(1), &mut rx, 8, false);
+        let rig = Rig {
+            memory,
+            a,
+            a_vrings,
+            tx_avail: 0,
+        };
+        (rig, tunnel)
+    }
+
+    /// A broadcasts frame `n` for each of `frames`, in one batch.
+    fn broadcast(&mut self, frames: std::ops::Range<u64>) {
+        let mut tx = Driver {
+            memory: &self.memory,
+            at: A_TX,
+            avail_idx: self.tx_avail,
+            next_desc: self.tx_avail % QUEUE,
+        };
+        for n in frames {
+            let mut frame = good_frame(n, 60);
+            frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
+            let data = TX_DATA + n * 2048;
+            self.memory
+                .write_slice(&frame, GuestAddress(data))
+                .expect("test setup");
+            let head = tx.take(1);
+            tx.desc(head, data, frame.len() as u32, 0, 0);
+            tx.offer(head);
+        }
+        self.tx_avail = tx.avail_idx;
+        self.a
+            .handle_event(1, EventSet::IN, &self.a_vrings, 0)
+            .expect("transmit");
+        assert_eq!(
+            tx.used_idx(),
+            tx.avail_idx,
+            "every chain goes back to the sender"
+        );
+    }
+
+    fn used(&self, at: (u64, u64, u64)) -> u16 {
+        self.memory
+            .read_obj(GuestAddress(at.2 + 2))
+            .expect("used index")
     }
 }
 
-impl vswitch::port::Tunnel for DisablingTunnel {
+/// A tunnel that does `act` on its second frame, in the middle of the
+/// run into B.
+struct SecondFrameTunnel {
+    act: Box<dyn Fn() + Send + Sync>,
+    frames: std::sync::Mutex<usize>,
+}
+
+impl std::fmt::Debug for SecondFrameTunnel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SecondFrameTunnel").finish_non_exhaustive()
+    }
+}
+
+impl vswitch::port::Tunnel for SecondFrameTunnel {
     fn send(&self, _segment: u32, _vlan: u16, _frame: &[u8]) -> Result<(), DropReason> {
         let mut frames = self.frames.lock().expect("test lock");
         *frames += 1;
-        if *frames == self.at {
-            self.ring.set_enabled(false);
+        if *frames == 2 {
+            (self.act)();
         }
         Ok(())
     }
 }
 
+fn second_frame_tunnel(act: impl Fn() + Send + Sync + 'static) -> Arc<SecondFrameTunnel> {
+    Arc::new(SecondFrameTunnel {
+        act: Box::new(act),
+        frames: std::sync::Mutex::new(0),
+    })
+}
+
 /// Frames of one run go on a receive ring when the run ends; a ring
-/// disabled before then gets its buffers back unused (none is lost, none
-/// is used twice), and the next frames take them.
+/// disabled before then (as by the frontend's `SET_VRING_ENABLE`) gets its
+/// buffers back unused (none is lost, none is used twice), and the next
+/// frames take them.
 #[test]
 fn a_receive_ring_disabled_during_a_run_gets_its_buffers_back() {
-    let memory: Memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_BYTES as usize)])
-        .expect("test setup");
-    let atomic = GuestMemoryAtomic::new(memory.clone());
-    let fabric = Fabric::new(Switch::default(), vswitch::frame::FRAME_BYTES_MAX_DEFAULT);
-    let a = port(&fabric, 1, A, &atomic);
-    let b = port(&fabric, 2, B, &atomic);
-    let a_vrings = [vring(&atomic, None), vring(&atomic, Some(A_TX))];
-    let b_vrings = [vring(&atomic, Some(B_RX)), vring(&atomic, None)];
-    b.handle_event(0, EventSet::IN, &b_vrings, 0)
-        .expect("test setup");
-    // Each frame is broadcast, to B and the tunnel in whichever order; the
-    // second frame to the tunnel disables B's ring while the run into B
-    // is open.
-    let tunnel = DisablingTunnel {
-        ring: b_vrings[0].clone(),
-        at: 2,
-        frames: std::sync::Mutex::new(0),
-    };
-    fabric.add_tunnel(3, Arc::new(tunnel)).expect("test setup");
-    fabric
-        .set_tunnel_segments(3, [1].into_iter().collect())
-        .expect("test setup");
-
-    let mut tx = Driver {
-        memory: &memory,
-        at: A_TX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
-    let mut rx = Driver {
-        memory: &memory,
-        at: B_RX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
-    post_rx(&mut Rng(1), &mut rx, 8, false);
-    let send = |tx: &mut Driver<'_>, n: u64| {
-        // Broadcast: to B and the tunnel, in whichever order.
-        let mut frame = good_frame(n, 60);
-        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
-        let data = TX_DATA + n * 2048;
-        memory
-            .write_slice(&frame, GuestAddress(data))
-            .expect("test setup");
-        let head = tx.take(1);
-        tx.desc(head, data, frame.len() as u32, 0, 0);
-        tx.offer(head);
-    };
-    send(&mut tx, 0);
-    send(&mut tx, 1);
-    a.handle_event(1, EventSet::IN, &a_vrings, 0)
-        .expect("transmit");
-    assert_eq!(tx.used_idx(), 2, "both chains go back to the sender");
-    assert_eq!(rx.used_idx(), 0, "a disabled ring gets no frame");
+    let ring = std::sync::Mutex::new(None);
+    let (mut rig, _tunnel) = Rig::new(|b_ring, _| {
+        *ring.lock().expect("test lock") = Some(b_ring.clone());
+        second_frame_tunnel(move || b_ring.set_enabled(false))
+    });
+    // B and the tunnel get each frame, in whichever order; the second
+    // frame to the tunnel disables B's ring while the run into B is open.
+    rig.broadcast(0..2);
+    assert_eq!(rig.used(B_RX), 0, "a disabled ring gets no frame");
 
     // Enabled again: the next frame takes the first buffer, given back.
-    b_vrings[0].set_enabled(true);
-    send(&mut tx, 2);
-    a.handle_event(1, EventSet::IN, &a_vrings, 0)
-        .expect("transmit");
-    assert_eq!(rx.used_idx(), 1);
-    let head: u32 = memory
+    let ring = ring.lock().expect("test lock").take().expect("B's ring");
+    ring.set_enabled(true);
+    rig.broadcast(2..3);
+    assert_eq!(rig.used(B_RX), 1);
+    let head: u32 = rig
+        .memory
         .read_obj(GuestAddress(B_RX.2 + 4))
         .expect("used element");
     assert_eq!(head, 0, "the buffer given back is the one used");
     let mut received = [0u8; 8];
-    memory
+    rig.memory
         .read_slice(
             &mut received,
             GuestAddress(RX_DATA + NET_HEADER_BYTES as u64 + 14),
@@ -492,101 +562,34 @@ fn a_receive_ring_disabled_during_a_run_gets_its_buffers_back() {
     assert_eq!(u64::from_le_bytes(received), 2);
 }
 
-/// A tunnel that, on its second frame, stops a receive ring from another
-/// thread as the vhost-user handler does for `GET_VRING_BASE` (not ready,
-/// then `stop_vring`, then the position), and gives that thread time to
-/// reach `stop_vring` before the run goes on.
-struct StoppingTunnel {
-    ring: VringRwLock,
-    backend: NetBackend,
-    frames: std::sync::Mutex<usize>,
-    stopped: std::sync::Mutex<Option<std::thread::JoinHandle<u16>>>,
-}
-
-impl std::fmt::Debug for StoppingTunnel {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("StoppingTunnel").finish_non_exhaustive()
-    }
-}
-
-impl vswitch::port::Tunnel for StoppingTunnel {
-    fn send(&self, _segment: u32, _vlan: u16, _frame: &[u8]) -> Result<(), DropReason> {
-        let mut frames = self.frames.lock().expect("test lock");
-        *frames += 1;
-        if *frames == 2 {
-            let ring = self.ring.clone();
-            let backend = self.backend.clone();
-            *self.stopped.lock().expect("test lock") = Some(std::thread::spawn(move || {
+/// A receive ring stopped in the middle of a run, from another thread as
+/// the vhost-user handler does for `GET_VRING_BASE` (not ready, then
+/// `stop_vring`, then the position), learns a position that counts the
+/// run's buffers as not taken: they were given back, and none went on the
+/// used ring.
+#[test]
+fn a_receive_ring_stopped_during_a_run_reports_its_buffers_untaken() {
+    let stopper = Arc::new(std::sync::Mutex::new(None));
+    let (mut rig, _tunnel) = Rig::new(|ring, backend| {
+        let stopper = stopper.clone();
+        second_frame_tunnel(move || {
+            let (ring, backend) = (ring.clone(), backend.clone());
+            *stopper.lock().expect("test lock") = Some(std::thread::spawn(move || {
                 ring.set_queue_ready(false);
                 backend.stop_vring(0).expect("stop");
                 ring.queue_next_avail()
             }));
+            // Time for the stop to reach `stop_vring` before the run ends.
             std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        Ok(())
-    }
-}
-
-/// A receive ring stopped in the middle of a run learns a position that
-/// counts the run's buffers as not taken: they were given back, and none
-/// went on the used ring.
-#[test]
-fn a_receive_ring_stopped_during_a_run_reports_its_buffers_untaken() {
-    let memory: Memory = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEMORY_BYTES as usize)])
-        .expect("test setup");
-    let atomic = GuestMemoryAtomic::new(memory.clone());
-    let fabric = Fabric::new(Switch::default(), vswitch::frame::FRAME_BYTES_MAX_DEFAULT);
-    let a = port(&fabric, 1, A, &atomic);
-    let b = port(&fabric, 2, B, &atomic);
-    let a_vrings = [vring(&atomic, None), vring(&atomic, Some(A_TX))];
-    let b_vrings = [vring(&atomic, Some(B_RX)), vring(&atomic, None)];
-    b.handle_event(0, EventSet::IN, &b_vrings, 0)
-        .expect("test setup");
-    let tunnel = Arc::new(StoppingTunnel {
-        ring: b_vrings[0].clone(),
-        backend: b.clone(),
-        frames: std::sync::Mutex::new(0),
-        stopped: std::sync::Mutex::new(None),
+        })
     });
-    fabric.add_tunnel(3, tunnel.clone()).expect("test setup");
-    fabric
-        .set_tunnel_segments(3, [1].into_iter().collect())
-        .expect("test setup");
-
-    let mut tx = Driver {
-        memory: &memory,
-        at: A_TX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
-    let mut rx = Driver {
-        memory: &memory,
-        at: B_RX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
-    post_rx(&mut Rng(1), &mut rx, 8, false);
-    for n in 0..3u64 {
-        let mut frame = good_frame(n, 60);
-        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
-        let data = TX_DATA + n * 2048;
-        memory
-            .write_slice(&frame, GuestAddress(data))
-            .expect("test setup");
-        let head = tx.take(1);
-        tx.desc(head, data, frame.len() as u32, 0, 0);
-        tx.offer(head);
-    }
-    a.handle_event(1, EventSet::IN, &a_vrings, 0)
-        .expect("transmit");
-    let stopper = tunnel
-        .stopped
+    rig.broadcast(0..3);
+    let stopped = stopper
         .lock()
         .expect("test lock")
         .take()
         .expect("the ring was stopped");
-    let position = stopper.join().expect("stopping thread");
+    let position = stopped.join().expect("stopping thread");
     assert_eq!(position, 0, "the position counts no buffer as taken");
-    assert_eq!(rx.used_idx(), 0, "no buffer went on the used ring");
-    assert_eq!(tx.used_idx(), 3, "every chain goes back to the sender");
+    assert_eq!(rig.used(B_RX), 0, "no buffer went on the used ring");
 }
