@@ -149,7 +149,7 @@ def measure(testpmd, pids, seconds, hz):
 
 
 def port_drops(listing):
-    """Drops by reason, summed over the ports of a `port list -o json`."""
+    """Drops by reason, summed over the ports (or tunnels) of a listing."""
     drops = {}
 
     def walk(value):
@@ -212,9 +212,13 @@ def fabric_run(binaries, size, seconds, hz, nodes):
             result = measure(testpmd, [d.pid for d in daemons], seconds, hz)
             result["drops"] = {}
             for n in range(nodes):
-                listing = json.loads(fabctl(n, "-o", "json", "switch", "port", "list"))
-                for reason, count in port_drops(listing).items():
-                    result["drops"][reason] = result["drops"].get(reason, 0) + count
+                listings = [json.loads(fabctl(n, "-o", "json", "switch", "port", "list"))]
+                if nodes > 1:
+                    # Frames dropped on their way into a tunnel count too.
+                    listings.append(json.loads(fabctl(n, "-o", "json", "switch", "tunnel", "list")))
+                for listing in listings:
+                    for reason, count in port_drops(listing).items():
+                        result["drops"][reason] = result["drops"].get(reason, 0) + count
             return result
         finally:
             testpmd.stop()
