@@ -17,7 +17,6 @@
 
 use std::collections::HashMap;
 use std::num::Wrapping;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
@@ -129,7 +128,6 @@ impl Fabric {
                 fabric: self.clone(),
                 receiver,
                 memory: RwLock::default(),
-                event_idx: AtomicBool::new(false),
                 transmit: Mutex::new(Transmit {
                     batch: Batch::new(self.frame_bytes_max),
                     scratch: self.scratch(),
@@ -418,7 +416,6 @@ struct ReceiveState {
     /// Each queue pair's receive queue, once the frontend set them up.
     vrings: Vec<Vring>,
     memory: Option<GuestMemoryAtomic<Memory>>,
-    event_idx: bool,
     merge: bool,
     /// Per pair: buffers filled in the current run and not yet on the used
     /// ring (head, bytes written); published when the run ends.
@@ -462,7 +459,6 @@ impl std::fmt::Debug for ReceiveState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ReceiveState")
             .field("queues", &self.vrings.len())
-            .field("event_idx", &self.event_idx)
             .field("merge", &self.merge)
             .finish_non_exhaustive()
     }
@@ -786,7 +782,6 @@ struct Inner {
     fabric: Arc<Fabric>,
     receiver: Arc<Receiver>,
     memory: RwLock<Option<GuestMemoryAtomic<Memory>>>,
-    event_idx: AtomicBool,
     transmit: Mutex<Transmit>,
 }
 
@@ -825,7 +820,6 @@ impl NetBackend {
             return Ok(false);
         };
         let memory = &RegionCache::new(&memory);
-        let event_idx = self.inner.event_idx.load(Ordering::Acquire);
         let fabric = &self.inner.fabric;
         let mut transmit = self.inner.transmit.lock().expect("transmit poisoned");
         let Transmit { batch, scratch } = &mut *transmit;
@@ -842,6 +836,7 @@ impl NetBackend {
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
             since.get_or_insert(Wrapping(queue.next_used()));
+            let event_idx = queue.event_idx_enabled();
             if event_idx {
                 if let Err(error) = queue.disable_notification(memory) {
                     failed = Some(error);
@@ -863,36 +858,23 @@ impl NetBackend {
                     }
                 }
             }
-            if let Err(error) = publish_used(queue, memory, &used[..taken]) {
-                failed = Some(virtio_queue::Error::GuestMemory(error));
-            }
             used_any |= taken > 0;
-            if failed.is_some() {
-                // What was read before the queue broke still goes out.
-                drop(guard);
-                fabric.forward_batch(self.inner.id, batch, scratch);
-                break;
-            }
-            let more = if taken == TX_BATCH {
-                true
-            } else if event_idx {
-                match queue.enable_notification(memory) {
-                    Ok(more) => more,
-                    Err(error) => {
-                        failed = Some(error);
-                        drop(guard);
-                        fabric.forward_batch(self.inner.id, batch, scratch);
-                        break;
-                    }
-                }
-            } else {
-                false
+            let more = match publish_used(queue, memory, &used[..taken]) {
+                Err(error) => Err(virtio_queue::Error::GuestMemory(error)),
+                Ok(()) if taken == TX_BATCH => Ok(true),
+                Ok(()) if event_idx => queue.enable_notification(memory),
+                Ok(()) => Ok(false),
             };
             drop(guard);
+            // What was read before a queue broke still goes out.
             fabric.forward_batch(self.inner.id, batch, scratch);
-            fabric.signal(scratch);
-            if !more {
-                break;
+            match more {
+                Ok(true) => fabric.signal(scratch),
+                Ok(false) => break,
+                Err(error) => {
+                    failed = Some(error);
+                    break;
+                }
             }
             batches += 1;
             if batches == TX_BATCHES_PER_EVENT {
@@ -948,15 +930,9 @@ impl VhostUserBackend for NetBackend {
         VhostUserProtocolFeatures::REPLY_ACK | VhostUserProtocolFeatures::MQ
     }
 
-    fn set_event_idx(&self, enabled: bool) {
-        self.inner.event_idx.store(enabled, Ordering::Release);
-        self.inner
-            .receiver
-            .state
-            .lock()
-            .expect("receiver poisoned")
-            .event_idx = enabled;
-    }
+    /// Nothing to keep: vhost-user-backend sets each queue's event index
+    /// first, and the port asks the queues.
+    fn set_event_idx(&self, _enabled: bool) {}
 
     /// The config space: MAC, status (link up), queue pairs.
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
