@@ -1029,6 +1029,27 @@ impl BlkClient {
         self.submit_chain(&chain[..len], token)
     }
 
+    /// The head the next submitted request will take, if a descriptor is free.
+    pub fn next_head(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
+
+    /// Places `head` on the available ring with no chain of this client's behind it, as a
+    /// hostile or broken driver would: a head past the queue, or one already in flight. The
+    /// device must neither answer it nor stop serving.
+    pub fn submit_bare_head(&mut self, head: u16) -> Result<()> {
+        let entry = self.layout.avail_entry(self.avail_index);
+        self.store(entry, head.to_le(), Ordering::Relaxed)?;
+        self.avail_index = self.avail_index.wrapping_add(1);
+        self.store(
+            self.layout.avail + 2,
+            self.avail_index.to_le(),
+            Ordering::Release,
+        )?;
+        self.notify_pending = true;
+        Ok(())
+    }
+
     /// Kicks the device if requests were submitted since the last kick and the device has not
     /// asked to go without notifications. Returns whether the eventfd was written.
     pub fn notify(&mut self) -> Result<bool> {

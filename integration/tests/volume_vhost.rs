@@ -334,3 +334,60 @@ fn reads_that_need_no_io_all_complete_past_the_in_flight_limit() -> Result<()> {
     }
     Ok(())
 }
+
+/// Ring entries naming a head past the queue, or one already in flight,
+/// are counted and left unanswered; the requests around them complete and
+/// the device keeps serving.
+#[test]
+fn bare_heads_out_of_range_or_in_flight_are_refused() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let node = Fabricd::start(dir.path())?;
+    let socket = node.create_attached_volume("heads", "64M")?;
+    let mut client = BlkClient::connect(&socket, &ClientConfig::default())?;
+    let buffer = client.data_buffer(0, BLOCK as u32)?;
+    let mut done = Vec::new();
+    let size = client.queue_size();
+    client.submit_bare_head(size)?;
+    client.submit_bare_head(u16::MAX)?;
+    // A write, and its own head again right behind it, before the device
+    // has answered either.
+    let head = client.next_head().context("a free descriptor")?;
+    client.write_data(buffer, &[7u8; BLOCK as usize])?;
+    client.submit(&Request {
+        kind: RequestType::Out,
+        sector: 0,
+        data: &[buffer],
+        token: 1,
+    })?;
+    client.submit_bare_head(head)?;
+    client.notify()?;
+    let completion = complete_one(&mut client, &mut done)?;
+    ensure!(
+        completion.token == 1 && completion.is_ok(),
+        "{completion:?}"
+    );
+    // Nothing else comes back (the client refuses an answer it did not ask
+    // for), and a read still works.
+    client.write_data(buffer, &[0u8; BLOCK as usize])?;
+    client.submit(&Request {
+        kind: RequestType::In,
+        sector: 0,
+        data: &[buffer],
+        token: 2,
+    })?;
+    client.notify()?;
+    let completion = complete_one(&mut client, &mut done)?;
+    ensure!(
+        completion.token == 2 && completion.is_ok(),
+        "{completion:?}"
+    );
+    let mut back = vec![0u8; BLOCK as usize];
+    client.read_data(buffer, &mut back)?;
+    ensure!(back.iter().all(|&b| b == 7), "the write's data reads back");
+    let shown = node.fabctl_json(&["volume", "show", "heads"])?;
+    ensure!(
+        shown["attachment"]["counters"]["invalid_requests"].as_u64() == Some(3),
+        "{shown}"
+    );
+    Ok(())
+}

@@ -81,8 +81,6 @@ struct Worker {
     /// Requests in flight, by descriptor head index.
     pending: Vec<Option<Pending>>,
     completions: Vec<Completion>,
-    /// Finished requests to return to the guest: (head, used length).
-    used: Vec<(u16, u32)>,
     /// Heads of the requests taken and not yet returned, in the order the
     /// guest made them available. Requests are returned in that order, so
     /// the used index always says how many of the available requests are
@@ -194,7 +192,6 @@ impl BlkBackend {
                     queue,
                     pending: (0..QUEUE_SIZE_MAX).map(|_| None).collect(),
                     completions: Vec::with_capacity(QUEUE_SIZE_MAX),
-                    used: Vec::with_capacity(QUEUE_SIZE_MAX),
                     order: VecDeque::with_capacity(QUEUE_SIZE_MAX),
                     finished: vec![None; QUEUE_SIZE_MAX],
                     bytes_in_flight: 0,
@@ -314,6 +311,7 @@ impl Inner {
         };
         let mut took = false;
         let event_idx = self.event_idx.load(Ordering::Acquire);
+        let queue_size = vring.get_ref().get_queue().size();
         let mut used_any = false;
         loop {
             if event_idx {
@@ -331,6 +329,20 @@ impl Inner {
                     .pop_descriptor_chain(memory.clone());
                 let Some(chain) = chain else { break };
                 took = true;
+                let head = usize::from(chain.head_index());
+                // The head is the guest's word: one past the queue, or one
+                // already taken and not yet returned, cannot be answered
+                // (the used ring has no place for it); it is counted and
+                // left.
+                let outstanding = worker.pending.get(head).is_none_or(Option::is_some)
+                    || worker.finished.get(head).is_none_or(Option::is_some);
+                if head >= usize::from(queue_size) || outstanding {
+                    self.counters
+                        .invalid_requests
+                        .fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(volume = %self.name, head, "a request's head is out of range or already in flight");
+                    continue;
+                }
                 worker.order.push_back(chain.head_index());
                 if let Some((head, used_len)) = self.start_request(worker, chain, &memory) {
                     worker.finished[usize::from(head)] = Some(used_len);
@@ -497,12 +509,14 @@ impl Inner {
     }
 
     /// Finishes requests whose I/O completed: copies read data and status
-    /// into guest memory and appends `(head, used length)` to `used`.
-    fn reap(&self, worker: &mut Worker, used: &mut Vec<(u16, u32)>) {
+    /// into guest memory and records their used lengths in `finished`.
+    /// Returns whether any finished.
+    fn reap(&self, worker: &mut Worker) -> bool {
         worker.queue.reap(&mut worker.completions);
         if worker.completions.is_empty() {
-            return;
+            return false;
         }
+        let mut reaped = false;
         let memory = self.memory();
         let mut completions = std::mem::take(&mut worker.completions);
         for completion in completions.drain(..) {
@@ -518,23 +532,19 @@ impl Inner {
                     Some(memory) => self.finish(memory, pending, &completion, data),
                     None => 0,
                 };
-                used.push((head, len));
+                worker.finished[usize::from(head)] = Some(len);
+                reaped = true;
             }
             worker.queue.release(completion.slot);
         }
         worker.completions = completions;
+        reaped
     }
 
     /// Finishes requests whose I/O completed and returns to the guest those
     /// whose turn it is.
     fn complete(&self, worker: &mut Worker, vring: &Vring) -> std::io::Result<Completed> {
-        let mut used = std::mem::take(&mut worker.used);
-        self.reap(worker, &mut used);
-        let reaped = !used.is_empty();
-        for (head, len) in used.drain(..) {
-            worker.finished[usize::from(head)] = Some(len);
-        }
-        worker.used = used;
+        let reaped = self.reap(worker);
         Ok(Completed {
             reaped,
             published: publish(worker, vring)?,
@@ -858,15 +868,17 @@ mod tests {
         let inner = &rig.backend.inner;
         let mut worker = inner.lock(&inner.workers[0]);
         let worker = &mut *worker;
+        let chain_head = chain.head_index();
         let mut used_len = inner.start_request(worker, chain, mem).map(|(_, len)| len);
         if used_len.is_none() {
             worker.queue.submit().expect("submit");
             let mut completions = std::mem::take(&mut worker.completions);
             worker.queue.drain(&mut completions).expect("drain");
             worker.completions = completions;
-            let mut used = Vec::new();
-            inner.reap(worker, &mut used);
-            used_len = used.first().map(|&(_, len)| len);
+            let head = usize::from(chain_head);
+            if inner.reap(worker) {
+                used_len = worker.finished[head].take();
+            }
         }
         assert_eq!(worker.queue.in_flight(), 0, "a request slot leaked");
         let mut after = vec![0u8; area];
