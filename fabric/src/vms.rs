@@ -341,10 +341,14 @@ impl VmSupervisor {
                 }
                 _ => {
                     let _ = std::fs::remove_file(&path);
-                    // SAFETY: kill(2) on a pid checked above to be a runner.
-                    if unsafe { libc::kill(pid as i32, libc::SIGKILL) } == 0 {
-                        tracing::warn!(vm = %name, pid, "killed a VM runner that did not answer on its control socket");
+                    // Killed only if it is still the same process (it may
+                    // have ended during the wait, and its pid been reused).
+                    Process::Adopted {
+                        pid,
+                        start_time: started,
                     }
+                    .kill();
+                    tracing::warn!(vm = %name, pid, "killed a VM runner that did not answer on its control socket");
                 }
             }
         }
@@ -404,11 +408,13 @@ impl VmSupervisor {
     /// Starts a VM (again, if it had stopped or failed).
     fn start(&self, name: &str, launch: Launch) -> Result<(), String> {
         let mut runners = self.runners.lock().expect("runners poisoned");
-        if runners.get(name).is_some_and(|r| r.process.is_some()) {
-            return Err(format!("VM {name:?} is already running"));
-        }
-        if runners.get(name).is_some_and(|r| r.stopping) {
-            return Err(format!("VM {name:?} is stopping; start it once it has"));
+        if let Some(runner) = runners.get(name) {
+            if runner.stopping {
+                return Err(format!("VM {name:?} is stopping; start it once it has"));
+            }
+            if runner.process.is_some() {
+                return Err(format!("VM {name:?} is already running"));
+            }
         }
         let child = self.spawn(name, &launch)?;
         tracing::info!(vm = name, pid = child.id(), "started a VM");
@@ -440,6 +446,10 @@ impl VmSupervisor {
                 return false;
             };
             runner.state = VmState::Stopped;
+            // A stop already under way keeps its runner until it has ended.
+            if runner.stopping {
+                return true;
+            }
             let process = runner.process.take();
             runner.stopping = process.is_some();
             process
@@ -475,13 +485,14 @@ impl VmSupervisor {
         true
     }
 
-    /// Whether a VM's runner is running (paused or not).
+    /// Whether a VM's runner is running (paused or not) or still being
+    /// stopped.
     fn running(&self, name: &str) -> bool {
         self.runners
             .lock()
             .expect("runners poisoned")
             .get(name)
-            .is_some_and(|r| r.process.is_some())
+            .is_some_and(|r| r.process.is_some() || r.stopping)
     }
 
     /// Pauses or resumes a running VM through its control socket.
@@ -491,7 +502,13 @@ impl VmSupervisor {
         } else {
             ("resume", VmState::Running)
         };
-        if !self.running(name) {
+        let serving = self
+            .runners
+            .lock()
+            .expect("runners poisoned")
+            .get(name)
+            .is_some_and(|r| r.process.is_some());
+        if !serving {
             return Err(format!("VM {name:?} is not running"));
         }
         let reply = vmrun::control::request(&self.control(name), command, CONTROL_TIMEOUT)
