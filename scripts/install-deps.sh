@@ -13,6 +13,8 @@ packages=(
 	librocksdb-dev libsnappy-dev liblz4-dev libzstd-dev
 	# Test guest (integration/guest/build.sh) and tests that boot it.
 	qemu-system-x86 busybox-static cpio gzip xz-utils kmod e2fsprogs util-linux
+	# ip (network namespaces the switch tests make for host ports).
+	iproute2
 	# Tools run on the host and inside the guest.
 	fio
 	# iasl: the VM runner's ACPI tests disassemble its tables with it.

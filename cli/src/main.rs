@@ -168,11 +168,12 @@ enum SegmentCommand {
 
 #[derive(Debug, Subcommand)]
 enum PortCommand {
-    /// Add a port and print the QEMU arguments that attach a guest to it.
+    /// Add a port and print the QEMU arguments that attach a guest to it
+    /// (or, with --tap, make a host interface on the segment).
     Add {
         segment: String,
-        /// The guest's MAC address: the only source address the switch
-        /// accepts from the port.
+        /// The guest's MAC address (or the host interface's): the only
+        /// source address the switch accepts from the port.
         #[arg(long)]
         mac: String,
         /// The port's name (default: SEGMENT-xxxxxx from the MAC).
@@ -198,6 +199,12 @@ enum PortCommand {
         /// guest that bridges or routes for others, or a packet generator).
         #[arg(long)]
         no_port_security: bool,
+        /// A host port: make TAP interface TAP on the node (up, with the
+        /// MAC address) instead of a socket for a guest. Give it an
+        /// address, or put it in a bridge or another namespace, as with
+        /// any interface.
+        #[arg(long, value_name = "TAP")]
+        tap: Option<String>,
     },
     /// List ports, with counters for those served by this node.
     List,
@@ -1010,6 +1017,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
             rate_bps,
             node,
             no_port_security,
+            tap,
         }) => {
             let name = name.clone().unwrap_or_else(|| {
                 let tail: String = mac.split(':').skip(3).collect();
@@ -1029,10 +1037,16 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                     "bytes_per_second": rate_bps,
                     "node": node,
                     "port_security": !no_port_security,
+                    "tap": tap,
                 })),
             )?;
             if json {
                 print_json(&value);
+            } else if let Some(tap) = tap {
+                println!(
+                    "port {name} on segment {on} is host interface {tap} of node {}, up with address {mac}",
+                    value["node"]
+                );
             } else {
                 println!(
                     "port {name} on segment {on} is served on {}",
@@ -1061,6 +1075,9 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                         p["segment"].as_str().unwrap_or("?").to_owned(),
                         p["node"].to_string(),
                         p["mac"].as_str().unwrap_or("?").to_owned(),
+                        p["tap"]
+                            .as_str()
+                            .map_or("vhost-user".to_owned(), |tap| format!("tap {tap}")),
                         vlan_text(&p["vlan"]),
                         counter("rx_packets"),
                         counter("tx_packets"),
@@ -1069,7 +1086,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                 });
                 print_table(
                     &[
-                        "NAME", "SEGMENT", "NODE", "MAC", "VLAN", "RX", "TX", "DROPS",
+                        "NAME", "SEGMENT", "NODE", "MAC", "DEVICE", "VLAN", "RX", "TX", "DROPS",
                     ],
                     &rows,
                 );

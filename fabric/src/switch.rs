@@ -33,6 +33,7 @@ use vswitch::switch::{
     DropReason, PortConfig, PortCounters, PortId, RateLimit, SegmentId, Switch,
     VlanMode as PortVlan,
 };
+use vswitch::tap::{HostPort, Tap};
 use vswitch::tunnel::{pieces, Reassembly, TunnelHeader, TUNNEL_HEADER_BYTES};
 
 use crate::api::ApiError;
@@ -53,7 +54,26 @@ const TUNNEL_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 struct Served {
     id: PortId,
     meta: PortMeta,
-    server: NetServer,
+    endpoint: Endpoint,
+}
+
+/// What a served port's frames come from and go to.
+#[derive(Debug)]
+enum Endpoint {
+    /// A guest's NIC, through a vhost-user socket.
+    Socket(NetServer),
+    /// A TAP interface on this node.
+    Host(HostPort),
+}
+
+impl Endpoint {
+    /// Whether a guest is connected (a host port's interface always is).
+    fn connected(&self) -> bool {
+        match self {
+            Endpoint::Socket(server) => server.connected(),
+            Endpoint::Host(_) => true,
+        }
+    }
 }
 
 /// This node's end of the tunnel to one other node.
@@ -150,6 +170,9 @@ pub struct NodeSwitch {
     /// only on a connection from its address.
     addresses: Mutex<HashMap<std::net::SocketAddr, NodeId>>,
     next_id: AtomicU32,
+    /// Why each port placed here that is not served could not be (its
+    /// socket or interface could not be made).
+    failures: Mutex<HashMap<String, String>>,
     /// Datagrams from other nodes that were not taken (unknown sender,
     /// bad header).
     tunnel_refused: std::sync::atomic::AtomicU64,
@@ -165,6 +188,7 @@ impl NodeSwitch {
             tunnels: Mutex::default(),
             addresses: Mutex::default(),
             next_id: AtomicU32::new(1),
+            failures: Mutex::default(),
             tunnel_refused: Default::default(),
         })
     }
@@ -189,11 +213,15 @@ impl NodeSwitch {
             .collect();
         for name in gone {
             if let Some(port) = served.remove(&name) {
-                drop(port.server);
+                // The worker first, then the port (a host port's interface
+                // goes with it).
+                drop(port.endpoint);
                 let _ = self.fabric.remove_port(port.id);
                 tracing::info!(port = %name, "stopped serving a switch port");
             }
         }
+        let mut failures = self.failures.lock().expect("port failures poisoned");
+        failures.retain(|name, _| wanted.contains_key(name));
         for (name, meta) in wanted {
             if served.contains_key(name) {
                 continue;
@@ -212,36 +240,70 @@ impl NodeSwitch {
                     bytes_per_second: meta.rate.bytes_per_second,
                 },
             };
-            let backend = match self.fabric.add_port(id, config) {
-                Ok(backend) => backend,
-                Err(error) => {
-                    tracing::error!(port = %name, %error, "cannot add a switch port");
-                    continue;
-                }
-            };
-            if let Err(error) = std::fs::create_dir_all(&self.socket_dir) {
-                tracing::error!(dir = %self.socket_dir.display(), %error, "cannot create the socket directory");
-            }
-            match NetServer::start(backend, &self.socket(name)) {
-                Ok(server) => {
-                    tracing::info!(port = %name, socket = %server.path().display(), "serving a switch port");
+            match self.serve(id, meta, config) {
+                Ok(endpoint) => {
+                    match &endpoint {
+                        Endpoint::Socket(server) => {
+                            tracing::info!(port = %name, socket = %server.path().display(), "serving a switch port");
+                        }
+                        Endpoint::Host(host) => {
+                            tracing::info!(port = %name, interface = host.name(), "serving a host port");
+                        }
+                    }
+                    failures.remove(name);
                     served.insert(
                         name.clone(),
                         Served {
                             id,
                             meta: meta.clone(),
-                            server,
+                            endpoint,
                         },
                     );
                 }
                 Err(error) => {
-                    tracing::error!(port = %name, %error, "cannot serve a switch port");
-                    let _ = self.fabric.remove_port(id);
+                    // Tried again every reconcile; said once per new reason.
+                    if failures.get(name) != Some(&error) {
+                        tracing::error!(port = %name, %error, "cannot serve a switch port");
+                        failures.insert(name.clone(), error);
+                    }
                 }
             }
         }
+        drop(failures);
         drop(served);
         self.reconcile_tunnels(metadata, me);
+    }
+
+    /// Adds port `id` to the switch and serves it: on its socket, or on
+    /// its host interface.
+    fn serve(&self, id: PortId, meta: &PortMeta, config: PortConfig) -> Result<Endpoint, String> {
+        if let Some(interface) = &meta.tap {
+            let tap = Tap::create(interface, meta.mac).map_err(|error| error.to_string())?;
+            return HostPort::start(&self.fabric, id, config, tap)
+                .map(Endpoint::Host)
+                .map_err(|error| error.to_string());
+        }
+        let backend = self
+            .fabric
+            .add_port(id, config)
+            .map_err(|error| error.to_string())?;
+        let started = std::fs::create_dir_all(&self.socket_dir)
+            .map_err(|error| {
+                format!(
+                    "cannot create the socket directory {}: {error}",
+                    self.socket_dir.display()
+                )
+            })
+            .and_then(|()| {
+                NetServer::start(backend, &self.socket(&meta.name)).map_err(|e| e.to_string())
+            });
+        match started {
+            Ok(server) => Ok(Endpoint::Socket(server)),
+            Err(error) => {
+                let _ = self.fabric.remove_port(id);
+                Err(error)
+            }
+        }
     }
 
     /// Keeps one tunnel per other node, carrying the segments that both
@@ -381,7 +443,16 @@ impl NodeSwitch {
     fn local(&self, name: &str) -> Option<(PortCounters, bool)> {
         let served = self.served.lock().expect("served ports poisoned");
         let port = served.get(name)?;
-        Some((self.fabric.counters(port.id)?, port.server.connected()))
+        Some((self.fabric.counters(port.id)?, port.endpoint.connected()))
+    }
+
+    /// Why a port placed here is not served, if it could not be.
+    fn failure(&self, name: &str) -> Option<String> {
+        self.failures
+            .lock()
+            .expect("port failures poisoned")
+            .get(name)
+            .cloned()
     }
 }
 
@@ -671,6 +742,9 @@ struct AddPort {
     /// Port security (default on).
     #[serde(default)]
     port_security: Option<bool>,
+    /// A host port: the TAP interface to make on the node.
+    #[serde(default)]
+    tap: Option<String>,
 }
 
 /// A port, with its counters where it is served (this node).
@@ -678,11 +752,14 @@ struct AddPort {
 struct PortView {
     #[serde(flatten)]
     meta: PortMeta,
-    /// Its socket, on its node.
+    /// Its socket, on its node (a guest's port).
     socket: Option<String>,
     qemu_args: Option<Vec<String>>,
     connected: Option<bool>,
     counters: Option<CountersView>,
+    /// Why its node cannot serve it, if it cannot.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<String>,
 }
 
 /// A tunnel to another node, as `GET /v1/tunnels` shows it.
@@ -766,7 +843,8 @@ impl From<&PortCounters> for CountersView {
 fn view(switch: &NodeSwitch, me: NodeId, meta: &PortMeta) -> PortView {
     let here = meta.node == me;
     let local = here.then(|| switch.local(&meta.name)).flatten();
-    let socket = here.then(|| switch.socket(&meta.name).display().to_string());
+    let socket =
+        (here && meta.tap.is_none()).then(|| switch.socket(&meta.name).display().to_string());
     let qemu_args = socket.as_ref().map(|socket| {
         let id = format!("port-{}", meta.name);
         vec![
@@ -784,6 +862,7 @@ fn view(switch: &NodeSwitch, me: NodeId, meta: &PortMeta) -> PortView {
         qemu_args,
         connected: local.as_ref().map(|(_, connected)| *connected),
         counters: local.as_ref().map(|(counters, _)| counters.into()),
+        error: here.then(|| switch.failure(&meta.name)).flatten(),
     }
 }
 
@@ -835,9 +914,27 @@ async fn add_port(
             bytes_per_second: request.bytes_per_second,
         },
         port_security: request.port_security.unwrap_or(true),
+        tap: request.tap,
     };
     let metadata = commit(&state.cluster, Command::AddPort { port }).await?;
     refresh_now(&state, metadata.clone(), me).await;
+    // A port this node cannot serve (its interface or socket cannot be
+    // made) is taken back out, and the request fails saying why.
+    if let Some(failure) = state.switch.failure(&request.name) {
+        let metadata = commit(
+            &state.cluster,
+            Command::RemovePort {
+                name: request.name.clone(),
+            },
+        )
+        .await?;
+        refresh_now(&state, metadata, me).await;
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "port_not_served",
+            format!("port {:?} cannot be served: {failure}", request.name),
+        ));
+    }
     let meta = metadata
         .ports
         .get(&request.name)

@@ -4,6 +4,7 @@ pub mod blk_workload;
 pub mod fabricd;
 pub mod guest;
 pub mod latency;
+pub mod netns;
 pub mod storage_daemon;
 pub mod testpmd;
 pub mod vhost_blk;

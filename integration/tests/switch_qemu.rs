@@ -3,13 +3,16 @@
 //! address loses its connectivity and its port counts the spoofed frames;
 //! a 4 MiB file moves with `nc`, its checksum compared on both sides; the
 //! same across two `fabricd` nodes, through their tunnel; guests on
-//! different VLANs cannot reach each other, and a trunk port carries both.
+//! different VLANs cannot reach each other, and a trunk port carries both;
+//! a host port (a TAP interface, moved into a namespace the test makes)
+//! reaches a guest.
 
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use integration::fabricd::start_cluster;
 use integration::guest::{Guest, GuestConfig, GuestImage, GuestRun};
+use integration::netns::Namespace;
 
 /// Answers pings for as long as the client needs (it sends at least 8
 /// frames), then a few seconds more while the client tries a new MAC.
@@ -476,6 +479,160 @@ fn vlans_isolate_access_ports_and_a_trunk_carries_both() -> Result<()> {
         shown["counters"]["rx_packets"].as_u64() > Some(8)
             && shown["vlan"]["mode"].as_str() == Some("trunk"),
         "{shown}"
+    );
+    Ok(())
+}
+
+/// The guest end of the host port test: it pings the host, then takes a
+/// file with `nc` and prints its checksum.
+const HOST_PEER: &str = r#"
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.9.0.1/24 dev eth0
+ok=0
+for i in $(seq 60); do
+    if ping -c 1 -W 1 10.9.0.2 > /dev/null 2>&1; then ok=1; break; fi
+done
+[ $ok = 1 ] && echo "CHECK first-ping ok" || { echo "CHECK first-ping FAILED"; cat /proc/net/dev; }
+mkfifo /tmp/quiet
+sleep 600 > /tmp/quiet &
+nc -l -p 5000 < /tmp/quiet > /tmp/got
+echo "CHECK got-md5 $(md5sum < /tmp/got | cut -d' ' -f1) bytes $(wc -c < /tmp/got)"
+"#;
+
+/// Runs `command` until it succeeds, at most `tries` times a second apart.
+fn until_ok(mut command: impl FnMut() -> std::process::Command, tries: usize) -> Result<()> {
+    let mut last = None;
+    for _ in 0..tries {
+        let output = command().output()?;
+        if output.status.success() {
+            return Ok(());
+        }
+        last = Some(output);
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let last = last.context("no try")?;
+    anyhow::bail!(
+        "{:?} kept failing: {}{}",
+        command(),
+        String::from_utf8_lossy(&last.stdout),
+        String::from_utf8_lossy(&last.stderr)
+    )
+}
+
+/// A host port: `fabricd` makes a TAP interface on the segment, which the
+/// test moves into a namespace of its own and gives an address. The host
+/// and a guest ping each other, and 4 MiB go from the host to the guest
+/// with `nc`, checksums compared. Bad interface names, and an interface
+/// that cannot be made, are refused with the reason; deleting the port
+/// removes the interface.
+#[test]
+fn a_host_port_reaches_a_guest() -> Result<()> {
+    let image = GuestImage::ensure()?;
+    let dir = tempfile::tempdir()?;
+    let nodes = start_cluster(dir.path(), 1, "")?;
+    let node = &nodes[0].node;
+    node.fabctl(&["switch", "segment", "create", "lan"])?;
+    let sockets = vec![add_port(node, "a", "52:54:00:00:00:0a", &[])?];
+
+    let port_add = |name: &str, tap: &str| {
+        [
+            "switch",
+            "port",
+            "add",
+            "lan",
+            "--mac",
+            "52:54:00:00:00:0b",
+            "--name",
+            name,
+            "--tap",
+            tap,
+        ]
+        .map(str::to_owned)
+    };
+    fn args(owned: &[String; 10]) -> [&str; 10] {
+        owned.each_ref().map(String::as_str)
+    }
+    let bad = node.fabctl_fails(&args(&port_add("h", "bad/name")))?;
+    ensure!(bad.contains("invalid host interface name"), "{bad}");
+    let long = node.fabctl_fails(&args(&port_add("h", "sixteen-bytes-xx")))?;
+    ensure!(long.contains("longer than 15 bytes"), "{long}");
+    // `lo` exists and is not a TAP: the node cannot make it, and the port
+    // is not kept.
+    let lo = node.fabctl_fails(&args(&port_add("h", "lo")))?;
+    ensure!(
+        lo.contains("cannot be served") && lo.contains("cannot create host interface lo"),
+        "{lo}"
+    );
+    let ports = node.fabctl_json(&["switch", "port", "list"])?;
+    ensure!(
+        ports.as_array().map(Vec::len) == Some(1),
+        "the refused port was kept: {ports}"
+    );
+
+    let tap = format!("fabt{}", std::process::id() % 100_000);
+    let host = node.fabctl_json(&args(&port_add("host", &tap)))?;
+    ensure!(
+        host["tap"] == tap.as_str() && host["socket"].is_null() && host["connected"] == true,
+        "{host}"
+    );
+    let listed = node.fabctl(&["switch", "port", "list"])?;
+    ensure!(listed.contains(&format!("tap {tap}")), "{listed}");
+    let namespace = Namespace::new(&format!("fabric-tap-{}", std::process::id()))?;
+    namespace.take(&tap)?;
+    namespace.run(&["ip", "addr", "add", "10.9.0.2/24", "dev", &tap])?;
+    namespace.run(&["ip", "link", "set", &tap, "up"])?;
+
+    let peer = Guest::spawn(&image, &guest(&sockets, 0, HOST_PEER))?;
+    let reached = until_ok(
+        || namespace.command(&["busybox", "ping", "-c", "1", "-W", "1", "10.9.0.1"]),
+        150,
+    );
+    let sent = dir.path().join("sent");
+    let transfer = reached.and_then(|()| {
+        std::fs::write(
+            &sent,
+            (0..4u32 << 20)
+                .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect::<Vec<u8>>(),
+        )?;
+        until_ok(
+            || {
+                let mut nc = namespace.command(&["busybox", "nc", "-w", "20", "10.9.0.1", "5000"]);
+                nc.stdin(std::fs::File::open(&sent).expect("the file just written"));
+                nc
+            },
+            60,
+        )
+    });
+    let run = peer.wait()?;
+    transfer.with_context(|| format!("guest:\n{}\nfabricd:\n{}", run.tail(30), node.log_text()))?;
+    ensure!(
+        check_line(&run, "CHECK first-ping")? == "ok",
+        "the guest could not ping the host: {}",
+        run.tail(40)
+    );
+    let md5 = std::process::Command::new("md5sum").arg(&sent).output()?;
+    let md5 = String::from_utf8_lossy(&md5.stdout);
+    let md5 = md5.split_whitespace().next().context("md5sum output")?;
+    let got = check_line(&run, "CHECK got-md5")?;
+    ensure!(
+        got == format!("{md5} bytes 4194304"),
+        "sent {md5}, got {got}; guest:\n{}",
+        run.tail(14)
+    );
+    let host = node.fabctl_json(&["switch", "port", "show", "host"])?;
+    let counters = &host["counters"];
+    ensure!(
+        counters["rx_packets"].as_u64() > Some(1000) && counters["tx_packets"].as_u64() > Some(100),
+        "{host}"
+    );
+
+    node.fabctl(&["switch", "port", "delete", "host"])?;
+    let gone = namespace.command(&["ip", "link", "show", &tap]).output()?;
+    ensure!(
+        !gone.status.success(),
+        "the deleted port's interface is still there"
     );
     Ok(())
 }

@@ -12,7 +12,8 @@
 //! - [`port::Fabric`]: a node's switch with its ports;
 //!   [`port::NetBackend`]: a port's vhost-user-net device;
 //!   [`server::NetServer`]: a port served on its unix socket;
-//!   [`port::Tunnel`]: the way out to another node's switch.
+//!   [`port::Tunnel`]: the way out to another node's switch;
+//!   [`tap::HostPort`]: a port that is a TAP interface on the host.
 //! - [`tunnel`]: the header of frames between nodes, and reassembly.
 //! - [`ring`]: guest-memory lookups and used-ring updates for the
 //!   per-frame path.
@@ -23,4 +24,5 @@ pub mod relay;
 pub mod ring;
 pub mod server;
 pub mod switch;
+pub mod tap;
 pub mod tunnel;

@@ -57,7 +57,7 @@ pub const QUEUE_SIZE_MAX: usize = 1024;
 const RX_BUFFERS_MAX: usize = 64;
 /// Frames taken off a transmit queue before the guests they went to are
 /// told (and the queue is let go, for a moment).
-const TX_BATCH: usize = 64;
+pub(crate) const TX_BATCH: usize = 64;
 
 /// Batches one transmit queue may take in a turn before the port's other
 /// queues get theirs.
@@ -76,9 +76,11 @@ pub trait Tunnel: Send + Sync + std::fmt::Debug {
 
 /// Where a port's frames go.
 #[derive(Debug, Clone)]
-enum Sink {
+pub(crate) enum Sink {
     Guest(Arc<Receiver>),
     Tunnel(Arc<dyn Tunnel>),
+    /// A host port's interface.
+    Host(Arc<crate::tap::Tap>),
 }
 
 /// A node's switch and the receiving side of each of its ports.
@@ -87,7 +89,7 @@ pub struct Fabric {
     switch: Mutex<Switch>,
     receivers: RwLock<HashMap<PortId, Sink>>,
     origin: Instant,
-    frame_bytes_max: usize,
+    pub(crate) frame_bytes_max: usize,
 }
 
 impl Fabric {
@@ -115,12 +117,8 @@ impl Fabric {
         config: PortConfig,
     ) -> Result<NetBackend, SwitchError> {
         let mac = config.mac;
-        self.switch().add_port(id, config, self.now())?;
         let receiver = Arc::new(Receiver::default());
-        self.receivers
-            .write()
-            .expect("receivers poisoned")
-            .insert(id, Sink::Guest(receiver.clone()));
+        self.add_sink(id, config, Sink::Guest(receiver.clone()))?;
         Ok(NetBackend {
             inner: Arc::new(Inner {
                 id,
@@ -134,6 +132,21 @@ impl Fabric {
                 }),
             }),
         })
+    }
+
+    /// Adds a port to the switch, its frames going to `sink`.
+    pub(crate) fn add_sink(
+        &self,
+        id: PortId,
+        config: PortConfig,
+        sink: Sink,
+    ) -> Result<(), SwitchError> {
+        self.switch().add_port(id, config, self.now())?;
+        self.receivers
+            .write()
+            .expect("receivers poisoned")
+            .insert(id, sink);
+        Ok(())
     }
 
     /// Buffers for switching frames, sized for this switch: one per
@@ -215,7 +228,7 @@ impl Fabric {
     /// switch is locked once to switch them all and once to count them,
     /// the receivers' table read once. The guests they went to are told by
     /// the next [`Fabric::signal`]. Used by the ports' transmit paths.
-    fn forward_batch(&self, from: PortId, batch: &Batch, scratch: &mut Scratch) {
+    pub(crate) fn forward_batch(&self, from: PortId, batch: &Batch, scratch: &mut Scratch) {
         let now = self.now();
         scratch.switched.clear();
         scratch.outs.clear();
@@ -303,6 +316,7 @@ impl Fabric {
                     Some(Sink::Tunnel(tunnel)) => {
                         tunnel.send(switched.segment, switched.vlan, frame)
                     }
+                    Some(Sink::Host(tap)) => tap.write(frame),
                     None => Err(DropReason::NoRoom),
                 };
                 results.push((to, delivered.map(|()| frame.len())));
@@ -355,21 +369,22 @@ pub struct Scratch {
     outs: Vec<(usize, PortId, Egress)>,
 }
 
-/// Frames taken off a transmit queue, switched together.
+/// Frames taken off a transmit queue (or read from a host port),
+/// switched together.
 #[derive(Debug)]
-struct Batch {
+pub(crate) struct Batch {
     /// [`TX_BATCH`] slots of `slot_bytes`: each a virtio-net header and a
     /// frame.
     frames: Vec<u8>,
     slot_bytes: usize,
     lens: [usize; TX_BATCH],
-    count: usize,
+    pub(crate) count: usize,
     /// Chains refused (dropped and counted), by reason.
-    refused: Vec<DropReason>,
+    pub(crate) refused: Vec<DropReason>,
 }
 
 impl Batch {
-    fn new(frame_bytes_max: usize) -> Batch {
+    pub(crate) fn new(frame_bytes_max: usize) -> Batch {
         let slot_bytes = NET_HEADER_BYTES + frame_bytes_max;
         Batch {
             frames: vec![0; TX_BATCH * slot_bytes],
@@ -380,19 +395,19 @@ impl Batch {
         }
     }
 
-    fn clear(&mut self) {
+    pub(crate) fn clear(&mut self) {
         self.count = 0;
         self.refused.clear();
     }
 
     /// The next slot, to read a chain into.
-    fn slot(&mut self) -> &mut [u8] {
+    pub(crate) fn slot(&mut self) -> &mut [u8] {
         let start = self.count * self.slot_bytes;
         &mut self.frames[start..start + self.slot_bytes]
     }
 
     /// Keeps the frame just read into the next slot.
-    fn push(&mut self, len: usize) {
+    pub(crate) fn push(&mut self, len: usize) {
         self.lens[self.count] = len;
         self.count += 1;
     }
@@ -407,7 +422,7 @@ impl Batch {
 /// The receiving side of a port: its receive queue, once the frontend has
 /// set it up.
 #[derive(Debug, Default)]
-struct Receiver {
+pub(crate) struct Receiver {
     state: Mutex<ReceiveState>,
 }
 

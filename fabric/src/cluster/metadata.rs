@@ -191,6 +191,10 @@ pub struct PortMeta {
     /// Port security (the default): sources other than `mac` are dropped.
     #[serde(default = "port_security_default")]
     pub port_security: bool,
+    /// A host port: the TAP interface of this name on `node` (with
+    /// `mac`), rather than a vhost-user socket for a guest.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
 }
 
 fn port_security_default() -> bool {
@@ -640,6 +644,20 @@ impl Metadata {
                 other.name, port.segment, port.mac
             ));
         }
+        if let Some(tap) = &port.tap {
+            vswitch::tap::check_interface_name(tap)
+                .map_err(|reason| format!("invalid host interface name {tap:?}: {reason}"))?;
+            if let Some(other) = self
+                .ports
+                .values()
+                .find(|other| other.node == port.node && other.tap.as_ref() == Some(tap))
+            {
+                return Err(format!(
+                    "port {:?} is already host interface {tap:?} of node {}",
+                    other.name, port.node
+                ));
+            }
+        }
         port.vlan.check()
     }
 
@@ -649,6 +667,15 @@ impl Metadata {
         }
         if let Some(missing) = vm.ports.iter().find(|p| !self.ports.contains_key(*p)) {
             return Err(format!("port {missing:?} does not exist"));
+        }
+        if let Some(host) = vm
+            .ports
+            .iter()
+            .find(|p| self.ports.get(*p).is_some_and(|port| port.tap.is_some()))
+        {
+            return Err(format!(
+                "port {host:?} is a host interface, not a NIC a VM can have"
+            ));
         }
         for other in self.vms.values().filter(|other| other.name != vm.name) {
             if let Some(shared) = vm.volumes.iter().find(|v| other.volumes.contains(v)) {
@@ -847,6 +874,7 @@ mod tests {
             vlan: VlanMode::Native,
             rate: RateLimit::default(),
             port_security: true,
+            tap: None,
         }
     }
 
@@ -934,11 +962,47 @@ mod tests {
                 },
                 false,
             ),
+            // Host ports: a valid interface name, one port per interface
+            // of a node.
+            (
+                Command::AddPort {
+                    port: PortMeta {
+                        tap: Some("fab/0".into()),
+                        ..port("h1", "s", "52:54:00:00:00:04")
+                    },
+                },
+                false,
+            ),
+            (
+                Command::AddPort {
+                    port: PortMeta {
+                        tap: Some("fab0".into()),
+                        ..port("h1", "s", "52:54:00:00:00:04")
+                    },
+                },
+                true,
+            ),
+            (
+                Command::AddPort {
+                    port: PortMeta {
+                        tap: Some("fab0".into()),
+                        ..port("h2", "t", "52:54:00:00:00:05")
+                    },
+                },
+                false,
+            ),
             (
                 Command::CreateVolume {
                     volume: volume("d", vec![1]),
                 },
                 true,
+            ),
+            // A host port is not a NIC.
+            (
+                Command::DefineVm {
+                    vm: vm("h", &[], &["h1"]),
+                },
+                false,
             ),
             (
                 Command::DefineVm {
@@ -982,6 +1046,7 @@ mod tests {
             (Command::DeleteSegment { name: "s".into() }, false),
             (Command::DeleteVm { name: "a".into() }, true),
             (Command::RemovePort { name: "p1".into() }, true),
+            (Command::RemovePort { name: "h1".into() }, true),
             (Command::DeleteSegment { name: "s".into() }, true),
             (Command::DeleteSegment { name: "s".into() }, false),
             (segment("u"), true),

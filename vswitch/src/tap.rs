@@ -1,0 +1,376 @@
+//! Host ports: a TAP interface on the node, joined to a segment, so the
+//! segment reaches the node's own network stack. Addresses, routes and
+//! bridges on the interface are the host's business, as with any NIC.
+//!
+//! The interface is made when the port is (with the port's MAC address,
+//! and up) and goes away with it: it is not persistent, so a `fabricd`
+//! that stops leaves none behind. It may be moved to another network
+//! namespace; the port keeps serving it there.
+//!
+//! The port's thread waits for the interface to have frames, reads up to
+//! a batch of them (64) without waiting, and switches the batch as a
+//! guest's transmit queue would be switched. Frames to the port are
+//! written to the interface one at a time; one the interface does not
+//! take (it is down, or its queue is full) is counted `no_room`. The
+//! interface carries no offloads: the host's stack checksums and segments
+//! what it sends, so every frame is a plain Ethernet frame.
+
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::frame::Mac;
+use crate::port::{Batch, Fabric, Sink, NET_HEADER_BYTES, TX_BATCH};
+use crate::switch::{DropReason, PortConfig, PortId, SwitchError};
+
+/// Longest interface name Linux takes (IFNAMSIZ less the NUL).
+pub const INTERFACE_NAME_BYTES_MAX: usize = 15;
+
+#[derive(Debug, thiserror::Error)]
+pub enum TapError {
+    #[error("invalid host interface name {name:?}: {reason}")]
+    InvalidName { name: String, reason: &'static str },
+    #[error("cannot open /dev/net/tun: {0}")]
+    Open(std::io::Error),
+    #[error("cannot create host interface {name}: {source} (it needs CAP_NET_ADMIN, and the name must not be another kind of interface's or a TAP in use)")]
+    Create {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot give host interface {name} the address {mac}: {source}")]
+    Address {
+        name: String,
+        mac: Mac,
+        source: std::io::Error,
+    },
+    #[error("cannot bring host interface {name} up: {source}")]
+    Up {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error("cannot start host interface {name}'s thread: {source}")]
+    Thread {
+        name: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Switch(#[from] SwitchError),
+}
+
+/// Checks a host interface name as Linux would take it, and a little
+/// stricter: 1 to 15 bytes of letters, digits, `-`, `_` and `.`, not `.`
+/// or `..`.
+pub fn check_interface_name(name: &str) -> Result<(), &'static str> {
+    if name.is_empty() {
+        return Err("it is empty");
+    }
+    if name.len() > INTERFACE_NAME_BYTES_MAX {
+        return Err("it is longer than 15 bytes");
+    }
+    if name == "." || name == ".." {
+        return Err("it is . or ..");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Err("only letters, digits, '-', '_' and '.' are allowed");
+    }
+    Ok(())
+}
+
+/// A TAP interface, open. Closing it removes the interface.
+#[derive(Debug)]
+pub struct Tap {
+    fd: OwnedFd,
+    name: String,
+}
+
+/// `struct ifreq` with its name set.
+fn request(name: &str) -> libc::ifreq {
+    // SAFETY: ifreq is plain data (a name and a union of plain data), and
+    // all zeroes is a valid value of it.
+    let mut request: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (to, &from) in request.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *to = from as libc::c_char;
+    }
+    request
+}
+
+/// `ioctl(fd, code, request)`, its error as an `io::Error`.
+fn ioctl(fd: libc::c_int, code: libc::c_ulong, request: &mut libc::ifreq) -> std::io::Result<()> {
+    // SAFETY: every code used here reads or writes one `struct ifreq`, and
+    // `request` is one, alive and exclusively borrowed for the call.
+    let result = unsafe { libc::ioctl(fd, code as _, request as *mut libc::ifreq) };
+    if result < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Tap {
+    /// Creates TAP interface `name` (or attaches to a persistent one of
+    /// that name), gives it `mac` and brings it up.
+    pub fn create(name: &str, mac: Mac) -> Result<Tap, TapError> {
+        check_interface_name(name).map_err(|reason| TapError::InvalidName {
+            name: name.to_owned(),
+            reason,
+        })?;
+        // SAFETY: a NUL-terminated path; the result is checked.
+        let fd = unsafe {
+            libc::open(
+                c"/dev/net/tun".as_ptr(),
+                libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(TapError::Open(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` was just opened and is owned by nothing else.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut set = request(name);
+        set.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut set).map_err(|source| {
+            TapError::Create {
+                name: name.to_owned(),
+                source,
+            }
+        })?;
+        let tap = Tap {
+            fd,
+            name: name.to_owned(),
+        };
+        let mut address = request(name);
+        // SAFETY: writing a plain-data member of the union.
+        let hardware = unsafe { &mut address.ifr_ifru.ifru_hwaddr };
+        hardware.sa_family = libc::ARPHRD_ETHER;
+        for (to, &from) in hardware.sa_data.iter_mut().zip(&mac.0) {
+            *to = from as libc::c_char;
+        }
+        ioctl(tap.fd.as_raw_fd(), libc::SIOCSIFHWADDR, &mut address).map_err(|source| {
+            TapError::Address {
+                name: name.to_owned(),
+                mac,
+                source,
+            }
+        })?;
+        tap.up().map_err(|source| TapError::Up {
+            name: name.to_owned(),
+            source,
+        })?;
+        Ok(tap)
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Sets IFF_UP (through a socket of the namespace the interface is in
+    /// now: this one, as it was just made).
+    fn up(&self) -> std::io::Result<()> {
+        // SAFETY: plain socket(2); the result is checked.
+        let socket =
+            unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+        if socket < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: `socket` was just opened and is owned by nothing else.
+        let socket = unsafe { OwnedFd::from_raw_fd(socket) };
+        let mut flags = request(&self.name);
+        ioctl(socket.as_raw_fd(), libc::SIOCGIFFLAGS, &mut flags)?;
+        // SAFETY: SIOCGIFFLAGS filled the flags member.
+        unsafe { flags.ifr_ifru.ifru_flags |= libc::IFF_UP as libc::c_short };
+        ioctl(socket.as_raw_fd(), libc::SIOCSIFFLAGS, &mut flags)
+    }
+
+    /// Reads one frame; its full length, which is more than `buffer` if
+    /// the frame did not fit (then only its start was read).
+    fn read(&self, buffer: &mut [u8]) -> std::io::Result<usize> {
+        // SAFETY: `buffer` is valid for writes of its length.
+        let read = unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                buffer.as_mut_ptr().cast(),
+                buffer.len(),
+            )
+        };
+        usize::try_from(read).map_err(|_| std::io::Error::last_os_error())
+    }
+
+    /// Writes one frame to the host; `NoRoom` if the interface did not
+    /// take it.
+    pub(crate) fn write(&self, frame: &[u8]) -> Result<(), DropReason> {
+        // SAFETY: `frame` is valid for reads of its length.
+        let written =
+            unsafe { libc::write(self.fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+        if usize::try_from(written) == Ok(frame.len()) {
+            Ok(())
+        } else {
+            Err(DropReason::NoRoom)
+        }
+    }
+}
+
+/// A host port being served: its interface and the thread that reads it.
+/// Dropping it stops the thread; [`Fabric::remove_port`] then takes the
+/// port out of the switch, which closes (and so removes) the interface.
+#[derive(Debug)]
+pub struct HostPort {
+    name: String,
+    stop: Arc<EventFd>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl HostPort {
+    /// Adds port `id` to `fabric`, its frames coming from and going to
+    /// `tap`.
+    pub fn start(
+        fabric: &Arc<Fabric>,
+        id: PortId,
+        config: PortConfig,
+        tap: Tap,
+    ) -> Result<HostPort, TapError> {
+        let name = tap.name.clone();
+        let thread_error = |source| TapError::Thread {
+            name: name.clone(),
+            source,
+        };
+        let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(thread_error)?);
+        let tap = Arc::new(tap);
+        fabric.add_sink(id, config, Sink::Host(tap.clone()))?;
+        let thread = std::thread::Builder::new()
+            .name(format!("tap-{name}"))
+            .spawn({
+                let fabric = fabric.clone();
+                let stop = stop.clone();
+                move || serve(&fabric, id, &tap, &stop)
+            });
+        let thread = match thread {
+            Ok(thread) => thread,
+            Err(source) => {
+                let _ = fabric.remove_port(id);
+                return Err(thread_error(source));
+            }
+        };
+        Ok(HostPort {
+            name,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The interface's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for HostPort {
+    fn drop(&mut self) {
+        if let Err(error) = self.stop.write(1) {
+            tracing::error!(interface = %self.name, %error, "cannot stop a host port's thread");
+            return;
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// The port's thread: switches what the host sends on `tap` until told
+/// to stop.
+fn serve(fabric: &Fabric, id: PortId, tap: &Tap, stop: &EventFd) {
+    let mut batch = Batch::new(fabric.frame_bytes_max);
+    let mut scratch = fabric.scratch();
+    let mut failures = 0u64;
+    loop {
+        let mut polled = [
+            libc::pollfd {
+                fd: tap.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: stop.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `polled` is two valid pollfds, borrowed for the call.
+        let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
+        if ready < 0 {
+            let error = std::io::Error::last_os_error();
+            if error.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            tracing::error!(interface = %tap.name, %error, "a host port cannot wait for frames");
+            return;
+        }
+        if polled[1].revents != 0 {
+            return;
+        }
+        // What is there now, a batch at a time.
+        loop {
+            batch.clear();
+            let mut drained = false;
+            while batch.count < TX_BATCH {
+                let slot = &mut batch.slot()[NET_HEADER_BYTES..];
+                let room = slot.len();
+                match tap.read(slot) {
+                    Ok(len) if len > room => batch.refused.push(DropReason::Oversize),
+                    Ok(len) => batch.push(len),
+                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                        drained = true;
+                        break;
+                    }
+                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(error) => {
+                        // The first few say why; a failing interface is not
+                        // read in a tight loop.
+                        failures += 1;
+                        if failures <= 3 {
+                            tracing::warn!(interface = %tap.name, %error, "cannot read a host port's interface");
+                        }
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        drained = true;
+                        break;
+                    }
+                }
+            }
+            if batch.count > 0 || !batch.refused.is_empty() {
+                fabric.forward_batch(id, &batch, &mut scratch);
+                fabric.signal(&mut scratch);
+            }
+            if drained {
+                break;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn interface_names_are_checked() {
+        for good in ["tap0", "fab-lan.1", "a", "abcdefghijklmno"] {
+            assert_eq!(check_interface_name(good), Ok(()), "{good}");
+        }
+        for bad in [
+            "",
+            ".",
+            "..",
+            "abcdefghijklmnop",
+            "a/b",
+            "a b",
+            "a:b",
+            "tap\n",
+            "täp",
+        ] {
+            assert!(check_interface_name(bad).is_err(), "{bad:?}");
+        }
+    }
+}
