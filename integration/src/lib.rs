@@ -5,6 +5,7 @@ pub mod fabricd;
 pub mod guest;
 pub mod latency;
 pub mod netns;
+pub mod stats;
 pub mod storage_daemon;
 pub mod testpmd;
 pub mod vhost_blk;

@@ -27,6 +27,7 @@ use integration::blk_workload::{
     self, CompletionMode, RunOptions, VerifyOptions, VerifyReport, Workload, WorkloadReport,
 };
 use integration::fabricd::{self, Fabricd};
+use integration::stats::Spread;
 use integration::storage_daemon::QemuStorageDaemon;
 use integration::vhost_blk::{BlkClient, ClientConfig, DATA_BYTES_DEFAULT, QUEUE_SIZE_DEFAULT};
 use serde::Serialize;
@@ -424,33 +425,6 @@ struct CompareRun {
     server_cpu_seconds: f64,
     /// `server_cpu_seconds` per completed request, in microseconds; absent if none completed.
     server_cpu_us_per_op: Option<f64>,
-}
-
-#[derive(Debug, Serialize)]
-struct Spread {
-    median: f64,
-    min: f64,
-    max: f64,
-}
-
-impl Spread {
-    fn of(mut values: Vec<f64>) -> Option<Self> {
-        if values.is_empty() {
-            return None;
-        }
-        values.sort_by(f64::total_cmp);
-        let middle = values.len() / 2;
-        let median = if values.len() % 2 == 1 {
-            values[middle]
-        } else {
-            (values[middle - 1] + values[middle]) / 2.0
-        };
-        Some(Self {
-            median,
-            min: values[0],
-            max: values[values.len() - 1],
-        })
-    }
 }
 
 #[derive(Debug, Serialize)]
@@ -957,15 +931,6 @@ mod tests {
         );
         assert!(parse_workloads("verify", false).is_err());
         assert!(parse_workloads("randread", true).is_err());
-    }
-
-    #[test]
-    fn spread_takes_the_median() {
-        let spread = Spread::of(vec![3.0, 1.0, 2.0]).expect("non-empty");
-        assert_eq!((spread.median, spread.min, spread.max), (2.0, 1.0, 3.0));
-        let even = Spread::of(vec![4.0, 1.0, 2.0, 3.0]).expect("non-empty");
-        assert_eq!(even.median, 2.5);
-        assert!(Spread::of(Vec::new()).is_none());
     }
 
     #[test]

@@ -17,6 +17,7 @@ use anyhow::{Context, Result};
 use clap::Parser;
 use integration::blk_workload::{self, CompletionMode, RunOptions, Workload, WorkloadReport};
 use integration::fabricd::{placement, start_cluster_with};
+use integration::stats::Spread;
 use integration::vhost_blk::{BlkClient, ClientConfig, Request, RequestType};
 
 #[derive(Debug, Parser)]
@@ -416,14 +417,9 @@ fn measures(workload: Workload) -> Vec<(&'static str, Measure)> {
 /// A figure taken from a report.
 type Measure = fn(&WorkloadReport) -> f64;
 
-/// Median, min and max.
+/// Median, min and max (all 0 for no values).
 fn spread(values: &mut [f64]) -> (f64, f64, f64) {
-    values.sort_by(f64::total_cmp);
-    (
-        values[values.len() / 2],
-        values[0],
-        values[values.len() - 1],
-    )
+    Spread::of(values.to_vec()).map_or((0.0, 0.0, 0.0), |s| (s.median, s.min, s.max))
 }
 
 fn markdown(args: &Args, results: &[Vec<Vec<WorkloadReport>>]) -> String {
