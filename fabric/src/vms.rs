@@ -848,12 +848,15 @@ async fn create_vm(
         )));
     }
     let devices = request.volumes.len() + request.ports.len();
-    let linux = request.initramfs.is_some() || !request.cmdline.is_empty();
-    let devices_max = if linux {
-        vmrun::vm::DEVICE_GSIS.len()
-    } else {
-        vmrun::vm::DEVICES_MAX
-    };
+    // The runner's own rule, on the kernel file here (checked above).
+    let linux = std::fs::File::open(kernel).is_ok_and(|mut file| {
+        vmrun::vm::boots_linux(
+            &mut file,
+            !request.cmdline.is_empty(),
+            request.initramfs.is_some(),
+        )
+    });
+    let devices_max = vmrun::vm::devices_max(linux);
     if devices > devices_max {
         return Err(ApiError::bad_request(format!(
             "a VM has at most {devices_max} volumes and ports together{}, not {devices}",

@@ -65,8 +65,25 @@ fn fabricd_runs_vms_with_volumes_and_restarts_a_killed_runner() -> Result<()> {
         "{listed}"
     );
 
+    // A bzImage (its header's magic is all the runner looks at) boots as
+    // Linux, so it has at most 17 devices, with or without a command line.
+    let bzimage = dir.path().join("bzImage");
+    let mut header = vec![0u8; 0x400];
+    header[0x202..0x206].copy_from_slice(b"HdrS");
+    std::fs::write(&bzimage, header)?;
+    let bzimage = bzimage.to_str().context("path")?;
+    let mut too_many = vec!["vm", "create", "x", "--kernel", bzimage];
+    let volumes: Vec<String> = (0..18).map(|i| format!("v{i}")).collect();
+    for volume in &volumes {
+        too_many.extend(["--volume", volume.as_str()]);
+    }
+
     // Bad definitions.
-    let cases: [(Vec<&str>, &str); 8] = [
+    let cases: [(Vec<&str>, &str); 9] = [
+        (
+            too_many,
+            "at most 17 volumes and ports together when it boots Linux",
+        ),
         (
             vec!["vm", "create", "x", "--kernel", "/nonexistent/k"],
             "no kernel file at /nonexistent/k",

@@ -310,7 +310,27 @@ impl VhostUserDevice {
     /// 0; with `resume` (a backend that came back), where the guest's
     /// used ring is, so requests the last backend took but never
     /// completed are served again.
+    ///
+    /// A backend that fails a request (refuses it, or does not answer in
+    /// [`BACKEND_TIMEOUT`]) is let go: a late answer left on the socket
+    /// would be read as the answer to the next request. The device then
+    /// counts as away, and is connected and started again when the
+    /// backend answers a new handshake.
     pub fn activate(
+        &mut self,
+        memory: &Memory,
+        driver_features: u64,
+        queues: &[QueueConfig],
+        resume: bool,
+    ) -> Result<(), VhostUserError> {
+        let started = self.start_queues(memory, driver_features, queues, resume);
+        if started.is_err() {
+            self.frontend = None;
+        }
+        started
+    }
+
+    fn start_queues(
         &mut self,
         memory: &Memory,
         driver_features: u64,
@@ -388,14 +408,18 @@ impl VhostUserDevice {
         Ok(())
     }
 
-    /// Stops the backend's queues (the driver reset the device).
+    /// Stops the backend's queues (the driver reset the device). A
+    /// backend that fails to is let go, as in [`VhostUserDevice::activate`].
     pub fn reset(&mut self, queues: usize) {
         let Some(frontend) = self.frontend.as_mut() else {
             return;
         };
-        for index in 0..queues {
-            let _ = frontend.set_vring_enable(index, false);
-            let _ = frontend.get_vring_base(index);
+        let stopped = (0..queues).try_for_each(|index| {
+            frontend.set_vring_enable(index, false)?;
+            frontend.get_vring_base(index).map(drop)
+        });
+        if stopped.is_err() {
+            self.frontend = None;
         }
     }
 }

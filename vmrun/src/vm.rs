@@ -173,12 +173,32 @@ pub const DEVICE_GSIS: [u32; 17] = [
     5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23,
 ];
 
+/// Whether a guest boots as Linux (interrupt controller, timer, zero
+/// page): a bzImage, or an ELF given a command line or an initramfs (a
+/// vmlinux). Any other 64-bit ELF is entered directly on every vCPU.
+pub fn boots_linux(kernel: &mut File, cmdline: bool, initramfs: bool) -> bool {
+    crate::linux::is_bzimage(kernel) || cmdline || initramfs
+}
+
+/// The most disks and NICs a guest can have: a Linux guest needs an
+/// interrupt line for each.
+pub fn devices_max(linux: bool) -> usize {
+    if linux {
+        DEVICE_GSIS.len()
+    } else {
+        DEVICES_MAX
+    }
+}
+
 /// A virtio device on the MMIO bus, served by a vhost-user backend.
 #[derive(Debug)]
 struct VirtioDevice {
     base: u64,
     transport: MmioTransport,
     backend: VhostUserDevice,
+    /// What was last said about its backend not coming back: a backend
+    /// refused again every RECONNECT_INTERVAL is said once per reason.
+    complaint: Option<String>,
 }
 
 impl VirtioDevice {
@@ -187,29 +207,38 @@ impl VirtioDevice {
     /// guest's rings are.
     fn reconnected(&mut self, handshake: crate::vhost_user::Handshake, memory: &Memory) {
         if let Err(error) = self.backend.reconnect(handshake) {
-            eprintln!(
+            self.complain(format!(
                 "vmrun: the device at {:#x} cannot take its backend back: {error}",
                 self.base
-            );
+            ));
             return;
         }
+        if self.transport.status() & virtio_mmio::STATUS_DRIVER_OK != 0 {
+            let features = self.transport.driver_features();
+            let queues = self.transport.queues().to_vec();
+            if let Err(error) = self.backend.activate(memory, features, &queues, true) {
+                // The backend is let go (activate drops it) and tried again.
+                self.complain(format!(
+                    "vmrun: the device at {:#x} cannot resume: {error}",
+                    self.base
+                ));
+                self.transport.fail();
+                return;
+            }
+            self.backend.kick_all();
+        }
+        self.complaint = None;
         eprintln!(
             "vmrun: the backend at {} is back",
             self.backend.path().display()
         );
-        if self.transport.status() & virtio_mmio::STATUS_DRIVER_OK != 0 {
-            let features = self.transport.driver_features();
-            let queues = self.transport.queues().to_vec();
-            match self.backend.activate(memory, features, &queues, true) {
-                Ok(()) => self.backend.kick_all(),
-                Err(error) => {
-                    eprintln!(
-                        "vmrun: the device at {:#x} cannot resume: {error}",
-                        self.base
-                    );
-                    self.transport.fail();
-                }
-            }
+    }
+
+    /// Says `message` unless it was the last thing said about this device.
+    fn complain(&mut self, message: String) {
+        if self.complaint.as_ref() != Some(&message) {
+            eprintln!("{message}");
+            self.complaint = Some(message);
         }
     }
 
@@ -307,6 +336,7 @@ impl MmioBus {
             base,
             transport,
             backend,
+            ..
         } = &mut *device;
         match transport.write(offset, data) {
             // A backend that is away is started when it is back.
@@ -404,14 +434,13 @@ impl Vm {
         // the mapping, and only reads KVM's log.
         unsafe { fd.set_user_memory_region(region) }.map_err(kvm_call("guest memory"))?;
 
-        // A bzImage, or an ELF given a command line or initramfs (a
-        // vmlinux), boots as Linux: interrupt controller, timer, zero
-        // page. Any other 64-bit ELF is entered directly on every vCPU.
-        let linux = crate::linux::is_bzimage(&mut kernel)
-            || config.cmdline.is_some()
-            || config.initramfs.is_some();
+        let linux = boots_linux(
+            &mut kernel,
+            config.cmdline.is_some(),
+            config.initramfs.is_some(),
+        );
         let windows = config.disks.len() + config.nics.len();
-        if linux && windows > DEVICE_GSIS.len() {
+        if windows > devices_max(linux) {
             return Err(VmError::LinuxDevices { count: windows });
         }
         let (entry, boot_params) = if linux {
@@ -559,6 +588,7 @@ impl Vm {
                 base,
                 transport,
                 backend,
+                complaint: None,
             }));
         }
         let mmio = Arc::new(MmioBus {
