@@ -136,16 +136,24 @@ class Testpmd:
             self.process.wait()
 
 
-def measure(testpmd, pids, seconds, hz):
+def measure(testpmd, pids, seconds, hz, drops=None):
+    """Rates over `seconds` after a warm-up; with `drops` (a function
+    giving the switch's drop counters by reason), the drops in that window."""
     testpmd.wait_for_traffic()
     time.sleep(2)
+    drops0 = drops() if drops else {}
     start, cpu0, switches0 = time.monotonic(), cpu_seconds(pids), context_switches(pids)
     time.sleep(seconds)
     end, cpu1, switches1 = time.monotonic(), cpu_seconds(pids), context_switches(pids)
+    drops1 = drops() if drops else {}
     pps = testpmd.rate(start + 0.5, end)
     cpu = (cpu1 - cpu0) / (end - start)
-    return {"pps": pps, "cpu": cpu, "cycles_per_packet": cpu * hz / pps if pps else None,
-            "context_switches_per_second": (switches1 - switches0) / (end - start)}
+    result = {"pps": pps, "cpu": cpu, "cycles_per_packet": cpu * hz / pps if pps else None,
+              "context_switches_per_second": (switches1 - switches0) / (end - start)}
+    if drops:
+        result["drops"] = {reason: count - drops0.get(reason, 0)
+                           for reason, count in drops1.items() if count - drops0.get(reason, 0)}
+    return result
 
 
 def port_drops(listing):
@@ -208,9 +216,8 @@ def fabric_run(binaries, size, seconds, hz, nodes):
         # The tunnel connects within a second of the ports' creation.
         time.sleep(2 if nodes > 1 else 0)
         testpmd = Testpmd(sockets, size, f"fabbench{os.getpid()}", server=False)
-        try:
-            result = measure(testpmd, [d.pid for d in daemons], seconds, hz)
-            result["drops"] = {}
+        def drops():
+            total = {}
             for n in range(nodes):
                 listings = [json.loads(fabctl(n, "-o", "json", "switch", "port", "list"))]
                 if nodes > 1:
@@ -218,8 +225,11 @@ def fabric_run(binaries, size, seconds, hz, nodes):
                     listings.append(json.loads(fabctl(n, "-o", "json", "switch", "tunnel", "list")))
                 for listing in listings:
                     for reason, count in port_drops(listing).items():
-                        result["drops"][reason] = result["drops"].get(reason, 0) + count
-            return result
+                        total[reason] = total.get(reason, 0) + count
+            return total
+
+        try:
+            return measure(testpmd, [d.pid for d in daemons], seconds, hz, drops)
         finally:
             testpmd.stop()
     finally:
