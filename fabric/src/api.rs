@@ -843,6 +843,7 @@ async fn attach_replicated(
         region_blocks: crate::replication::REGION_BLOCKS,
         min_replicas: volume.min_replicas as usize,
         replica_timeout: cluster.replication_settings.replica_timeout,
+        io_timeout: cluster.replication_settings.io_timeout,
         probe_interval: cluster.replication_settings.retry,
         resync_bytes_per_second: cluster.replication_settings.resync_bytes_per_second,
         replace_after: cluster.replication_settings.replace_after,

@@ -66,6 +66,10 @@ pub struct Config {
 pub struct ReplicationConfig {
     /// How long a replica may take to answer before it is marked stale.
     pub replica_timeout_ms: u64,
+    /// How long a guest request may wait in all (for replicas that cannot
+    /// store it, a metadata change that cannot commit) before it fails
+    /// with an I/O error rather than wait on.
+    pub io_timeout_ms: u64,
     /// How often an unreachable replica is tried again.
     pub retry_ms: u64,
     /// Most bytes per second resync copies to one replica (0: no limit).
@@ -79,6 +83,7 @@ impl Default for ReplicationConfig {
     fn default() -> Self {
         ReplicationConfig {
             replica_timeout_ms: 3000,
+            io_timeout_ms: 15_000,
             retry_ms: 500,
             resync_bytes_per_second: 200 << 20,
             replace_after_s: 600,
@@ -92,6 +97,7 @@ impl ReplicationConfig {
         use std::time::Duration;
         crate::replication::ReplicationSettings {
             replica_timeout: Duration::from_millis(self.replica_timeout_ms),
+            io_timeout: Duration::from_millis(self.io_timeout_ms),
             retry: Duration::from_millis(self.retry_ms),
             resync_bytes_per_second: self.resync_bytes_per_second,
             replace_after: (self.replace_after_s > 0)
@@ -255,6 +261,14 @@ impl Config {
             return Err(ConfigError::Invalid {
                 key: "replication",
                 reason: "replica_timeout_ms and retry_ms must be 10 to 3600000".into(),
+            });
+        }
+        if replication.io_timeout_ms <= replication.replica_timeout_ms
+            || replication.io_timeout_ms > HOUR_MS
+        {
+            return Err(ConfigError::Invalid {
+                key: "replication.io_timeout_ms",
+                reason: "must be longer than replica_timeout_ms, and at most 3600000".into(),
             });
         }
         if replication.replace_after_s > 30 * 24 * 3600 {

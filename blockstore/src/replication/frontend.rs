@@ -37,6 +37,11 @@ pub struct Config {
     pub min_replicas: usize,
     /// How long a replica may take to answer a request.
     pub replica_timeout: Duration,
+    /// How long a guest request may wait, all told, before it fails
+    /// ([`Failure::Unavailable`]) rather than wait on (for a replica that
+    /// cannot store it, a metadata change that cannot commit, too few
+    /// in-sync replicas). Longer than `replica_timeout`.
+    pub io_timeout: Duration,
     /// How often an unreachable replica is tried again.
     pub probe_interval: Duration,
     /// Most bytes per second copied to each resyncing replica (0: no
@@ -74,6 +79,12 @@ pub enum Failure {
     OutOfRange,
     /// The only in-sync copy of a block read fails its checksum.
     Damaged,
+    /// The request could not be done within the I/O timeout: the
+    /// replicas it needs did not answer or could not store it. A write
+    /// that fails so may have reached some replicas and not others; they
+    /// are made the same again (from an in-sync one) before any is read
+    /// as in sync.
+    Unavailable,
 }
 
 /// How a guest request ended.
@@ -368,9 +379,12 @@ pub struct Frontend<P> {
     next_op: OpId,
     ops: BTreeMap<OpId, Op>,
     pending: BTreeMap<GuestId, Pending<P>>,
+    /// When each pending request came (entries of finished ones are
+    /// dropped at the next tick).
+    arrived: BTreeMap<GuestId, Instant>,
     /// Guest requests not yet started (before serving, or waiting for an
-    /// overlapping write to finish), in arrival order.
-    queued: VecDeque<(GuestId, GuestOp<P>)>,
+    /// overlapping write to finish), in arrival order, with when each came.
+    queued: VecDeque<(GuestId, GuestOp<P>, Instant)>,
     meta_inflight: Option<MetaChange>,
     meta_queue: VecDeque<MetaChange>,
     /// Digest comparison: the replica compared against, the current
@@ -416,6 +430,7 @@ impl<P: Payload> Frontend<P> {
             next_op: 1,
             ops: BTreeMap::new(),
             pending: BTreeMap::new(),
+            arrived: BTreeMap::new(),
             queued: VecDeque::new(),
             meta_inflight: None,
             meta_queue: VecDeque::new(),
@@ -533,7 +548,7 @@ impl<P: Payload> Frontend<P> {
                 return;
             }
         }
-        self.queued.push_back((guest, op));
+        self.queued.push_back((guest, op, now));
         self.start_queued(now);
     }
 
@@ -554,6 +569,7 @@ impl<P: Payload> Frontend<P> {
         if self.phase == Phase::Fenced {
             return;
         }
+        self.give_up_late(now);
         if let Some(after) = self.config.replace_after {
             for replica in 0..self.replicas.len() {
                 let track = &self.replicas[replica];
@@ -581,6 +597,46 @@ impl<P: Payload> Frontend<P> {
             }
         }
         self.advance(now);
+    }
+
+    /// Fails the guest requests that have waited the I/O timeout. What a
+    /// failed write sent stays in flight (it still orders later writes to
+    /// its blocks, and late answers are ignored); every replica that is not
+    /// an in-sync copy takes its blocks from one later, since it may hold
+    /// the write where the in-sync ones do not. (An in-sync replica that
+    /// did not store it has timed out by now and is on its way to stale.)
+    fn give_up_late(&mut self, now: Instant) {
+        let limit = self.config.io_timeout;
+        let late = |since: Instant| now.saturating_duration_since(since) >= limit;
+        let pending = &self.pending;
+        self.arrived.retain(|guest, _| pending.contains_key(guest));
+        let expired: Vec<GuestId> = self
+            .arrived
+            .iter()
+            .filter(|(_, &since)| late(since))
+            .map(|(&guest, _)| guest)
+            .collect();
+        let region_blocks = self.config.region_blocks;
+        for guest in expired {
+            self.arrived.remove(&guest);
+            if let Some(Pending::Write { lba, blocks, .. }) = self.pending.remove(&guest) {
+                for track in &mut self.replicas {
+                    if track.state != ReplicaState::InSync || track.demoting {
+                        track.mark_dirty(lba, blocks, region_blocks);
+                    }
+                }
+            }
+            self.complete(guest, Outcome::Failed(Failure::Unavailable));
+        }
+        let mut kept = VecDeque::with_capacity(self.queued.len());
+        while let Some((guest, op, since)) = self.queued.pop_front() {
+            if late(since) {
+                self.complete(guest, Outcome::Failed(Failure::Unavailable));
+            } else {
+                kept.push_back((guest, op, since));
+            }
+        }
+        self.queued = kept;
     }
 
     /// A replica answered.
@@ -690,7 +746,7 @@ impl<P: Payload> Frontend<P> {
             self.pending.remove(&guest);
             self.complete(guest, Outcome::Failed(Failure::Fenced));
         }
-        while let Some((guest, _)) = self.queued.pop_front() {
+        while let Some((guest, _, _)) = self.queued.pop_front() {
             self.complete(guest, Outcome::Failed(Failure::Fenced));
         }
     }
@@ -1610,20 +1666,23 @@ impl<P: Payload> Frontend<P> {
             return;
         }
         let mut kept = VecDeque::new();
-        while let Some((guest, op)) = self.queued.pop_front() {
+        while let Some((guest, op, since)) = self.queued.pop_front() {
             let blocked = match &op {
                 GuestOp::Write { lba, blocks, .. } => {
                     self.overlaps_pending(*lba, *blocks)
-                        || kept.iter().any(|(_, earlier): &(GuestId, GuestOp<P>)| {
-                            matches!(earlier, GuestOp::Write { lba: l, blocks: b, .. }
+                        || kept
+                            .iter()
+                            .any(|(_, earlier, _): &(GuestId, GuestOp<P>, Instant)| {
+                                matches!(earlier, GuestOp::Write { lba: l, blocks: b, .. }
                                 if *l < lba + blocks && *lba < l + b)
-                        })
+                            })
                 }
                 _ => false,
             };
             if blocked {
-                kept.push_back((guest, op));
+                kept.push_back((guest, op, since));
             } else {
+                self.arrived.insert(guest, since);
                 self.start(guest, op, now);
             }
         }

@@ -351,6 +351,8 @@ impl Sim {
             region_blocks: REGION_BLOCKS,
             min_replicas: 2,
             replica_timeout: Duration::from_millis(40),
+            // Long partitions outlast it: writes then fail rather than wait.
+            io_timeout: Duration::from_millis(1500),
             probe_interval: Duration::from_millis(25),
             // A region (32 KiB) every 2 ms: resync paced, not instant.
             resync_bytes_per_second: 16 << 20,

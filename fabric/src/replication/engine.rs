@@ -58,6 +58,9 @@ fn failure(name: &str, outcome: &Outcome<Blocks>) -> Error {
         Outcome::Failed(Failure::Damaged) => {
             "the only in-sync copy of a block read fails its checksum".into()
         }
+        Outcome::Failed(Failure::Unavailable) => {
+            "not done within the I/O timeout: the replicas it needs did not answer or could not store it".into()
+        }
         other => format!("unexpected outcome {other:?}"),
     };
     Error::Replication {

@@ -36,6 +36,8 @@ pub const REGION_BYTES: u64 = REGION_BLOCKS * blockstore::replication::wire::BLO
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicationSettings {
     pub replica_timeout: std::time::Duration,
+    /// A guest request waiting this long fails (IOERR) rather than wait on.
+    pub io_timeout: std::time::Duration,
     pub retry: std::time::Duration,
     /// 0: no limit.
     pub resync_bytes_per_second: u64,

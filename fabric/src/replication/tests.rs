@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use blockstore::replication::frontend::{
-    Config, GuestOp, MetaOutcome, Outcome, Phase, ReplicaState,
+    Config, Failure, GuestOp, MetaOutcome, Outcome, Phase, ReplicaState,
 };
 use blockstore::replication::replica_volume::ReplicaVolume;
 use blockstore::replication::wire::{Blocks, BLOCK_BYTES};
@@ -148,15 +148,30 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
 
     let changes: Arc<Mutex<Vec<MetaRequest>>> = Arc::default();
     let recorded = changes.clone();
+    // While false, metadata changes do not commit (as when the cluster's
+    // store cannot write): the frontend is told to try again.
+    let committing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let commits = committing.clone();
     let metadata: MetadataFn = Arc::new(move |_generation, change| {
-        recorded.lock().expect("lock").push(change);
-        Box::pin(async { MetaReply::Outcome(MetaOutcome::Committed) })
+        let commits = commits.load(std::sync::atomic::Ordering::SeqCst);
+        if commits {
+            recorded.lock().expect("lock").push(change);
+        }
+        Box::pin(async move {
+            if commits {
+                MetaReply::Outcome(MetaOutcome::Committed)
+            } else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                MetaReply::Outcome(MetaOutcome::Retry)
+            }
+        })
     });
     let config = Config {
         volume_blocks: VOLUME_BLOCKS,
         region_blocks: REGION_BLOCKS,
         min_replicas: 1,
         replica_timeout: Duration::from_millis(500),
+        io_timeout: Duration::from_secs(2),
         probe_interval: Duration::from_millis(200),
         resync_bytes_per_second: 0,
         replace_after: None,
@@ -238,13 +253,54 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
         .expect("lock")
         .contains(&MetaRequest::MarkInSync { node: 2 }));
 
-    // Both stores hold both writes.
+    // Cut off again, and the metadata cannot record it: a write may not
+    // complete without the replica, and fails with an error within the
+    // I/O timeout instead of waiting for good.
+    committing.store(false, std::sync::atomic::Ordering::SeqCst);
+    let (old_server, old_endpoint) = (_server, remote_endpoint);
+    old_server.abort();
+    old_endpoint.close(0u32.into(), b"partitioned");
+    old_endpoint.wait_idle().await;
+    drop(old_endpoint);
+    let late_region = 8;
+    let failed = tokio::time::timeout(
+        Duration::from_secs(30),
+        driver.submit(write(late_region * REGION_BLOCKS, 64, 0xc3)),
+    )
+    .await
+    .expect("the write ends, it does not wait for good");
+    assert_eq!(failed, Outcome::Failed(Failure::Unavailable));
+
+    // The metadata works again and the replica comes back: writes complete,
+    // and the two copies agree on the failed write's blocks (whichever
+    // data they hold).
+    committing.store(true, std::sync::atomic::Ordering::SeqCst);
+    let remote_endpoint = bind(remote_address, &remote_identity).expect("rebind n2");
+    let _server = serve(remote_endpoint.clone(), remote_service(&remote_store, 3));
+    assert_eq!(driver.submit(write(0, 8, 0xd4)).await, Outcome::Written);
+    driver
+        .wait_for(Duration::from_secs(20), |s| {
+            s.states == [ReplicaState::InSync, ReplicaState::InSync]
+        })
+        .await
+        .expect("in sync again");
+
+    // Both stores hold every completed write (read last: reading opens
+    // the stores with a higher generation, which fences the frontend).
     assert_eq!(driver.submit(GuestOp::Flush).await, Outcome::Flushed);
     for store in [&local_store, &remote_store] {
-        assert!(contents(store, 0, 64).iter().all(|&b| b == 0xa1));
         assert!(contents(store, region * REGION_BLOCKS, 64)
             .iter()
             .all(|&b| b == 0xb2));
+        assert!(contents(store, 8, 56).iter().all(|&b| b == 0xa1));
+        assert!(contents(store, 0, 8).iter().all(|&b| b == 0xd4));
         assert!(contents(store, 64, 64).iter().all(|&b| b == 0));
     }
+    let late = contents(&local_store, late_region * REGION_BLOCKS, 64);
+    assert_eq!(
+        contents(&remote_store, late_region * REGION_BLOCKS, 64),
+        late,
+        "the replicas differ where a write failed"
+    );
+    assert!(late.iter().all(|&b| b == 0xc3) || late.iter().all(|&b| b == 0));
 }
