@@ -90,6 +90,16 @@ impl ReplicaGate {
         Opened::Session { session, persist }
     }
 
+    /// Ends the session: a request it admitted could not be applied (and
+    /// may be partly), so neither it nor anything after it may be taken
+    /// as done. The frontend, told `NotOpen`, opens a new one.
+    pub fn end_session(&mut self) {
+        self.session = None;
+        self.applied.clear();
+        self.done_below = 0;
+        self.mutations = 0;
+    }
+
     /// Checks a request's header; for a mutating request that is to be
     /// applied, records it as applied.
     pub fn admit(&mut self, head: &Header, mutates: bool) -> Admit {

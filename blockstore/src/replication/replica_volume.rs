@@ -26,7 +26,9 @@ type PresentBlock<'a> = (u32, &'a [u8]);
 /// Stores the highest generation durably before it is acted on.
 pub type PersistGeneration = Box<dyn FnMut(Generation) -> Result<()> + Send>;
 
-/// Why a request could not be applied; the caller ends the session.
+/// Why a request could not be applied. The session has ended (the request
+/// may be partly applied); the caller answers `NotOpen` for its op, so the
+/// frontend fails this replica at once and opens a new session.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error(transparent)]
@@ -92,8 +94,14 @@ impl ReplicaVolume {
     ) -> std::result::Result<Vec<Reply<Blocks>>, ReplicaError> {
         let mutates = request.mutates();
         let mut replies = Vec::new();
-        if let Some(reply) = self.handle_one(request)? {
-            replies.push(reply);
+        match self.handle_one(request) {
+            Ok(Some(reply)) => replies.push(reply),
+            Ok(None) => {}
+            Err(error) => {
+                self.gate.end_session();
+                self.held.clear();
+                return Err(error);
+            }
         }
         if mutates {
             let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)
@@ -572,7 +580,8 @@ mod tests {
             .iter()
             .all(|&b| b == 0xaa));
 
-        // Out of range and damaged data are errors, and apply nothing.
+        // Out of range and damaged data are errors, apply nothing and end
+        // the session.
         let far = Request::Write {
             head: head(s, 1, 10),
             lba: 19,
@@ -588,6 +597,8 @@ mod tests {
             vec![0xdead_beef],
             Bytes::from(vec![2u8; BLOCK_BYTES]),
         );
+        // (The failed request ended the session.)
+        let s = session(&mut replica, 1);
         let damaged = Request::Write {
             head: head(s, 1, 11),
             lba: 0,
@@ -598,6 +609,46 @@ mod tests {
             replica.handle(damaged),
             Err(ReplicaError::Checksum { .. })
         ));
+    }
+
+    /// A request the replica cannot apply ends its session: neither it
+    /// (possibly applied in part) nor what follows is taken as done, and
+    /// the frontend, told `NotOpen`, opens a new one.
+    #[test]
+    fn a_request_that_fails_ends_the_session() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut replica = open(dir.path(), Arc::new(Mutex::new(0)));
+        let s = session(&mut replica, 1);
+        let write = |op, lba| Request::Write {
+            head: head(s, 1, op),
+            lba,
+            blocks: 2,
+            data: data(2, 0xbb),
+        };
+        assert!(matches!(
+            replica.handle(write(2, 1 << 40)),
+            Err(ReplicaError::Range { op: 2, .. })
+        ));
+        assert_eq!(
+            replica.handle(write(3, 0)).expect("answered"),
+            [Reply::NotOpen { op: 3 }]
+        );
+        let again = session(&mut replica, 1);
+        assert_ne!(again, s);
+        let write = Request::Write {
+            head: head(again, 1, 2),
+            lba: 0,
+            blocks: 2,
+            data: data(2, 0xcc),
+        };
+        assert_eq!(
+            replica.handle(write).expect("write"),
+            [Reply::Done { op: 2 }],
+            "op 2 of the new session is applied, not taken as a duplicate"
+        );
+        assert!(read(&mut replica, again, 3, 0, 2)
+            .iter()
+            .all(|&b| b == 0xcc));
     }
 
     #[test]

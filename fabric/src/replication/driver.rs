@@ -332,16 +332,21 @@ async fn run(
                         let local = local.clone();
                         let replies = reply_tx.clone();
                         tokio::spawn(async move {
+                            let op = request.head().map(|head| head.op);
                             match super::service::handle(local, request).await {
                                 Ok(answers) => {
                                     for answer in answers {
                                         let _ = replies.send((replica, answer));
                                     }
                                 }
-                                // No answer: the coordinator times it out and
-                                // treats the replica as failed.
+                                // Its session ended: the coordinator, told so,
+                                // fails the replica at once (an open that
+                                // failed gets no answer and times out).
                                 Err(error) => {
-                                    tracing::error!(%error, "the local replica failed a request")
+                                    tracing::error!(%error, "the local replica failed a request");
+                                    if let Some(op) = op {
+                                        let _ = replies.send((replica, Reply::NotOpen { op }));
+                                    }
                                 }
                             }
                         });

@@ -111,9 +111,17 @@ impl ReplicaService {
                 Ok(replica) => replica,
                 Err(reason) => break Some(reason),
             };
-            let replies = match handle(replica, request).await {
-                Ok(replies) => replies,
-                Err(error) => break Some(error),
+            let op = request.head().map(|head| head.op);
+            let replies = match (handle(replica, request).await, op) {
+                (Ok(replies), _) => replies,
+                // The replica could not apply it (a full disk, say) and
+                // ended its session: the frontend is told, fails this
+                // replica at once and opens a new session.
+                (Err(error), Some(op)) => {
+                    tracing::warn!(%remote, volume, %error, "a replica failed a request");
+                    vec![blockstore::replication::Reply::NotOpen { op }]
+                }
+                (Err(error), None) => break Some(error),
             };
             let sent = replies
                 .iter()
