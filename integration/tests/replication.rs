@@ -2,7 +2,9 @@
 //! vhost-user level by our own frontend: a replica killed mid-write goes
 //! stale while the writes go on, comes back and resyncs only what it
 //! missed; then the frontend's node is killed and the volume, attached on
-//! the surviving replica, holds every acknowledged block.
+//! the surviving replica, holds every acknowledged block. A replica whose
+//! disk fills up goes stale (or, when it is needed, writes fail with an
+//! I/O error) and catches up once there is room.
 
 use std::time::Duration;
 
@@ -788,5 +790,162 @@ fn check_zeros(client: &mut BlkClient, buffer: Buffer, lba: u64, blocks: u64) ->
             "blocks from {start} do not read as zeros"
         );
     }
+    Ok(())
+}
+
+/// A tmpfs of limited size mounted over a directory (a disk that fills
+/// up), unmounted when dropped.
+struct SmallDisk {
+    path: std::path::PathBuf,
+}
+
+impl SmallDisk {
+    fn mount(path: &std::path::Path, mib: u64) -> Result<SmallDisk> {
+        std::fs::create_dir_all(path)?;
+        let status = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "fabric-test"])
+            .arg(path)
+            .status()?;
+        ensure!(status.success(), "mounting a tmpfs on {}", path.display());
+        Ok(SmallDisk {
+            path: path.to_owned(),
+        })
+    }
+
+    /// Fills what is left with a file; removing it makes room again.
+    fn fill(&self) -> Result<std::path::PathBuf> {
+        use std::io::Write;
+        let filler = self.path.join("filler");
+        let mut file = std::fs::File::create(&filler)?;
+        let chunk = vec![0x55u8; 1 << 16];
+        while file.write_all(&chunk).is_ok() {}
+        Ok(filler)
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// The disk under one replica fills up (a tmpfs over its node's volume
+/// files). With one in-sync replica enough, the writes go on without an
+/// error while that replica is stale; given room, it catches up. With two
+/// in-sync replicas required, a write that cannot get them fails with an
+/// I/O error within the I/O timeout, rather than waiting for good; given
+/// room, the replica catches up, writes succeed again and the two copies
+/// agree, a scrub says, including where the failed write went.
+#[test]
+fn a_replica_whose_disk_fills_up_fails_cleanly_and_catches_up() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let nodes = integration::fabricd::start_cluster_with(
+        dir.path(),
+        2,
+        "[replication]\nreplica_timeout_ms = 1000\nio_timeout_ms = 4000\nretry_ms = 200\n",
+    )?;
+    let (front, full) = (&nodes[0].node, &nodes[1].node);
+    let disk = SmallDisk::mount(&full.data_dir.join("volumes"), 4)?;
+    for (name, min) in [("loose", "1"), ("strict", "2")] {
+        front.fabctl(&[
+            "volume",
+            "create",
+            name,
+            "--size",
+            "64M",
+            "--replicas",
+            "2",
+            "--min-replicas",
+            min,
+        ])?;
+    }
+    let states = |volume: &str| -> Result<serde_json::Value> {
+        Ok(replication(front, volume)?["states"].clone())
+    };
+    let both_in_sync = serde_json::json!(["insync", "insync"]);
+
+    // 16 MiB into a volume whose second replica has 4: every write
+    // completes; that replica goes stale.
+    let (mut client, buffer) = connect(&attach(front, "loose", &[])?)?;
+    write_range(&mut client, buffer, 0, 4096, 1)?;
+    ensure!(
+        states("loose")? == serde_json::json!(["insync", "stale"]),
+        "{}",
+        replication(front, "loose")?
+    );
+    check_range(&mut client, buffer, 0, 4096, 1)?;
+    let shown = front.fabctl_json(&["volume", "show", "loose"])?;
+    ensure!(
+        shown["attachment"]["counters"]["io_errors"] == 0,
+        "the guest saw I/O errors: {shown}"
+    );
+    // Room again: it catches up.
+    let status = std::process::Command::new("mount")
+        .args(["-o", "remount,size=256m"])
+        .arg(&disk.path)
+        .status()?;
+    ensure!(status.success(), "growing the tmpfs");
+    wait_for("the loose volume's replica back in sync", 60, || {
+        Ok((states("loose")? == both_in_sync).then_some(()))
+    })?;
+    drop(client);
+
+    // Full again, and the strict volume needs both replicas: a write fails
+    // with an I/O error (not a hang), and nothing reads as written that
+    // was not.
+    let (mut client, buffer) = connect(&attach(front, "strict", &[])?)?;
+    write_range(&mut client, buffer, 0, 64, 1)?;
+    let filler = disk.fill()?;
+    let mut failed = None;
+    for start in (64..64 + 4096).step_by(CHUNK as usize) {
+        let data: Vec<u8> = (start..start + CHUNK).flat_map(|b| block(b, 2)).collect();
+        client.write_data(buffer, &data)?;
+        let done = one(
+            &mut client,
+            &Request {
+                kind: RequestType::Out,
+                sector: start * BLOCK / 512,
+                data: &[buffer],
+                token: start,
+            },
+        )?;
+        if !done.is_ok() {
+            ensure!(
+                done.status == Some(integration::vhost_blk::Status::IoErr),
+                "{done:?}"
+            );
+            failed = Some(start);
+            break;
+        }
+    }
+    let failed = failed.context("no write failed on a full replica")?;
+    // Room again: the replica catches up and writes succeed.
+    std::fs::remove_file(&filler)?;
+    wait_for("the strict volume's replica back in sync", 60, || {
+        Ok((states("strict")? == both_in_sync).then_some(()))
+    })?;
+    write_range(&mut client, buffer, 0, 64, 3)?;
+    check_range(&mut client, buffer, 0, 64, 3)?;
+    check_range(&mut client, buffer, 64, failed - 64, 2)?;
+    let data = read_chunk(&mut client, buffer, failed)?;
+    for (i, got) in data.chunks(BLOCK as usize).enumerate() {
+        let lba = failed + i as u64;
+        ensure!(
+            got == block(lba, 2) || got.iter().all(|&b| b == 0),
+            "block {lba} of the failed write holds neither its old nor its new data"
+        );
+    }
+    drop(client);
+    let scrub = front.fabctl_json(&["volume", "scrub", "strict"])?;
+    ensure!(
+        scrub["differing"] == 0
+            && scrub["repairing"] == 0
+            && scrub["damaged_blocks"] == 0
+            && scrub["checked"] == scrub["regions"],
+        "the replicas differ: {scrub}"
+    );
     Ok(())
 }
