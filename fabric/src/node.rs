@@ -293,10 +293,14 @@ impl Node {
                 Some(server) if server.connected() && !force => {
                     return Err(NodeError::InUse(name.to_owned()))
                 }
-                _ => servers.remove(name),
+                _ => {}
             }
+            // The driver goes before the server (attach adds them the other
+            // way round): `volume show` reads the driver, then the server,
+            // so it never finds a driver without its server.
+            self.drivers().remove(name);
+            servers.remove(name)
         };
-        self.drivers().remove(name);
         if let Some(server) = server {
             let volume = server.backend().volume().cloned();
             server.stop();
