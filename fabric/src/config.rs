@@ -68,8 +68,9 @@ pub struct ReplicationConfig {
     pub replica_timeout_ms: u64,
     /// How long a guest request may wait in all (for replicas that cannot
     /// store it, a metadata change that cannot commit) before it fails
-    /// with an I/O error rather than wait on.
-    pub io_timeout_ms: u64,
+    /// with an I/O error rather than wait on. Default: 15 s, or twice
+    /// `replica_timeout_ms` if that is longer.
+    pub io_timeout_ms: Option<u64>,
     /// How often an unreachable replica is tried again.
     pub retry_ms: u64,
     /// Most bytes per second resync copies to one replica (0: no limit).
@@ -83,7 +84,7 @@ impl Default for ReplicationConfig {
     fn default() -> Self {
         ReplicationConfig {
             replica_timeout_ms: 3000,
-            io_timeout_ms: 15_000,
+            io_timeout_ms: None,
             retry_ms: 500,
             resync_bytes_per_second: 200 << 20,
             replace_after_s: 600,
@@ -92,12 +93,18 @@ impl Default for ReplicationConfig {
 }
 
 impl ReplicationConfig {
+    /// The I/O timeout, as set or by default.
+    fn io_timeout_ms(&self) -> u64 {
+        self.io_timeout_ms
+            .unwrap_or_else(|| self.replica_timeout_ms.saturating_mul(2).max(15_000))
+    }
+
     /// The settings replication drivers take.
     pub fn settings(&self) -> crate::replication::ReplicationSettings {
         use std::time::Duration;
         crate::replication::ReplicationSettings {
             replica_timeout: Duration::from_millis(self.replica_timeout_ms),
-            io_timeout: Duration::from_millis(self.io_timeout_ms),
+            io_timeout: Duration::from_millis(self.io_timeout_ms()),
             retry: Duration::from_millis(self.retry_ms),
             resync_bytes_per_second: self.resync_bytes_per_second,
             replace_after: (self.replace_after_s > 0)
@@ -263,12 +270,12 @@ impl Config {
                 reason: "replica_timeout_ms and retry_ms must be 10 to 3600000".into(),
             });
         }
-        if replication.io_timeout_ms <= replication.replica_timeout_ms
-            || replication.io_timeout_ms > HOUR_MS
+        if replication.io_timeout_ms() <= replication.replica_timeout_ms
+            || replication.io_timeout_ms() > 2 * HOUR_MS
         {
             return Err(ConfigError::Invalid {
                 key: "replication.io_timeout_ms",
-                reason: "must be longer than replica_timeout_ms, and at most 3600000".into(),
+                reason: "must be longer than replica_timeout_ms, and at most 7200000".into(),
             });
         }
         if replication.replace_after_s > 30 * 24 * 3600 {
@@ -364,6 +371,20 @@ mod tests {
         let settings = replication.replication.settings();
         assert_eq!(settings.replica_timeout, std::time::Duration::from_secs(1));
         assert_eq!(settings.replace_after, None);
+        assert_eq!(settings.io_timeout, std::time::Duration::from_secs(15));
+        // The I/O timeout follows a long replica timeout unless set; set,
+        // it must be the longer.
+        let patient = Config::parse("[replication]\nreplica_timeout_ms = 20000\n").unwrap();
+        assert!(patient.validate().is_ok());
+        assert_eq!(
+            patient.replication.settings().io_timeout,
+            std::time::Duration::from_secs(40)
+        );
+        let short =
+            Config::parse("[replication]\nreplica_timeout_ms = 3000\nio_timeout_ms = 2000\n")
+                .unwrap();
+        let error = short.validate().unwrap_err().to_string();
+        assert!(error.contains("io_timeout_ms"), "{error}");
         let slow = Config::parse("[replication]\nresync_bytes_per_second = 4096\n").unwrap();
         let error = slow.validate().unwrap_err().to_string();
         assert!(error.contains("resync_bytes_per_second"), "{error}");

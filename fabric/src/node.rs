@@ -297,7 +297,8 @@ impl Node {
             }
             // The driver goes before the server (attach adds them the other
             // way round): `volume show` reads the driver, then the server,
-            // so it never finds a driver without its server.
+            // so a driver without its server is seen only by a show that
+            // read the driver before a detach ran to its end.
             self.drivers().remove(name);
             servers.remove(name)
         };

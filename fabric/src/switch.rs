@@ -67,12 +67,18 @@ enum Endpoint {
 }
 
 impl Endpoint {
-    /// Whether a guest is connected (a host port's interface always is).
+    /// Whether a guest is connected, or a host port's interface is still
+    /// there.
     fn connected(&self) -> bool {
         match self {
             Endpoint::Socket(server) => server.connected(),
-            Endpoint::Host(_) => true,
+            Endpoint::Host(host) => host.alive(),
         }
+    }
+
+    /// A host port whose interface went away.
+    fn gone(&self) -> bool {
+        matches!(self, Endpoint::Host(host) if !host.alive())
     }
 }
 
@@ -170,6 +176,11 @@ pub struct NodeSwitch {
     /// only on a connection from its address.
     addresses: Mutex<HashMap<std::net::SocketAddr, NodeId>>,
     next_id: AtomicU32,
+    /// The log index of the metadata last reconciled: an older snapshot
+    /// (taken by the loop before a change made here was applied, and
+    /// reconciled after it) is not reconciled, so it cannot undo the
+    /// change.
+    reconciled_index: std::sync::atomic::AtomicU64,
     /// Why each port placed here that is not served could not be (its
     /// socket or interface could not be made).
     failures: Mutex<HashMap<String, String>>,
@@ -188,6 +199,7 @@ impl NodeSwitch {
             tunnels: Mutex::default(),
             addresses: Mutex::default(),
             next_id: AtomicU32::new(1),
+            reconciled_index: Default::default(),
             failures: Mutex::default(),
             tunnel_refused: Default::default(),
         })
@@ -198,17 +210,27 @@ impl NodeSwitch {
         self.socket_dir.join(format!("port-{port}.sock"))
     }
 
-    /// Serves the ports `metadata` places on node `me` and stops the others.
-    pub fn reconcile(&self, metadata: &Metadata, me: NodeId) {
+    /// Serves the ports `metadata` (as of log index `index`) places on
+    /// node `me` and stops the others; nothing, for metadata older than
+    /// the last reconciled.
+    pub fn reconcile(&self, metadata: &Metadata, index: u64, me: NodeId) {
         let mut served = self.served.lock().expect("served ports poisoned");
+        if index < self.reconciled_index.load(Ordering::SeqCst) {
+            return;
+        }
+        self.reconciled_index.store(index, Ordering::SeqCst);
         let wanted: HashMap<&String, &PortMeta> = metadata
             .ports
             .iter()
             .filter(|(_, port)| port.node == me)
             .collect();
+        // Ports no longer wanted as they are, and host ports whose interface
+        // went away (made again below).
         let gone: Vec<String> = served
             .iter()
-            .filter(|(name, port)| wanted.get(name).is_none_or(|meta| **meta != port.meta))
+            .filter(|(name, port)| {
+                wanted.get(name).is_none_or(|meta| **meta != port.meta) || port.endpoint.gone()
+            })
             .map(|(name, _)| name.clone())
             .collect();
         for name in gone {
@@ -471,32 +493,31 @@ pub async fn reconcile_loop(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>
     let mut ticker = tokio::time::interval(RECONCILE_INTERVAL);
     loop {
         ticker.tick().await;
-        let wanted = cluster
-            .runtime
-            .read()
-            .await
-            .as_ref()
-            .map(|runtime| (runtime.metadata(), runtime.id(), runtime.network().clone()));
-        if let Some((metadata, me, network)) = wanted {
-            refresh(&switch, metadata, me, &network).await;
-        }
+        refresh(&switch, &cluster).await;
     }
 }
 
-/// Reconciles on a blocking thread (stopping a port waits for its
-/// vhost-user worker, which must not hold up the async runtime), then
-/// connects the tunnels that need it.
-async fn refresh(switch: &Arc<NodeSwitch>, metadata: Metadata, me: NodeId, network: &QuicNetwork) {
+/// Reconciles with the metadata as applied here now, on a blocking
+/// thread (stopping a port waits for its vhost-user worker, which must not
+/// hold up the async runtime), then connects the tunnels that need it.
+async fn refresh(switch: &Arc<NodeSwitch>, cluster: &ClusterHandle) {
+    let wanted = cluster.runtime.read().await.as_ref().map(|runtime| {
+        let (metadata, index) = runtime.metadata_at();
+        (metadata, index, runtime.id(), runtime.network().clone())
+    });
+    let Some((metadata, index, me, network)) = wanted else {
+        return;
+    };
     let metadata = Arc::new(metadata);
     let reconciled = {
         let switch = switch.clone();
         let metadata = metadata.clone();
-        tokio::task::spawn_blocking(move || switch.reconcile(&metadata, me)).await
+        tokio::task::spawn_blocking(move || switch.reconcile(&metadata, index, me)).await
     };
     if let Err(error) = reconciled {
         tracing::error!(%error, "reconciling the switch ports failed");
     }
-    switch.connect_tunnels(&metadata, network).await;
+    switch.connect_tunnels(&metadata, &network).await;
 }
 
 /// Takes the frames another node sends on `connection` (datagrams) until
@@ -643,18 +664,10 @@ fn check_name(what: &str, name: &str) -> Result<(), ApiError> {
     }
 }
 
-/// Applies a change made here at once, not at the next tick.
-async fn refresh_now(state: &SwitchState, metadata: Metadata, me: NodeId) {
-    let network = state
-        .cluster
-        .runtime
-        .read()
-        .await
-        .as_ref()
-        .map(|runtime| runtime.network().clone());
-    if let Some(network) = network {
-        refresh(&state.switch, metadata, me, &network).await;
-    }
+/// Applies a change made here at once, not at the next tick (the commit
+/// waited until this node applied it).
+async fn refresh_now(state: &SwitchState) {
+    refresh(&state.switch, &state.cluster).await;
 }
 
 /// What the switch keeps in the metadata, for errors outside a cluster.
@@ -917,18 +930,18 @@ async fn add_port(
         tap: request.tap,
     };
     let metadata = commit(&state.cluster, Command::AddPort { port }).await?;
-    refresh_now(&state, metadata.clone(), me).await;
+    refresh_now(&state).await;
     // A port this node cannot serve (its interface or socket cannot be
     // made) is taken back out, and the request fails saying why.
     if let Some(failure) = state.switch.failure(&request.name) {
-        let metadata = commit(
+        commit(
             &state.cluster,
             Command::RemovePort {
                 name: request.name.clone(),
             },
         )
         .await?;
-        refresh_now(&state, metadata, me).await;
+        refresh_now(&state).await;
         return Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "port_not_served",
@@ -971,8 +984,8 @@ async fn delete_port(
     State(state): State<SwitchState>,
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    let (_, me) = current(&state.cluster).await?;
-    let metadata = commit(&state.cluster, Command::RemovePort { name }).await?;
-    refresh_now(&state, metadata, me).await;
+    current(&state.cluster).await?;
+    commit(&state.cluster, Command::RemovePort { name }).await?;
+    refresh_now(&state).await;
     Ok(StatusCode::NO_CONTENT)
 }

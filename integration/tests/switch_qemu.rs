@@ -524,8 +524,9 @@ fn until_ok(mut command: impl FnMut() -> std::process::Command, tries: usize) ->
 /// test moves into a namespace of its own and gives an address. The host
 /// and a guest ping each other, and 4 MiB go from the host to the guest
 /// with `nc`, checksums compared. Bad interface names, and an interface
-/// that cannot be made, are refused with the reason; deleting the port
-/// removes the interface.
+/// that cannot be made, are refused with the reason. An interface deleted
+/// underneath (with its namespace) is made again; deleting the port
+/// removes it.
 #[test]
 fn a_host_port_reaches_a_guest() -> Result<()> {
     let image = GuestImage::ensure()?;
@@ -628,11 +629,33 @@ fn a_host_port_reaches_a_guest() -> Result<()> {
         "{host}"
     );
 
-    node.fabctl(&["switch", "port", "delete", "host"])?;
-    let gone = namespace.command(&["ip", "link", "show", &tap]).output()?;
+    // The interface goes away with its namespace: the node makes it
+    // again, in its own namespace.
+    drop(namespace);
+    let exists = || {
+        std::process::Command::new("ip")
+            .args(["link", "show", &tap])
+            .output()
+            .is_ok_and(|output| output.status.success())
+    };
+    until_ok(
+        || {
+            let mut check = std::process::Command::new("ip");
+            check.args(["link", "show", &tap]);
+            check
+        },
+        15,
+    )
+    .with_context(|| format!("the interface was not made again:\n{}", node.log_text()))?;
+    let again = node.fabctl_json(&["switch", "port", "show", "host"])?;
+    ensure!(again["connected"] == true, "{again}");
+    let log = node.log_text();
     ensure!(
-        !gone.status.success(),
-        "the deleted port's interface is still there"
+        log.contains("a host port's interface went away"),
+        "the port did not notice its interface go: {log}"
     );
+
+    node.fabctl(&["switch", "port", "delete", "host"])?;
+    ensure!(!exists(), "the deleted port's interface is still there");
     Ok(())
 }

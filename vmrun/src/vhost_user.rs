@@ -273,8 +273,12 @@ impl VhostUserDevice {
             });
         }
         self.frontend = Some(frontend);
-        self.reconnects += 1;
         Ok(())
+    }
+
+    /// Counts a backend that came back and serves the device again.
+    pub fn count_reconnect(&mut self) {
+        self.reconnects += 1;
     }
 
     /// Tells the backend to look at every queue (after a reconnect: kicks

@@ -9,7 +9,7 @@
 use std::fs::File;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{IoEventAddress, Kvm, VcpuExit, VcpuFd, VmFd};
@@ -197,8 +197,11 @@ struct VirtioDevice {
     transport: MmioTransport,
     backend: VhostUserDevice,
     /// What was last said about its backend not coming back: a backend
-    /// refused again every RECONNECT_INTERVAL is said once per reason.
+    /// refused again and again is said once per reason.
     complaint: Option<String>,
+    /// A backend that answered but could not be taken back is tried again
+    /// no sooner than this.
+    retry_at: Option<Instant>,
 }
 
 impl VirtioDevice {
@@ -217,29 +220,33 @@ impl VirtioDevice {
             let features = self.transport.driver_features();
             let queues = self.transport.queues().to_vec();
             if let Err(error) = self.backend.activate(memory, features, &queues, true) {
-                // The backend is let go (activate drops it) and tried again.
+                // The backend is let go (activate drops it) and tried again
+                // later; the guest's requests wait, as for a backend away.
                 self.complain(format!(
                     "vmrun: the device at {:#x} cannot resume: {error}",
                     self.base
                 ));
-                self.transport.fail();
                 return;
             }
             self.backend.kick_all();
         }
+        self.backend.count_reconnect();
         self.complaint = None;
+        self.retry_at = None;
         eprintln!(
             "vmrun: the backend at {} is back",
             self.backend.path().display()
         );
     }
 
-    /// Says `message` unless it was the last thing said about this device.
+    /// Says `message` unless it was the last thing said about this device,
+    /// and waits [`RETRY_AFTER_REFUSAL`] before trying its backend again.
     fn complain(&mut self, message: String) {
         if self.complaint.as_ref() != Some(&message) {
             eprintln!("{message}");
             self.complaint = Some(message);
         }
+        self.retry_at = Some(Instant::now() + RETRY_AFTER_REFUSAL);
     }
 
     fn status(&self) -> DeviceStatus {
@@ -267,6 +274,10 @@ pub struct MmioBus {
 /// tried again).
 const RECONNECT_INTERVAL: Duration = Duration::from_millis(100);
 
+/// How long a backend that answered but could not be taken back (it lacks
+/// a feature, or refused to start the queues) is left before the next try.
+const RETRY_AFTER_REFUSAL: Duration = Duration::from_secs(2);
+
 impl MmioBus {
     /// Each device's status, in window order.
     pub fn status(&self) -> Vec<DeviceStatus> {
@@ -285,6 +296,13 @@ impl MmioBus {
             for device in &self.devices {
                 let identity = {
                     let mut device = device.lock().expect("device poisoned");
+                    // A device whose start failed waits for the guest to
+                    // reset it; one refused lately, for its next try.
+                    let failed = device.transport.status() & virtio_mmio::STATUS_NEEDS_RESET != 0;
+                    let waiting = device.retry_at.is_some_and(|at| Instant::now() < at);
+                    if failed || waiting {
+                        continue;
+                    }
                     if device.backend.connected() {
                         if device.backend.hung_up() {
                             eprintln!(
@@ -589,6 +607,7 @@ impl Vm {
                 transport,
                 backend,
                 complaint: None,
+                retry_at: None,
             }));
         }
         let mmio = Arc::new(MmioBus {

@@ -4,8 +4,10 @@
 //!
 //! The interface is made when the port is (with the port's MAC address,
 //! and up) and goes away with it: it is not persistent, so a `fabricd`
-//! that stops leaves none behind. It may be moved to another network
-//! namespace; the port keeps serving it there.
+//! that stops leaves none behind; an interface of that name that exists
+//! already is refused. It may be moved to another network namespace; the
+//! port keeps serving it there. If it goes away (deleted, or its namespace
+//! was), the port's thread ends and [`HostPort::alive`] says so.
 //!
 //! The port's thread waits for the interface to have frames, reads up to
 //! a batch of them (64) without waiting, and switches the batch as a
@@ -16,6 +18,7 @@
 //! what it sends, so every frame is a plain Ethernet frame.
 
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
@@ -34,7 +37,7 @@ pub enum TapError {
     InvalidName { name: String, reason: &'static str },
     #[error("cannot open /dev/net/tun: {0}")]
     Open(std::io::Error),
-    #[error("cannot create host interface {name}: {source} (it needs CAP_NET_ADMIN, and the name must not be another kind of interface's or a TAP in use)")]
+    #[error("cannot create host interface {name}: {source} (it needs CAP_NET_ADMIN, and no interface of that name may exist)")]
     Create {
         name: String,
         source: std::io::Error,
@@ -111,8 +114,8 @@ fn ioctl(fd: libc::c_int, code: libc::c_ulong, request: &mut libc::ifreq) -> std
 }
 
 impl Tap {
-    /// Creates TAP interface `name` (or attaches to a persistent one of
-    /// that name), gives it `mac` and brings it up.
+    /// Creates TAP interface `name` (refused if an interface of that name
+    /// exists), gives it `mac` and brings it up.
     pub fn create(name: &str, mac: Mac) -> Result<Tap, TapError> {
         check_interface_name(name).map_err(|reason| TapError::InvalidName {
             name: name.to_owned(),
@@ -131,7 +134,9 @@ impl Tap {
         // SAFETY: `fd` was just opened and is owned by nothing else.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut set = request(name);
-        set.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+        // IFF_TUN_EXCL: never attach to a TAP someone else made.
+        set.ifr_ifru.ifru_flags =
+            (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_TUN_EXCL) as libc::c_short;
         ioctl(fd.as_raw_fd(), libc::TUNSETIFF as _, &mut set).map_err(|source| {
             TapError::Create {
                 name: name.to_owned(),
@@ -219,8 +224,22 @@ impl Tap {
 #[derive(Debug)]
 pub struct HostPort {
     name: String,
+    /// Set to stop: checked after every batch (the eventfd wakes a wait).
+    stopping: Arc<AtomicBool>,
     stop: Arc<EventFd>,
+    /// Cleared when the thread ends on its own: the interface went away.
+    alive: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
+}
+
+/// What a host port's thread is given.
+struct Serving {
+    fabric: Arc<Fabric>,
+    id: PortId,
+    tap: Arc<Tap>,
+    stopping: Arc<AtomicBool>,
+    stop: Arc<EventFd>,
+    alive: Arc<AtomicBool>,
 }
 
 impl HostPort {
@@ -238,15 +257,21 @@ impl HostPort {
             source,
         };
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(thread_error)?);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let alive = Arc::new(AtomicBool::new(true));
         let tap = Arc::new(tap);
         fabric.add_sink(id, config, Sink::Host(tap.clone()))?;
+        let serving = Serving {
+            fabric: fabric.clone(),
+            id,
+            tap,
+            stopping: stopping.clone(),
+            stop: stop.clone(),
+            alive: alive.clone(),
+        };
         let thread = std::thread::Builder::new()
             .name(format!("tap-{name}"))
-            .spawn({
-                let fabric = fabric.clone();
-                let stop = stop.clone();
-                move || serve(&fabric, id, &tap, &stop)
-            });
+            .spawn(move || serving.serve());
         let thread = match thread {
             Ok(thread) => thread,
             Err(source) => {
@@ -256,7 +281,9 @@ impl HostPort {
         };
         Ok(HostPort {
             name,
+            stopping,
             stop,
+            alive,
             thread: Some(thread),
         })
     }
@@ -265,10 +292,17 @@ impl HostPort {
     pub fn name(&self) -> &str {
         &self.name
     }
+
+    /// Whether the port still serves its interface (false once the
+    /// interface went away).
+    pub fn alive(&self) -> bool {
+        self.alive.load(Ordering::SeqCst)
+    }
 }
 
 impl Drop for HostPort {
     fn drop(&mut self) {
+        self.stopping.store(true, Ordering::SeqCst);
         if let Err(error) = self.stop.write(1) {
             tracing::error!(interface = %self.name, %error, "cannot stop a host port's thread");
             return;
@@ -279,72 +313,91 @@ impl Drop for HostPort {
     }
 }
 
-/// The port's thread: switches what the host sends on `tap` until told
-/// to stop.
-fn serve(fabric: &Fabric, id: PortId, tap: &Tap, stop: &EventFd) {
-    let mut batch = Batch::new(fabric.frame_bytes_max);
-    let mut scratch = fabric.scratch();
-    let mut failures = 0u64;
-    loop {
-        let mut polled = [
-            libc::pollfd {
-                fd: tap.fd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: stop.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        // SAFETY: `polled` is two valid pollfds, borrowed for the call.
-        let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
-        if ready < 0 {
-            let error = std::io::Error::last_os_error();
-            if error.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+impl Serving {
+    /// The port's thread: switches what the host sends until told to
+    /// stop, or until the interface goes away.
+    fn serve(self) {
+        let Serving {
+            fabric,
+            id,
+            tap,
+            stopping,
+            stop,
+            alive,
+        } = &self;
+        let mut batch = Batch::new(fabric.frame_bytes_max);
+        let mut scratch = fabric.scratch();
+        let mut failures = 0u64;
+        let gone = |why: &dyn std::fmt::Display| {
+            tracing::warn!(interface = %tap.name, %why, "a host port's interface went away");
+            alive.store(false, Ordering::SeqCst);
+        };
+        while !stopping.load(Ordering::SeqCst) {
+            let mut polled = [
+                libc::pollfd {
+                    fd: tap.fd.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: stop.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: `polled` is two valid pollfds, borrowed for the call.
+            let ready = unsafe { libc::poll(polled.as_mut_ptr(), 2, -1) };
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                tracing::error!(interface = %tap.name, %error, "a host port cannot wait for frames");
+                alive.store(false, Ordering::SeqCst);
+                return;
             }
-            tracing::error!(interface = %tap.name, %error, "a host port cannot wait for frames");
-            return;
-        }
-        if polled[1].revents != 0 {
-            return;
-        }
-        // What is there now, a batch at a time.
-        loop {
-            batch.clear();
+            if polled[1].revents != 0 {
+                return;
+            }
+            // What is there now, a batch at a time; the stop flag is looked
+            // at between batches, so a host that keeps sending cannot hold
+            // the port up.
             let mut drained = false;
-            while batch.count < TX_BATCH {
-                let slot = &mut batch.slot()[NET_HEADER_BYTES..];
-                let room = slot.len();
-                match tap.read(slot) {
-                    Ok(len) if len > room => batch.refused.push(DropReason::Oversize),
-                    Ok(len) => batch.push(len),
-                    Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
-                        drained = true;
-                        break;
-                    }
-                    Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(error) => {
-                        // The first few say why; a failing interface is not
-                        // read in a tight loop.
-                        failures += 1;
-                        if failures <= 3 {
-                            tracing::warn!(interface = %tap.name, %error, "cannot read a host port's interface");
+            while !drained && !stopping.load(Ordering::SeqCst) {
+                batch.clear();
+                for _ in 0..TX_BATCH {
+                    let slot = &mut batch.slot()[NET_HEADER_BYTES..];
+                    let room = slot.len();
+                    match tap.read(slot) {
+                        Ok(len) if len > room => batch.refused.push(DropReason::Oversize),
+                        Ok(len) => batch.push(len),
+                        Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {
+                            drained = true;
+                            break;
                         }
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        drained = true;
-                        break;
+                        Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                        // The interface is no more (EBADFD): deleted, or its
+                        // namespace was.
+                        Err(error) if error.raw_os_error() == Some(libc::EBADFD) => {
+                            return gone(&error);
+                        }
+                        Err(error) => {
+                            // The first few say why; a failing interface is
+                            // not read in a tight loop.
+                            failures += 1;
+                            if failures <= 3 {
+                                tracing::warn!(interface = %tap.name, %error, "cannot read a host port's interface");
+                            }
+                            std::thread::sleep(std::time::Duration::from_millis(100));
+                            drained = true;
+                            break;
+                        }
                     }
                 }
-            }
-            if batch.count > 0 || !batch.refused.is_empty() {
-                fabric.forward_batch(id, &batch, &mut scratch);
-                fabric.signal(&mut scratch);
-            }
-            if drained {
-                break;
+                if batch.count > 0 || !batch.refused.is_empty() {
+                    fabric.forward_batch(*id, &batch, &mut scratch);
+                    fabric.signal(&mut scratch);
+                }
             }
         }
     }

@@ -603,8 +603,9 @@ impl<P: Payload> Frontend<P> {
     /// failed write sent stays in flight (it still orders later writes to
     /// its blocks, and late answers are ignored); every replica that is not
     /// an in-sync copy takes its blocks from one later, since it may hold
-    /// the write where the in-sync ones do not. (An in-sync replica that
-    /// did not store it has timed out by now and is on its way to stale.)
+    /// the write where the in-sync ones do not (unless it and every
+    /// in-sync copy stored it). An in-sync replica that did not store it
+    /// has timed out by now and is on its way to stale.
     fn give_up_late(&mut self, now: Instant) {
         let limit = self.config.io_timeout;
         let late = |since: Instant| now.saturating_duration_since(since) >= limit;
@@ -619,9 +620,19 @@ impl<P: Payload> Frontend<P> {
         let region_blocks = self.config.region_blocks;
         for guest in expired {
             self.arrived.remove(&guest);
-            if let Some(Pending::Write { lba, blocks, .. }) = self.pending.remove(&guest) {
-                for track in &mut self.replicas {
-                    if track.state != ReplicaState::InSync || track.demoting {
+            if let Some(Pending::Write {
+                lba, blocks, acked, ..
+            }) = self.pending.remove(&guest)
+            {
+                let copy = |track: &Track| track.state == ReplicaState::InSync && !track.demoting;
+                let copies_have_it = self
+                    .replicas
+                    .iter()
+                    .enumerate()
+                    .all(|(replica, track)| !copy(track) || acked.contains(&replica));
+                for (replica, track) in self.replicas.iter_mut().enumerate() {
+                    let has_it = copies_have_it && acked.contains(&replica);
+                    if !copy(track) && !has_it {
                         track.mark_dirty(lba, blocks, region_blocks);
                     }
                 }

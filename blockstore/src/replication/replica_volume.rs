@@ -26,9 +26,10 @@ type PresentBlock<'a> = (u32, &'a [u8]);
 /// Stores the highest generation durably before it is acted on.
 pub type PersistGeneration = Box<dyn FnMut(Generation) -> Result<()> + Send>;
 
-/// Why a request could not be applied. The session has ended (the request
-/// may be partly applied); the caller answers `NotOpen` for its op, so the
-/// frontend fails this replica at once and opens a new session.
+/// Why a request could not be applied. For a write, copy or flush the
+/// session has ended (the request may be partly applied); the caller
+/// answers `NotOpen` for its op either way, so the frontend fails this
+/// replica at once and opens a new session.
 #[derive(Debug, thiserror::Error)]
 pub enum ReplicaError {
     #[error(transparent)]
@@ -88,20 +89,32 @@ impl ReplicaVolume {
     /// Applies one request; returns the replies it produces (none for a
     /// flush held back for earlier writes, more than one when a write
     /// releases held flushes).
+    ///
+    /// A write, copy or flush that fails (it may have been applied in
+    /// part, or cached writes may be lost) ends the session; a failed read
+    /// changes nothing and leaves it.
     pub fn handle(
+        &mut self,
+        request: Request<Blocks>,
+    ) -> std::result::Result<Vec<Reply<Blocks>>, ReplicaError> {
+        let ends_session = request.mutates() || matches!(request, Request::Flush { .. });
+        let handled = self.handle_and_release(request);
+        if handled.is_err() && ends_session {
+            self.gate.end_session();
+            self.held.clear();
+        }
+        handled
+    }
+
+    /// [`ReplicaVolume::handle`], and the held flushes a write releases.
+    fn handle_and_release(
         &mut self,
         request: Request<Blocks>,
     ) -> std::result::Result<Vec<Reply<Blocks>>, ReplicaError> {
         let mutates = request.mutates();
         let mut replies = Vec::new();
-        match self.handle_one(request) {
-            Ok(Some(reply)) => replies.push(reply),
-            Ok(None) => {}
-            Err(error) => {
-                self.gate.end_session();
-                self.held.clear();
-                return Err(error);
-            }
+        if let Some(reply) = self.handle_one(request)? {
+            replies.push(reply);
         }
         if mutates {
             let (ready, held): (Vec<_>, Vec<_>) = std::mem::take(&mut self.held)

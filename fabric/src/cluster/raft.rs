@@ -316,6 +316,16 @@ impl StateMachine {
         self.state().metadata.clone()
     }
 
+    /// The metadata as applied here and the index of the last entry
+    /// applied to it (0 before any), read together.
+    pub fn metadata_at(&self) -> (Metadata, u64) {
+        let state = self.state();
+        (
+            state.metadata.clone(),
+            state.last_applied.map_or(0, |applied| applied.index),
+        )
+    }
+
     /// The last log entry applied here.
     pub fn last_applied(&self) -> Option<LogId<NodeId>> {
         self.state().last_applied

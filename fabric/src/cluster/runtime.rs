@@ -718,6 +718,11 @@ impl ClusterRuntime {
         self.machine.metadata()
     }
 
+    /// The metadata as applied here, with the log index it reflects.
+    pub fn metadata_at(&self) -> (Metadata, u64) {
+        self.machine.metadata_at()
+    }
+
     /// Returns once this node's metadata reflects every change committed
     /// before the call: the read-index protocol. The leader confirms with
     /// a quorum that it still leads (openraft's `ensure_linearizable`) and

@@ -65,9 +65,10 @@ impl ReplicaService {
     }
 
     /// Serves one replication stream until the frontend closes it. A frame
-    /// that does not decode, names a volume this node has no replica of,
-    /// or cannot be applied ends the stream with a logged reason; the
-    /// frontend then treats the replica as failed.
+    /// that does not decode or names a volume this node has no replica of
+    /// ends the stream with a logged reason; one that cannot be applied is
+    /// answered `NotOpen` (the replica ended its session). Either way the
+    /// frontend treats the replica as failed.
     pub async fn serve_stream(
         &self,
         mut send: quinn::SendStream,
