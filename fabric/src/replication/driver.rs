@@ -324,6 +324,7 @@ async fn run(
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut completed = Vec::new();
+    let failures = Arc::new(super::FailureLog::default());
     loop {
         for effect in frontend.take_effects() {
             match effect {
@@ -331,6 +332,7 @@ async fn run(
                     Route::Local(local) => {
                         let local = local.clone();
                         let replies = reply_tx.clone();
+                        let failures = failures.clone();
                         tokio::spawn(async move {
                             let op = request.head().map(|head| head.op);
                             match super::service::handle(local, request).await {
@@ -343,7 +345,9 @@ async fn run(
                                 // fails the replica at once (an open that
                                 // failed gets no answer and times out).
                                 Err(error) => {
-                                    tracing::error!(%error, "the local replica failed a request");
+                                    if let Some(unsaid) = failures.say(volume, &error) {
+                                        tracing::error!(volume, %error, unsaid, "the local replica failed a request");
+                                    }
                                     if let Some(op) = op {
                                         let _ = replies.send((replica, Reply::NotOpen { op }));
                                     }

@@ -20,6 +20,7 @@ pub type Resolve = Arc<dyn Fn(u64) -> Result<ReplicaVolume, String> + Send + Syn
 pub struct ReplicaService {
     resolve: Resolve,
     replicas: Arc<Mutex<HashMap<u64, Arc<Mutex<ReplicaVolume>>>>>,
+    failures: Arc<super::FailureLog>,
 }
 
 impl std::fmt::Debug for ReplicaService {
@@ -33,6 +34,7 @@ impl ReplicaService {
         ReplicaService {
             resolve,
             replicas: Arc::default(),
+            failures: Arc::default(),
         }
     }
 
@@ -119,7 +121,9 @@ impl ReplicaService {
                 // ended its session: the frontend is told, fails this
                 // replica at once and opens a new session.
                 (Err(error), Some(op)) => {
-                    tracing::warn!(%remote, volume, %error, "a replica failed a request");
+                    if let Some(unsaid) = self.failures.say(volume, &error) {
+                        tracing::warn!(%remote, volume, %error, unsaid, "a replica failed a request");
+                    }
                     vec![blockstore::replication::Reply::NotOpen { op }]
                 }
                 (Err(error), None) => break Some(error),

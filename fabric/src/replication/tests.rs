@@ -306,3 +306,14 @@ async fn a_partitioned_replica_goes_stale_and_resyncs_only_what_it_missed() {
     );
     assert!(late.iter().all(|&b| b == 0xc3) || late.iter().all(|&b| b == 0));
 }
+
+#[test]
+fn a_failure_repeated_is_said_once_with_what_went_unsaid() {
+    let log = super::FailureLog::default();
+    assert_eq!(log.say(1, "no space left on device"), Some(0));
+    assert_eq!(log.say(1, "no space left on device"), None);
+    assert_eq!(log.say(1, "no space left on device"), None);
+    // Another volume, or another reason, is said at once.
+    assert_eq!(log.say(2, "no space left on device"), Some(0));
+    assert_eq!(log.say(1, "checksum"), Some(2));
+}
