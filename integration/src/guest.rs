@@ -159,6 +159,8 @@ pub struct GuestConfig {
     /// If set, QEMU reconnects to a vhost-user socket whose backend went away,
     /// retrying every this many seconds (`-chardev socket,...,reconnect=N`).
     pub reconnect_secs: Option<u32>,
+    /// If set, QEMU serves QMP on this unix socket (see [`qmp`]).
+    pub qmp_socket: Option<PathBuf>,
 }
 
 impl Default for GuestConfig {
@@ -173,6 +175,7 @@ impl Default for GuestConfig {
             net_queue_pairs: None,
             timeout: Duration::from_secs(180),
             reconnect_secs: None,
+            qmp_socket: None,
         }
     }
 }
@@ -300,6 +303,12 @@ fn qemu_args(image: &GuestImage, config: &GuestConfig, initrd: &Path) -> Vec<Str
     };
     push("-m", format!("{mem}M"));
     push("-smp", config.vcpus.to_string());
+    if let Some(socket) = &config.qmp_socket {
+        push(
+            "-qmp",
+            format!("unix:{},server=on,wait=off", opt_path(socket)),
+        );
+    }
     push(
         "-object",
         format!("memory-backend-memfd,id=mem,size={mem}M,share=on"),
@@ -682,6 +691,46 @@ pub fn vmrun_program(dir: &Path, name: &str) -> Result<PathBuf> {
         .context("running vmrun/guest/build.sh")?;
     anyhow::ensure!(status.success(), "building guest program {name}: {status}");
     Ok(out)
+}
+
+/// Runs one QMP command on QEMU's QMP socket (`GuestConfig::qmp_socket`)
+/// and returns its `return` value; an `error` answer is an error.
+pub fn qmp(socket: &Path, command: &serde_json::Value) -> Result<serde_json::Value> {
+    use std::io::BufRead;
+    let stream = std::os::unix::net::UnixStream::connect(socket)
+        .with_context(|| format!("connecting to QMP at {}", socket.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let mut writer = stream.try_clone()?;
+    let mut reader = std::io::BufReader::new(stream);
+    let mut answer = |writer: &mut std::os::unix::net::UnixStream,
+                      command: Option<&serde_json::Value>|
+     -> Result<serde_json::Value> {
+        if let Some(command) = command {
+            writeln!(writer, "{command}")?;
+        }
+        loop {
+            let mut line = String::new();
+            if reader.read_line(&mut line)? == 0 {
+                bail!("QMP closed the connection");
+            }
+            let value: serde_json::Value =
+                serde_json::from_str(&line).with_context(|| format!("QMP sent {line:?}"))?;
+            // Events come in between; the greeting and answers are what count.
+            if value.get("event").is_none() {
+                return Ok(value);
+            }
+        }
+    };
+    answer(&mut writer, None)?;
+    answer(
+        &mut writer,
+        Some(&serde_json::json!({"execute": "qmp_capabilities"})),
+    )?;
+    let reply = answer(&mut writer, Some(command))?;
+    match reply.get("return") {
+        Some(value) => Ok(value.clone()),
+        None => bail!("QMP refused {command}: {reply}"),
+    }
 }
 
 #[cfg(test)]

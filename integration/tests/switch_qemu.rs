@@ -5,7 +5,7 @@
 //! same across two `fabricd` nodes, through their tunnel; guests on
 //! different VLANs cannot reach each other, and a trunk port carries both;
 //! a host port (a TAP interface, moved into a namespace the test makes)
-//! reaches a guest.
+//! reaches a guest; a guest announces itself when QEMU asks.
 
 use std::time::Duration;
 
@@ -657,5 +657,80 @@ fn a_host_port_reaches_a_guest() -> Result<()> {
 
     node.fabctl(&["switch", "port", "delete", "host"])?;
     ensure!(!exists(), "the deleted port's interface is still there");
+    Ok(())
+}
+
+/// The guest of the announce test: quiet (no IPv6), it says when it is
+/// ready and counts what it sends after that.
+const ANNOUNCER: &str = r#"
+[ -e /proc/sys/net/ipv6/conf/eth0/disable_ipv6 ] && echo 1 > /proc/sys/net/ipv6/conf/eth0/disable_ipv6
+ip link set lo up
+ip link set eth0 up
+ip addr add 10.9.0.1/24 dev eth0
+echo "CHECK features $(cat /sys/class/net/eth0/device/features)"
+sleep 2
+before=$(cat /sys/class/net/eth0/statistics/tx_packets)
+sleep 2
+quiet=$(( $(cat /sys/class/net/eth0/statistics/tx_packets) - before ))
+echo "CHECK ready"
+for i in $(seq 150); do
+    [ $(cat /sys/class/net/eth0/statistics/tx_packets) -gt $(( before + quiet )) ] && break
+    sleep 0.2
+done
+echo "CHECK quiet $quiet announced $(( $(cat /sys/class/net/eth0/statistics/tx_packets) - before - quiet ))"
+"#;
+
+/// A port offers GUEST_ANNOUNCE, so QEMU lets its guest announce itself
+/// (gratuitous ARP) when asked, as after a migration: the guest, silent
+/// until then, sends when QEMU's `announce-self` runs, and the port counts
+/// it.
+#[test]
+fn a_guest_announces_itself_when_its_frontend_asks() -> Result<()> {
+    let image = GuestImage::ensure()?;
+    let dir = tempfile::tempdir()?;
+    let nodes = start_cluster(dir.path(), 1, "")?;
+    let node = &nodes[0].node;
+    node.fabctl(&["switch", "segment", "create", "lan"])?;
+    let sockets = vec![add_port(node, "a", "52:54:00:00:00:0a", &[])?];
+    let qmp_socket = dir.path().join("qmp.sock");
+    let config = GuestConfig {
+        qmp_socket: Some(qmp_socket.clone()),
+        ..guest(&sockets, 0, ANNOUNCER)
+    };
+    let mut running = Guest::spawn(&image, &config)?;
+    running.wait_for_serial("CHECK ready", Duration::from_secs(120))?;
+    let received = |node: &integration::fabricd::Fabricd| -> Result<u64> {
+        let port = node.fabctl_json(&["switch", "port", "show", "a"])?;
+        port["counters"]["rx_packets"]
+            .as_u64()
+            .with_context(|| format!("no counters: {port}"))
+    };
+    let before = received(node)?;
+    integration::guest::qmp(
+        &qmp_socket,
+        &serde_json::json!({
+            "execute": "announce-self",
+            "arguments": {"initial": 50, "max": 550, "rounds": 2, "step": 100}
+        }),
+    )?;
+    let run = running.wait()?;
+    let features = check_line(&run, "CHECK features")?;
+    ensure!(
+        features.as_bytes().get(21) == Some(&b'1'),
+        "GUEST_ANNOUNCE (bit 21) not negotiated: {features}"
+    );
+    let counts: Vec<&str> = check_line(&run, "CHECK quiet")?
+        .split_whitespace()
+        .collect();
+    ensure!(
+        counts.len() == 3 && counts[0] == "0" && counts[2].parse::<u64>().is_ok_and(|n| n >= 1),
+        "the guest did not announce itself (quiet, then announced): {counts:?}\n{}",
+        run.tail(20)
+    );
+    let after = received(node)?;
+    ensure!(
+        after > before,
+        "the port took nothing: {before} then {after}"
+    );
     Ok(())
 }

@@ -43,6 +43,10 @@ type Vring = VringRwLock<GuestMemoryAtomic<Memory>>;
 const VIRTIO_NET_F_MAC: u64 = 5;
 const VIRTIO_NET_F_MRG_RXBUF: u64 = 15;
 const VIRTIO_NET_F_STATUS: u64 = 16;
+/// The guest announces itself (gratuitous ARP) when its frontend asks,
+/// after a migration: QEMU passes the bit on only if the backend offers
+/// it, and keeps the control queue and the status bit itself.
+const VIRTIO_NET_F_GUEST_ANNOUNCE: u64 = 21;
 const VIRTIO_NET_F_MQ: u64 = 22;
 const VIRTIO_RING_F_INDIRECT_DESC: u64 = 28;
 const VIRTIO_RING_F_EVENT_IDX: u64 = 29;
@@ -926,6 +930,7 @@ impl VhostUserBackend for NetBackend {
             VIRTIO_NET_F_MAC,
             VIRTIO_NET_F_MRG_RXBUF,
             VIRTIO_NET_F_STATUS,
+            VIRTIO_NET_F_GUEST_ANNOUNCE,
             VIRTIO_NET_F_MQ,
             VIRTIO_RING_F_INDIRECT_DESC,
             VIRTIO_RING_F_EVENT_IDX,
