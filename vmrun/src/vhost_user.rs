@@ -252,15 +252,17 @@ impl VhostUserDevice {
 
     /// Takes a backend that came back on the same socket (connected by
     /// [`handshake`] without the device's lock held). It must offer every
-    /// feature the first one did (the guest has them).
-    pub fn reconnect(&mut self, handshake: Handshake) -> Result<(), VhostUserError> {
+    /// feature of the first one's that the guest was offered (`offered`):
+    /// the guest may have them.
+    pub fn reconnect(&mut self, handshake: Handshake, offered: u64) -> Result<(), VhostUserError> {
         let Handshake {
             frontend,
             features,
             config,
         } = handshake;
         let features = features & !self.protocol_bit;
-        if features & self.features != self.features {
+        let required = self.features & offered;
+        if features & required != required {
             return Err(VhostUserError::Missing {
                 path: self.path.clone(),
                 what: "features the first backend offered",

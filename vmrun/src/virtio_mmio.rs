@@ -132,13 +132,13 @@ impl MmioTransport {
         self.driver_features
     }
 
-    pub fn status(&self) -> u32 {
-        self.status
+    /// The features offered to the driver.
+    pub fn device_features(&self) -> u64 {
+        self.device_features
     }
 
-    /// Marks the device broken (the driver sees NEEDS_RESET).
-    pub fn fail(&mut self) {
-        self.status |= STATUS_NEEDS_RESET;
+    pub fn status(&self) -> u32 {
+        self.status
     }
 
     fn queue(&mut self) -> Option<&mut QueueConfig> {

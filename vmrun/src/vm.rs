@@ -209,7 +209,10 @@ impl VirtioDevice {
     /// a device the driver had started is started on it where the
     /// guest's rings are.
     fn reconnected(&mut self, handshake: crate::vhost_user::Handshake, memory: &Memory) {
-        if let Err(error) = self.backend.reconnect(handshake) {
+        if let Err(error) = self
+            .backend
+            .reconnect(handshake, self.transport.device_features())
+        {
             self.complain(format!(
                 "vmrun: the device at {:#x} cannot take its backend back: {error}",
                 self.base
@@ -296,11 +299,8 @@ impl MmioBus {
             for device in &self.devices {
                 let identity = {
                     let mut device = device.lock().expect("device poisoned");
-                    // A device whose start failed waits for the guest to
-                    // reset it; one refused lately, for its next try.
-                    let failed = device.transport.status() & virtio_mmio::STATUS_NEEDS_RESET != 0;
-                    let waiting = device.retry_at.is_some_and(|at| Instant::now() < at);
-                    if failed || waiting {
+                    // A backend refused lately waits for its next try.
+                    if device.retry_at.is_some_and(|at| Instant::now() < at) {
                         continue;
                     }
                     if device.backend.connected() {
@@ -354,6 +354,7 @@ impl MmioBus {
             base,
             transport,
             backend,
+            retry_at,
             ..
         } = &mut *device;
         match transport.write(offset, data) {
@@ -363,8 +364,10 @@ impl MmioBus {
                 let features = transport.driver_features();
                 let queues = transport.queues().to_vec();
                 if let Err(error) = backend.activate(&self.memory, features, &queues, false) {
+                    // Let go (activate drops the backend) and started when
+                    // it answers again, as for a backend that went away.
                     eprintln!("vmrun: the device at {base:#x} cannot start: {error}");
-                    transport.fail();
+                    *retry_at = Some(Instant::now() + RETRY_AFTER_REFUSAL);
                 }
             }
             Some(virtio_mmio::Event::Reset) => backend.reset(transport.queues().len()),
