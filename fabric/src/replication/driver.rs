@@ -346,7 +346,7 @@ async fn run(
                                 // failed gets no answer and times out).
                                 Err(error) => {
                                     if let Some(unsaid) = failures.say(volume, &error) {
-                                        tracing::error!(volume, %error, unsaid, "the local replica failed a request");
+                                        tracing::error!(volume, %error, earlier_unlogged = unsaid, "the local replica failed a request");
                                     }
                                     if let Some(op) = op {
                                         let _ = replies.send((replica, Reply::NotOpen { op }));

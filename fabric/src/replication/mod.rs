@@ -30,29 +30,31 @@ use service::ReplicaService;
 /// disk fails every try, and a stale replica is tried every `retry_ms`.
 const FAILURE_REPEAT: std::time::Duration = std::time::Duration::from_secs(60);
 
-/// Says each volume's replica failures once per reason (and again every
-/// [`FAILURE_REPEAT`], with how many were not said meanwhile).
+/// Says each volume's replica failures once per reason (the message with
+/// its numbers left out: op ids and offsets differ from try to try), and
+/// again every [`FAILURE_REPEAT`], with how many were not said meanwhile.
 #[derive(Debug, Default)]
 pub struct FailureLog {
     said: std::sync::Mutex<std::collections::HashMap<u64, (String, std::time::Instant, u64)>>,
 }
 
 impl FailureLog {
-    /// Whether to say `error` for `volume` now, and how many failures
-    /// went unsaid since it was last said.
+    /// Whether to say `error` for `volume` now, and how many of the
+    /// volume's failures went unsaid before it.
     pub fn say(&self, volume: u64, error: &str) -> Option<u64> {
         let now = std::time::Instant::now();
+        let reason: String = error.chars().filter(|c| !c.is_ascii_digit()).collect();
         let mut said = self.said.lock().expect("failure log poisoned");
         match said.get_mut(&volume) {
             Some((last, at, quiet))
-                if last == error && now.duration_since(*at) < FAILURE_REPEAT =>
+                if *last == reason && now.duration_since(*at) < FAILURE_REPEAT =>
             {
                 *quiet += 1;
                 None
             }
             entry => {
                 let quiet = entry.map_or(0, |(_, _, quiet)| *quiet);
-                said.insert(volume, (error.to_owned(), now, 0));
+                said.insert(volume, (reason, now, 0));
                 Some(quiet)
             }
         }

@@ -69,8 +69,8 @@ impl ReplicaService {
     /// Serves one replication stream until the frontend closes it. A frame
     /// that does not decode or names a volume this node has no replica of
     /// ends the stream with a logged reason; one that cannot be applied is
-    /// answered `NotOpen` (the replica ended its session). Either way the
-    /// frontend treats the replica as failed.
+    /// answered `NotOpen` (for a write, copy or flush the replica ended
+    /// its session). Either way the frontend treats the replica as failed.
     pub async fn serve_stream(
         &self,
         mut send: quinn::SendStream,
@@ -122,7 +122,7 @@ impl ReplicaService {
                 // replica at once and opens a new session.
                 (Err(error), Some(op)) => {
                     if let Some(unsaid) = self.failures.say(volume, &error) {
-                        tracing::warn!(%remote, volume, %error, unsaid, "a replica failed a request");
+                        tracing::warn!(%remote, volume, %error, earlier_unlogged = unsaid, "a replica failed a request");
                     }
                     vec![blockstore::replication::Reply::NotOpen { op }]
                 }

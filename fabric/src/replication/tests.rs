@@ -312,7 +312,10 @@ fn a_failure_repeated_is_said_once_with_what_went_unsaid() {
     let log = super::FailureLog::default();
     assert_eq!(log.say(1, "no space left on device"), Some(0));
     assert_eq!(log.say(1, "no space left on device"), None);
+    // The same reason for another op is the same failure.
     assert_eq!(log.say(1, "no space left on device"), None);
+    assert_eq!(log.say(3, "block 1 of op 17 fails its checksum"), Some(0));
+    assert_eq!(log.say(3, "block 1 of op 18 fails its checksum"), None);
     // Another volume, or another reason, is said at once.
     assert_eq!(log.say(2, "no space left on device"), Some(0));
     assert_eq!(log.say(1, "checksum"), Some(2));
