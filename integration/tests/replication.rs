@@ -57,19 +57,7 @@ fn write_range(
     version: u8,
 ) -> Result<()> {
     for start in (lba..lba + blocks).step_by(CHUNK as usize) {
-        let data: Vec<u8> = (start..start + CHUNK)
-            .flat_map(|b| block(b, version))
-            .collect();
-        client.write_data(buffer, &data)?;
-        let done = one(
-            client,
-            &Request {
-                kind: RequestType::Out,
-                sector: start * BLOCK / 512,
-                data: &[buffer],
-                token: start,
-            },
-        )?;
+        let done = write_chunk(client, buffer, start, version)?;
         ensure!(done.is_ok(), "write at block {start}: {done:?}");
     }
     let done = one(
@@ -83,6 +71,28 @@ fn write_range(
     )?;
     ensure!(done.is_ok(), "flush: {done:?}");
     Ok(())
+}
+
+/// Writes the chunk at block `start` at `version`; how it ended.
+fn write_chunk(
+    client: &mut BlkClient,
+    buffer: Buffer,
+    start: u64,
+    version: u8,
+) -> Result<Completion> {
+    let data: Vec<u8> = (start..start + CHUNK)
+        .flat_map(|b| block(b, version))
+        .collect();
+    client.write_data(buffer, &data)?;
+    one(
+        client,
+        &Request {
+            kind: RequestType::Out,
+            sector: start * BLOCK / 512,
+            data: &[buffer],
+            token: start,
+        },
+    )
 }
 
 fn check_range(
@@ -901,17 +911,7 @@ fn a_replica_whose_disk_fills_up_fails_cleanly_and_catches_up() -> Result<()> {
     let filler = disk.fill()?;
     let mut failed = None;
     for start in (64..64 + 4096).step_by(CHUNK as usize) {
-        let data: Vec<u8> = (start..start + CHUNK).flat_map(|b| block(b, 2)).collect();
-        client.write_data(buffer, &data)?;
-        let done = one(
-            &mut client,
-            &Request {
-                kind: RequestType::Out,
-                sector: start * BLOCK / 512,
-                data: &[buffer],
-                token: start,
-            },
-        )?;
+        let done = write_chunk(&mut client, buffer, start, 2)?;
         if !done.is_ok() {
             ensure!(
                 done.status == Some(integration::vhost_blk::Status::IoErr),

@@ -106,15 +106,19 @@ fn add_port(
     Ok((socket.into(), mac.to_owned()))
 }
 
-/// A one-node cluster with segment `lan` and ports `a` and `b`.
-fn two_ports(dir: &std::path::Path) -> Result<(Vec<integration::fabricd::ClusterMember>, Ports)> {
+/// A one-node cluster with segment `lan` and port `a`.
+fn one_port(dir: &std::path::Path) -> Result<(Vec<integration::fabricd::ClusterMember>, Ports)> {
     let nodes = start_cluster(dir, 1, "")?;
     let node = &nodes[0].node;
     node.fabctl(&["switch", "segment", "create", "lan"])?;
-    let sockets = vec![
-        add_port(node, "a", "52:54:00:00:00:0a", &[])?,
-        add_port(node, "b", "52:54:00:00:00:0b", &[])?,
-    ];
+    let sockets = vec![add_port(node, "a", "52:54:00:00:00:0a", &[])?];
+    Ok((nodes, sockets))
+}
+
+/// A one-node cluster with segment `lan` and ports `a` and `b`.
+fn two_ports(dir: &std::path::Path) -> Result<(Vec<integration::fabricd::ClusterMember>, Ports)> {
+    let (nodes, mut sockets) = one_port(dir)?;
+    sockets.push(add_port(&nodes[0].node, "b", "52:54:00:00:00:0b", &[])?);
     Ok((nodes, sockets))
 }
 
@@ -531,10 +535,8 @@ fn until_ok(mut command: impl FnMut() -> std::process::Command, tries: usize) ->
 fn a_host_port_reaches_a_guest() -> Result<()> {
     let image = GuestImage::ensure()?;
     let dir = tempfile::tempdir()?;
-    let nodes = start_cluster(dir.path(), 1, "")?;
+    let (nodes, sockets) = one_port(dir.path())?;
     let node = &nodes[0].node;
-    node.fabctl(&["switch", "segment", "create", "lan"])?;
-    let sockets = vec![add_port(node, "a", "52:54:00:00:00:0a", &[])?];
 
     let port_add = |name: &str, tap: &str| {
         [
@@ -688,10 +690,8 @@ echo "CHECK quiet $quiet announced $(( $(cat /sys/class/net/eth0/statistics/tx_p
 fn a_guest_announces_itself_when_its_frontend_asks() -> Result<()> {
     let image = GuestImage::ensure()?;
     let dir = tempfile::tempdir()?;
-    let nodes = start_cluster(dir.path(), 1, "")?;
+    let (nodes, sockets) = one_port(dir.path())?;
     let node = &nodes[0].node;
-    node.fabctl(&["switch", "segment", "create", "lan"])?;
-    let sockets = vec![add_port(node, "a", "52:54:00:00:00:0a", &[])?];
     let qmp_socket = dir.path().join("qmp.sock");
     let config = GuestConfig {
         qmp_socket: Some(qmp_socket.clone()),
