@@ -625,9 +625,12 @@ fn a_host_port_reaches_a_guest() -> Result<()> {
         run.tail(14)
     );
     let host = node.fabctl_json(&["switch", "port", "show", "host"])?;
+    // The 4 MiB came in from the host (about 3,000 frames); what went out
+    // to it is ping replies and TCP acknowledgements (one per several
+    // segments, however many the guest's stack sends).
     let counters = &host["counters"];
     ensure!(
-        counters["rx_packets"].as_u64() > Some(1000) && counters["tx_packets"].as_u64() > Some(100),
+        counters["rx_packets"].as_u64() > Some(2800) && counters["tx_packets"].as_u64() > Some(10),
         "{host}"
     );
 
