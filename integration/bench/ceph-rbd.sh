@@ -355,6 +355,40 @@ fio_rbd() {
     fio_pid=
 }
 
+# cpu_ticks PID...: user + system CPU time of the processes, in clock ticks.
+cpu_ticks() {
+    local pid total=0 ticks
+    for pid in "$@"; do
+        # The fields after the command name's closing parenthesis start
+        # with field 3; utime and stime are fields 14 and 15.
+        ticks=$(sed 's/.*) //' "/proc/$pid/stat" | awk '{ print $12 + $13 }')
+        total=$((total + ticks))
+    done
+    echo "$total"
+}
+
+# Waits (up to 30 s) until the daemons together use less than a quarter of
+# a CPU over half a second: background work the last workload left (a
+# bluestore or RocksDB flush) is done before the next is measured. repbench
+# waits the same way for fabricd.
+clock_ticks=$(getconf CLK_TCK)
+wait_idle() {
+    local deadline=$((SECONDS + 30)) before after
+    while :; do
+        before=$(cpu_ticks "${pids[@]}")
+        sleep 0.5
+        after=$(cpu_ticks "${pids[@]}")
+        # (after - before) / clock_ticks < 0.25 * 0.5
+        if [ $(((after - before) * 8)) -lt "$clock_ticks" ]; then
+            return 0
+        fi
+        if [ $SECONDS -ge $deadline ]; then
+            log "the daemons were still busy after 30 s; measuring anyway"
+            return 0
+        fi
+    done
+}
+
 workloads=(randwrite-4k-qd1 randwrite-4k-qd32 seqwrite-1m-qd4)
 workload_args() {
     case "$1" in
@@ -377,6 +411,7 @@ done
 for run in $(seq 1 "$runs"); do
     for size in 1 2; do
         for workload in "${workloads[@]}"; do
+            wait_idle
             # shellcheck disable=SC2046 # word splitting of the workload's fio arguments
             fio_rbd "size$size" "$work/results/size$size.$workload.$run.json" $((seconds + 120)) \
                 $(workload_args "$workload") --time_based --runtime="$seconds"

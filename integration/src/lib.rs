@@ -1,6 +1,7 @@
 //! Harness for Fabric's multi-process tests.
 
 pub mod blk_workload;
+pub mod cpu;
 pub mod fabricd;
 pub mod guest;
 pub mod latency;

@@ -26,6 +26,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use integration::blk_workload::{
     self, CompletionMode, RunOptions, VerifyOptions, VerifyReport, Workload, WorkloadReport,
 };
+use integration::cpu::{clock_ticks_per_second, process_cpu_ticks};
 use integration::fabricd::{self, Fabricd};
 use integration::stats::Spread;
 use integration::storage_daemon::QemuStorageDaemon;
@@ -668,36 +669,6 @@ fn compare(args: &CompareArgs) -> Result<()> {
     Ok(())
 }
 
-/// Clock ticks per second, the unit of the CPU times in `/proc/PID/stat`.
-fn clock_ticks_per_second() -> Result<u64> {
-    // SAFETY: sysconf(3) only reads a configuration value; it has no memory-safety
-    // preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    u64::try_from(ticks)
-        .ok()
-        .filter(|&ticks| ticks > 0)
-        .context("sysconf(_SC_CLK_TCK) gave no clock tick rate")
-}
-
-/// CPU time of process `pid`, user plus system, summed over all its threads (including threads
-/// that have exited), in clock ticks.
-fn process_cpu_ticks(pid: u32) -> Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
-    parse_cpu_ticks(&text).with_context(|| format!("{path} has no utime and stime fields"))
-}
-
-/// Sums utime and stime (fields 14 and 15) of a `/proc/PID/stat` line.
-fn parse_cpu_ticks(stat: &str) -> Option<u64> {
-    // Field 2 is the command name in parentheses and may itself hold spaces and parentheses;
-    // the fields after its closing parenthesis start with field 3.
-    let (_, rest) = stat.rsplit_once(')')?;
-    let mut fields = rest.split_whitespace().skip(14 - 3);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    utime.checked_add(stime)
-}
-
 fn create_run_dir(parent: &Path, keep: bool) -> Result<RunDir> {
     let stamp = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -931,16 +902,6 @@ mod tests {
         );
         assert!(parse_workloads("verify", false).is_err());
         assert!(parse_workloads("randread", true).is_err());
-    }
-
-    #[test]
-    fn cpu_ticks_parse_past_odd_command_names() {
-        let stat = "4242 (qemu-storage) d) S 1 4242 4242 0 -1 4194560 1385 0 0 0 \
-                    170 35 0 0 20 0 3 0 12345 1000000 500 18446744073709551615";
-        assert_eq!(parse_cpu_ticks(stat), Some(205));
-        assert_eq!(parse_cpu_ticks("4242 (x) S 1 2"), None);
-        let own = process_cpu_ticks(std::process::id()).expect("own stat is readable");
-        assert!(own < u64::MAX);
     }
 
     #[test]

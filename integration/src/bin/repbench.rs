@@ -5,6 +5,8 @@
 //! The 1-replica volume is served from its node's local store (no
 //! replication path); 2 and 3 replicas go through the replication driver,
 //! with one replica local to the attaching node and the others over QUIC.
+//! Before each measurement it waits for the nodes to go idle, so that no
+//! workload pays for background work the one before it left.
 //!
 //! ```text
 //! repbench [--runs 3] [--seconds 5] [--dir /var/tmp] [--page-cache] [--json FILE] [--resync-mib 256]
@@ -16,6 +18,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::Parser;
 use integration::blk_workload::{self, CompletionMode, RunOptions, Workload, WorkloadReport};
+use integration::cpu::wait_until_idle;
 use integration::fabricd::{placement, start_cluster_with};
 use integration::stats::Spread;
 use integration::vhost_blk::{BlkClient, ClientConfig, Request, RequestType};
@@ -260,6 +263,11 @@ const WORKLOADS: [Workload; 3] = [
     Workload::SeqWrite1mQd4,
 ];
 const SPAN_BYTES: u64 = 256 << 20;
+/// The nodes count as idle below this share of one CPU (together), as
+/// Ceph's daemons do in `integration/bench/ceph-rbd.sh`.
+const IDLE_SHARE: f64 = 0.25;
+/// Longest wait for the nodes to go idle before a measurement.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 fn main() -> Result<()> {
     let args = Args::parse();
@@ -326,11 +334,24 @@ fn main() -> Result<()> {
     let mut results: Vec<Vec<Vec<WorkloadReport>>> =
         vec![vec![Vec::new(); WORKLOADS.len()]; sockets.len()];
     let mut trips = RoundTrips::default();
+    let pids: Vec<u32> = nodes
+        .iter()
+        .map(|member| member.node.pid().context("a running node"))
+        .collect::<Result<_>>()?;
     let other_name = format!("n{}", two_replicas[1] + 1);
     for run in 0..args.runs {
         for (index, socket) in sockets.iter().enumerate() {
             let mut client = BlkClient::connect(socket, &ClientConfig::default())?;
             for (w, workload) in WORKLOADS.iter().enumerate() {
+                // What the last workload left the nodes to do in the
+                // background (flushing the block maps' metadata after 1
+                // MiB writes, say) is done before the next is measured.
+                let (waited, idle) = wait_until_idle(&pids, IDLE_SHARE, IDLE_TIMEOUT)?;
+                if !idle {
+                    eprintln!(
+                        "repbench: the nodes were still busy after {waited:.1?}; measuring anyway"
+                    );
+                }
                 let report = blk_workload::run(&mut client, *workload, &options)
                     .with_context(|| format!("{workload} on {} replicas", index + 1))?;
                 results[index][w].push(report);
