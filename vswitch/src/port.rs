@@ -273,57 +273,39 @@ impl Fabric {
         results.clear();
         {
             let receivers = self.receivers.read().expect("receivers poisoned");
-            let mut session: Option<(PortId, Delivery<'_>)> = None;
-            let mut last: Option<(PortId, Option<&Sink>)> = None;
-            for &(index, to, egress) in outs.iter() {
-                let Some(switched) = switched[index] else {
-                    continue;
-                };
-                let frame = frame(index);
-                let unchanged = match egress {
-                    Egress::Untagged => !switched.tagged,
-                    Egress::Tagged(vlan) => switched.tagged && vlan == switched.vlan,
-                };
-                let frame = if unchanged {
-                    frame
-                } else {
-                    let len = rewrite(frame, switched.tagged, egress, rewritten);
-                    &rewritten[..len]
-                };
-                // The table is looked up once per run of frames to a port.
-                let sink = match last {
-                    Some((port, sink)) if port == to => sink,
-                    _ => {
-                        let sink = receivers.get(&to);
-                        last = Some((to, sink));
-                        sink
-                    }
-                };
-                let delivered = match sink {
+            // Frames in a row to one port are one run: the table is looked
+            // up once, and a receiving guest is held once, for the run.
+            let mut rest = &outs[..];
+            while let Some(&(_, to, _)) = rest.first() {
+                let length = rest.iter().take_while(|&&(_, port, _)| port == to).count();
+                let (run, later) = rest.split_at(length);
+                rest = later;
+                let frames = run.iter().filter_map(|&(index, _, egress)| {
+                    switched[index].map(|switched| (index, switched, egress))
+                });
+                match receivers.get(&to) {
                     Some(Sink::Guest(receiver)) => {
-                        // Signalled even when the frame found no room: the
+                        // Signalled even when a frame found no room: the
                         // guest may have buffers given back to it unused.
                         if !signal.contains(&to) {
                             signal.push(to);
                         }
-                        // Frames in a row to one port share one hold on it.
-                        if session.as_ref().is_none_or(|(port, _)| *port != to) {
-                            // The hold on the last port goes first.
-                            drop(session.take());
-                            session = Some((to, receiver.open()));
-                        }
-                        match session.as_mut() {
-                            Some((_, delivery)) => delivery.deliver(frame),
-                            None => Err(DropReason::NoRoom),
+                        receiver.deliver_run(to, frames, &frame, rewritten, results);
+                    }
+                    sink => {
+                        for (index, switched, egress) in frames {
+                            let frame = egress_frame(frame(index), switched, egress, rewritten);
+                            let delivered = match sink {
+                                Some(Sink::Tunnel(tunnel)) => {
+                                    tunnel.send(switched.segment, switched.vlan, frame)
+                                }
+                                Some(Sink::Host(tap)) => tap.write(frame),
+                                Some(Sink::Guest(_)) | None => Err(DropReason::NoRoom),
+                            };
+                            results.push((to, delivered.map(|()| frame.len())));
                         }
                     }
-                    Some(Sink::Tunnel(tunnel)) => {
-                        tunnel.send(switched.segment, switched.vlan, frame)
-                    }
-                    Some(Sink::Host(tap)) => tap.write(frame),
-                    None => Err(DropReason::NoRoom),
-                };
-                results.push((to, delivered.map(|()| frame.len())));
+                }
             }
         }
         let mut switch = self.switch();
@@ -347,6 +329,26 @@ impl Fabric {
                 receiver.signal();
             }
         }
+    }
+}
+
+/// `frame` as it leaves on a port with `egress`: itself, or rewritten
+/// into `rewritten` with its VLAN tag added or removed.
+fn egress_frame<'a>(
+    frame: &'a [u8],
+    switched: Switched,
+    egress: Egress,
+    rewritten: &'a mut [u8],
+) -> &'a [u8] {
+    let unchanged = match egress {
+        Egress::Untagged => !switched.tagged,
+        Egress::Tagged(vlan) => switched.tagged && vlan == switched.vlan,
+    };
+    if unchanged {
+        frame
+    } else {
+        let len = rewrite(frame, switched.tagged, egress, rewritten);
+        &rewritten[..len]
     }
 }
 
@@ -499,178 +501,171 @@ impl Receiver {
         }
     }
 
-    /// Holds the receiver for a run of frames: its lock taken, guest
-    /// memory and the receive queues that are up looked up once.
-    fn open(&self) -> Delivery<'_> {
+    /// Copies a run of frames to this port (`frames`: index, how it was
+    /// switched, how it leaves) into the guest's receive buffers, each
+    /// after a virtio-net header (several buffers a frame with
+    /// MRG_RXBUF), on one of the receive queues that are up, and records
+    /// in `results` how each went (`NoRoom` where the guest had not given
+    /// enough buffers).
+    ///
+    /// The receiver's lock, guest memory and each ring that is up are
+    /// taken once for the run (the frontend cannot stop or disable a ring
+    /// until the run is over), and each ring's available index is read
+    /// once, and again only when the buffers it offered run out: the
+    /// driver writes that index from its own processor, so every read
+    /// can cost a cache miss. The buffers the run filled go on the used
+    /// rings when it ends, with one store of each used index; the guest is
+    /// told later, by [`Receiver::signal`].
+    fn deliver_run<'f>(
+        &self,
+        to: PortId,
+        frames: impl Iterator<Item = (usize, Switched, Egress)> + Clone,
+        frame: &impl Fn(usize) -> &'f [u8],
+        rewritten: &mut [u8],
+        results: &mut Vec<(PortId, Result<usize, DropReason>)>,
+    ) {
         let mut state = self.state.lock().expect("receiver poisoned");
-        for pending in &mut state.pending {
-            // Once per port, for the runs of a well-behaved guest (a ring
-            // has at most this many buffers out at once).
-            pending.reserve(QUEUE_SIZE_MAX);
-        }
-        let memory = state.memory.as_ref().map(GuestMemoryAtomic::memory);
+        let ReceiveState {
+            vrings,
+            memory,
+            merge,
+            pending,
+            unsignalled,
+        } = &mut *state;
+        let memory = memory.as_ref().map(GuestMemoryAtomic::memory);
+        let memory = memory.as_deref().map(RegionCache::new);
+        let mut rings: [Option<RingHold<'_>>; QUEUE_PAIRS_MAX] = Default::default();
         let mut ready = [0usize; QUEUE_PAIRS_MAX];
         let mut count = 0;
-        for (pair, vring) in state.vrings.iter().enumerate() {
-            let vring_state = vring.get_ref();
-            if vring_state.is_enabled() && vring_state.get_queue().ready() {
+        for (pair, vring) in vrings.iter().enumerate().take(QUEUE_PAIRS_MAX) {
+            let ring = vring.get_mut();
+            if ring.is_enabled() && ring.get_queue().ready() {
+                rings[pair] = Some(ring);
                 ready[count] = pair;
                 count += 1;
             }
         }
-        Delivery {
-            state,
-            memory,
-            ready,
-            count,
-        }
-    }
-}
-
-/// A receiver held for a run of frames ([`Receiver::open`]).
-struct Delivery<'r> {
-    state: std::sync::MutexGuard<'r, ReceiveState>,
-    memory: Option<GuestMemoryLoadGuard<Memory>>,
-    /// The pairs whose receive queue is up, `count` of them.
-    ready: [usize; QUEUE_PAIRS_MAX],
-    count: usize,
-}
-
-impl Delivery<'_> {
-    /// Copies `frame`, after a virtio-net header, into the guest's receive
-    /// buffers (several with MRG_RXBUF) of one of the receive queues that
-    /// are up. `NoRoom` if the guest has not given enough buffers. The
-    /// buffers go on the used ring when the hold ends, and the guest is
-    /// told later, by [`Receiver::signal`].
-    fn deliver(&mut self, frame: &[u8]) -> Result<(), DropReason> {
-        let pair = match self.count {
-            0 => return Err(DropReason::NoRoom),
-            1 => self.ready[0],
-            _ => receive_queue(frame, &self.ready[..self.count]).ok_or(DropReason::NoRoom)?,
+        let Some(memory) = memory.as_ref().filter(|_| count > 0) else {
+            results.extend(frames.map(|_| (to, Err(DropReason::NoRoom))));
+            return;
         };
-        let state = &mut *self.state;
-        let (Some(vring), Some(memory)) = (state.vrings.get(pair), &self.memory) else {
-            return Err(DropReason::NoRoom);
-        };
-        let pending = &mut state.pending[pair];
-        let memory = &RegionCache::new(memory);
-        let mut guard = vring.get_mut();
-        // The frontend may have stopped or disabled the ring since the
-        // hold began: no frame goes into a ring that is down.
-        if !guard.is_enabled() || !guard.get_queue().ready() {
-            return Err(DropReason::NoRoom);
-        }
-        let queue = guard.get_queue_mut();
-        let needed = NET_HEADER_BYTES + frame.len();
-        // Buffers this frame took: (head, bytes written).
-        let mut used = [(0u16, 0u32); RX_BUFFERS_MAX];
-        let mut count = 0;
-        let mut written = 0usize;
-        // Where the first buffer's num_buffers field is.
-        let mut num_buffers_at = None;
-        let failed = loop {
-            if written == needed {
-                break None;
-            }
-            if count == RX_BUFFERS_MAX || (count == 1 && !state.merge) {
-                break Some(DropReason::NoRoom);
-            }
-            let Some(chain) = queue.pop_descriptor_chain(memory) else {
-                break Some(DropReason::NoRoom);
+        for &pair in &ready[..count] {
+            let Some(ring) = rings[pair].as_mut() else {
+                continue;
             };
-            let head = chain.head_index();
-            let first = num_buffers_at.is_none();
-            let mut header = [0u8; NET_HEADER_BYTES];
-            header[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let (header, body): (&[u8], &[u8]) = if first {
-                (&header, frame)
-            } else {
-                (&[], &frame[written - NET_HEADER_BYTES..])
-            };
-            match fill(memory, chain, header, body) {
-                Ok((length, start)) => {
-                    if first {
-                        num_buffers_at = Some(start.unchecked_add(10));
+            let queue = ring.get_queue_mut();
+            let pending = &mut pending[pair];
+            // Once per port, for the runs of a well-behaved guest (a ring
+            // has at most this many buffers out at once).
+            pending.reserve(QUEUE_SIZE_MAX);
+            // A ring whose available index is out of range offers nothing
+            // (as a pop would).
+            let mut offered = queue.iter(memory).ok();
+            for (index, switched, egress) in frames.clone() {
+                let frame = egress_frame(frame(index), switched, egress, rewritten);
+                if count > 1 && receive_queue(frame, &ready[..count]) != Some(pair) {
+                    continue;
+                }
+                let needed = NET_HEADER_BYTES + frame.len();
+                // Buffers this frame took: (head, bytes written).
+                let mut used = [(0u16, 0u32); RX_BUFFERS_MAX];
+                let mut taken = 0;
+                let mut written = 0usize;
+                // Where the first buffer's num_buffers field is.
+                let mut num_buffers_at = None;
+                let failed = loop {
+                    if written == needed {
+                        break None;
                     }
-                    written += length;
-                    used[count] = (head, length as u32);
-                    count += 1;
-                }
-                Err(()) if first => {
-                    // A buffer that is not writable guest memory (or too
-                    // small for a header) goes back to the guest empty, so
-                    // it cannot block the queue.
-                    pending.push((head, 0));
-                }
-                Err(()) => {
-                    count += 1;
-                    break Some(DropReason::NoRoom);
-                }
+                    if taken == RX_BUFFERS_MAX || (taken == 1 && !*merge) {
+                        break Some(DropReason::NoRoom);
+                    }
+                    let mut chain = offered.as_mut().and_then(Iterator::next);
+                    if chain.is_none() {
+                        // What the index offered is used up: read it again.
+                        offered = queue.iter(memory).ok();
+                        chain = offered.as_mut().and_then(Iterator::next);
+                    }
+                    let Some(chain) = chain else {
+                        break Some(DropReason::NoRoom);
+                    };
+                    let head = chain.head_index();
+                    let first = num_buffers_at.is_none();
+                    let mut header = [0u8; NET_HEADER_BYTES];
+                    header[10..12].copy_from_slice(&1u16.to_le_bytes());
+                    let (header, body): (&[u8], &[u8]) = if first {
+                        (&header, frame)
+                    } else {
+                        (&[], &frame[written - NET_HEADER_BYTES..])
+                    };
+                    match fill(memory, chain, header, body) {
+                        Ok((length, start)) => {
+                            if first {
+                                num_buffers_at = Some(start.unchecked_add(10));
+                            }
+                            written += length;
+                            used[taken] = (head, length as u32);
+                            taken += 1;
+                        }
+                        Err(()) if first => {
+                            // A buffer that is not writable guest memory
+                            // (or too small for a header) goes back to the
+                            // guest empty, so it cannot block the queue.
+                            pending.push((head, 0));
+                        }
+                        Err(()) => {
+                            taken += 1;
+                            break Some(DropReason::NoRoom);
+                        }
+                    }
+                };
+                let delivered = match (failed, num_buffers_at) {
+                    (None, Some(at)) => {
+                        if taken > 1 {
+                            let _ = memory.write_obj((taken as u16).to_le(), at);
+                        }
+                        pending.extend_from_slice(&used[..taken]);
+                        Ok(frame.len())
+                    }
+                    (failed, _) => {
+                        // Give back, unused, the buffers this frame took.
+                        if taken > 0 {
+                            for _ in 0..taken {
+                                queue.go_to_previous_position();
+                            }
+                            offered = queue.iter(memory).ok();
+                        }
+                        Err(failed.unwrap_or(DropReason::NoRoom))
+                    }
+                };
+                results.push((to, delivered));
             }
-        };
-        match (failed, num_buffers_at) {
-            (None, Some(at)) => {
-                if count > 1 {
-                    let _ = memory.write_obj((count as u16).to_le(), at);
-                }
-                pending.extend_from_slice(&used[..count]);
-                Ok(())
-            }
-            (failed, _) => {
-                // Give back, unused, the buffers this frame took.
-                for _ in 0..count {
-                    queue.go_to_previous_position();
-                }
-                Err(failed.unwrap_or(DropReason::NoRoom))
-            }
-        }
-    }
-}
-
-impl Drop for Delivery<'_> {
-    /// Puts the run's buffers on the used rings, one index store per ring.
-    /// A ring stopped or disabled during the run (or one the guest put
-    /// outside its memory) gets them back on its available ring instead,
-    /// unused, as if never taken: the frontend learns where a ring stopped
-    /// only once the run is over ([`NetBackend::stop_vring`]).
-    fn drop(&mut self) {
-        let state = &mut *self.state;
-        for (pair, vring) in state.vrings.iter().enumerate() {
-            let pending = &mut state.pending[pair];
             if pending.is_empty() {
                 continue;
             }
-            let mut guard = vring.get_mut();
-            let up = guard.is_enabled() && guard.get_queue().ready();
-            let queue = guard.get_queue_mut();
-            let published = match (&self.memory, up) {
-                (Some(memory), true) => {
-                    let since = Wrapping(queue.next_used());
-                    match publish_used(queue, &RegionCache::new(memory), pending) {
-                        Ok(()) => {
-                            state.unsignalled[pair].get_or_insert(since);
-                            true
-                        }
-                        Err(error) => {
-                            tracing::debug!(%error, pair, "a port's used ring is not in guest memory");
-                            false
-                        }
-                    }
+            let since = Wrapping(queue.next_used());
+            match publish_used(queue, memory, pending) {
+                Ok(()) => {
+                    unsignalled[pair].get_or_insert(since);
                 }
-                _ => false,
-            };
-            if !published {
-                // Only this run took buffers off the ring since it began
-                // (a frame that failed gave its own back): the last ones
-                // taken are exactly these.
-                for _ in 0..pending.len() {
-                    queue.go_to_previous_position();
+                Err(error) => {
+                    tracing::debug!(%error, pair, "a port's used ring is not in guest memory");
+                    // Only this run took buffers off the ring since it
+                    // began (a frame that failed gave its own back): the
+                    // last ones taken are exactly these.
+                    for _ in 0..pending.len() {
+                        queue.go_to_previous_position();
+                    }
                 }
             }
             pending.clear();
         }
     }
 }
+
+/// A receive ring held for a run of frames.
+type RingHold<'a> =
+    std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemoryAtomic<Memory>>>;
 
 /// Writes `header` then `body` into a receive chain's buffers, as far as
 /// they go. Returns the bytes written and where the chain starts; `Err` if

@@ -495,91 +495,89 @@ impl Rig {
     }
 }
 
-/// A tunnel that does `act` on its second frame, in the middle of the
-/// run into B.
-struct SecondFrameTunnel {
+/// A tunnel that does `act` on its first frame, between the runs into B.
+struct FirstFrameTunnel {
     act: Box<dyn Fn() + Send + Sync>,
     frames: std::sync::Mutex<usize>,
 }
 
-impl std::fmt::Debug for SecondFrameTunnel {
+impl std::fmt::Debug for FirstFrameTunnel {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SecondFrameTunnel").finish_non_exhaustive()
+        f.debug_struct("FirstFrameTunnel").finish_non_exhaustive()
     }
 }
 
-impl vswitch::port::Tunnel for SecondFrameTunnel {
+impl vswitch::port::Tunnel for FirstFrameTunnel {
     fn send(&self, _segment: u32, _vlan: u16, _frame: &[u8]) -> Result<(), DropReason> {
         let mut frames = self.frames.lock().expect("test lock");
         *frames += 1;
-        if *frames == 2 {
+        if *frames == 1 {
             (self.act)();
         }
         Ok(())
     }
 }
 
-fn second_frame_tunnel(act: impl Fn() + Send + Sync + 'static) -> Arc<SecondFrameTunnel> {
-    Arc::new(SecondFrameTunnel {
+fn first_frame_tunnel(act: impl Fn() + Send + Sync + 'static) -> Arc<FirstFrameTunnel> {
+    Arc::new(FirstFrameTunnel {
         act: Box::new(act),
         frames: std::sync::Mutex::new(0),
     })
 }
 
-/// Frames of one run go on a receive ring when the run ends; a ring
-/// disabled before then (as by the frontend's `SET_VRING_ENABLE`) gets its
-/// buffers back unused (none is lost, none is used twice), and the next
-/// frames take them.
+/// A receive ring is held for a whole run of frames, so the frontend
+/// disables it (`SET_VRING_ENABLE`) between runs: the frames after that
+/// find no room, none of its buffers is lost or used twice, and once it
+/// is enabled again the next frame takes the next buffer.
 #[test]
-fn a_receive_ring_disabled_during_a_run_gets_its_buffers_back() {
+fn a_receive_ring_disabled_between_runs_takes_no_frame_and_loses_no_buffer() {
     let ring = std::sync::Mutex::new(None);
     let (mut rig, _tunnel) = Rig::new(|b_ring, _| {
         *ring.lock().expect("test lock") = Some(b_ring.clone());
-        second_frame_tunnel(move || b_ring.set_enabled(false))
+        first_frame_tunnel(move || b_ring.set_enabled(false))
     });
-    // B and the tunnel get each frame, in whichever order; the second
-    // frame to the tunnel disables B's ring while the run into B is open.
+    // Frame 0 goes to B, then to the tunnel, which disables B's ring;
+    // frame 1 then finds B's ring down.
     rig.broadcast(0..2);
-    assert_eq!(rig.used(B_RX), 0, "a disabled ring gets no frame");
+    assert_eq!(rig.used(B_RX), 1, "only the frame before the disable");
 
-    // Enabled again: the next frame takes the first buffer, given back.
+    // Enabled again: the next frame takes the next buffer.
     let ring = ring.lock().expect("test lock").take().expect("B's ring");
     ring.set_enabled(true);
     rig.broadcast(2..3);
-    assert_eq!(rig.used(B_RX), 1);
+    assert_eq!(rig.used(B_RX), 2);
     let head: u32 = rig
         .memory
-        .read_obj(GuestAddress(B_RX.2 + 4))
+        .read_obj(GuestAddress(B_RX.2 + 4 + 8))
         .expect("used element");
-    assert_eq!(head, 0, "the buffer given back is the one used");
+    assert_eq!(head, 1, "the buffer after the one used, none skipped");
     let mut received = [0u8; 8];
     rig.memory
         .read_slice(
             &mut received,
-            GuestAddress(RX_DATA + NET_HEADER_BYTES as u64 + 14),
+            GuestAddress(RX_DATA + 2048 + NET_HEADER_BYTES as u64 + 14),
         )
         .expect("frame");
     assert_eq!(u64::from_le_bytes(received), 2);
 }
 
-/// A receive ring stopped in the middle of a run, from another thread as
-/// the vhost-user handler does for `GET_VRING_BASE` (not ready, then
-/// `stop_vring`, then the position), learns a position that counts the
-/// run's buffers as not taken: they were given back, and none went on the
-/// used ring.
+/// A receive ring stopped from another thread, as the vhost-user handler
+/// does for `GET_VRING_BASE` (not ready, then `stop_vring`, then the
+/// position), between runs: the position it learns counts exactly the
+/// buffers that went on the used ring, and later frames take none.
 #[test]
-fn a_receive_ring_stopped_during_a_run_reports_its_buffers_untaken() {
+fn a_receive_ring_stopped_between_runs_reports_exactly_the_buffers_used() {
     let stopper = Arc::new(std::sync::Mutex::new(None));
     let (mut rig, _tunnel) = Rig::new(|ring, backend| {
         let stopper = stopper.clone();
-        second_frame_tunnel(move || {
+        first_frame_tunnel(move || {
             let (ring, backend) = (ring.clone(), backend.clone());
             *stopper.lock().expect("test lock") = Some(std::thread::spawn(move || {
                 ring.set_queue_ready(false);
                 backend.stop_vring(0).expect("stop");
                 ring.queue_next_avail()
             }));
-            // Time for the stop to reach `stop_vring` before the run ends.
+            // Time for the stop to finish before the next run into B.
             std::thread::sleep(std::time::Duration::from_millis(100));
         })
     });
@@ -590,6 +588,6 @@ fn a_receive_ring_stopped_during_a_run_reports_its_buffers_untaken() {
         .take()
         .expect("the ring was stopped");
     let position = stopped.join().expect("stopping thread");
-    assert_eq!(position, 0, "the position counts no buffer as taken");
-    assert_eq!(rig.used(B_RX), 0, "no buffer went on the used ring");
+    assert_eq!(position, 1, "the position counts the one buffer used");
+    assert_eq!(rig.used(B_RX), 1, "no buffer went on the used ring after");
 }
