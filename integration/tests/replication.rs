@@ -741,7 +741,7 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
     check_range(&mut client, buffer, 512, 256, 2)?;
     // A detached volume stays detached across a restart.
     drop(client);
-    nodes[front].node.fabctl(&["volume", "detach", "fv"])?;
+    detach_once_disconnected(&nodes[front].node, "fv")?;
     nodes[front].node.kill9()?;
     nodes[front].node.restart()?;
     std::thread::sleep(Duration::from_secs(3));
@@ -775,6 +775,26 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
 }
 
 /// Reads the `CHUNK` blocks from `start`.
+/// Detaches `volume` (without `--force`) once `node` has seen its last
+/// frontend go: a client that just closed its socket may still count as
+/// connected for a moment.
+fn detach_once_disconnected(node: &Fabricd, volume: &str) -> Result<()> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let output = node.fabctl_output(&["volume", "detach", volume])?;
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        ensure!(
+            stderr.contains("in use by a connected frontend")
+                && std::time::Instant::now() < deadline,
+            "detach {volume}: {stderr}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 fn read_chunk(client: &mut BlkClient, buffer: Buffer, start: u64) -> Result<Vec<u8>> {
     let done = one(
         client,
