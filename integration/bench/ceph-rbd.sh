@@ -375,6 +375,8 @@ clock_ticks=$(getconf CLK_TCK)
 wait_idle() {
     local deadline=$((SECONDS + 30)) before after
     while :; do
+        # A daemon that exited has no /proc entry left to read.
+        check_alive || exit 1
         before=$(cpu_ticks "${pids[@]}")
         sleep 0.5
         after=$(cpu_ticks "${pids[@]}")

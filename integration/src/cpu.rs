@@ -55,7 +55,8 @@ pub fn wait_until_idle(pids: &[u32], share: f64, timeout: Duration) -> Result<(D
     loop {
         let before = total()?;
         std::thread::sleep(IDLE_WINDOW);
-        let used = (total()? - before) as f64 / ticks_per_second as f64;
+        // A process id reused meanwhile may count less than before.
+        let used = total()?.saturating_sub(before) as f64 / ticks_per_second as f64;
         if used < share * IDLE_WINDOW.as_secs_f64() {
             return Ok((start.elapsed(), true));
         }

@@ -774,7 +774,6 @@ fn a_restarted_frontend_serves_its_volume_again() -> Result<()> {
     Ok(())
 }
 
-/// Reads the `CHUNK` blocks from `start`.
 /// Detaches `volume` (without `--force`) once `node` has seen its last
 /// frontend go: a client that just closed its socket may still count as
 /// connected for a moment.
@@ -795,6 +794,7 @@ fn detach_once_disconnected(node: &Fabricd, volume: &str) -> Result<()> {
     }
 }
 
+/// Reads the `CHUNK` blocks from `start`.
 fn read_chunk(client: &mut BlkClient, buffer: Buffer, start: u64) -> Result<Vec<u8>> {
     let done = one(
         client,

@@ -558,9 +558,10 @@ impl Receiver {
             // Once per port, for the runs of a well-behaved guest (a ring
             // has at most this many buffers out at once).
             pending.reserve(QUEUE_SIZE_MAX);
-            // A ring whose available index is out of range offers nothing
-            // (as a pop would).
-            let mut offered = queue.iter(memory).ok();
+            // The available index is read at the pair's first frame (a
+            // pair no frame of the run goes to costs nothing). A ring whose
+            // index is out of range offers nothing (as a pop would).
+            let mut offered = None;
             for (index, switched, egress) in frames.clone() {
                 let frame = egress_frame(frame(index), switched, egress, rewritten);
                 if count > 1 && receive_queue(frame, &ready[..count]) != Some(pair) {
@@ -582,7 +583,8 @@ impl Receiver {
                     }
                     let mut chain = offered.as_mut().and_then(Iterator::next);
                     if chain.is_none() {
-                        // What the index offered is used up: read it again.
+                        // Not read yet, or what it offered is used up:
+                        // read it (again).
                         offered = queue.iter(memory).ok();
                         chain = offered.as_mut().and_then(Iterator::next);
                     }
@@ -633,7 +635,7 @@ impl Receiver {
                             for _ in 0..taken {
                                 queue.go_to_previous_position();
                             }
-                            offered = queue.iter(memory).ok();
+                            offered = None;
                         }
                         Err(failed.unwrap_or(DropReason::NoRoom))
                     }

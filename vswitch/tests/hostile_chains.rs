@@ -572,22 +572,116 @@ fn a_receive_ring_stopped_between_runs_reports_exactly_the_buffers_used() {
         let stopper = stopper.clone();
         first_frame_tunnel(move || {
             let (ring, backend) = (ring.clone(), backend.clone());
-            *stopper.lock().expect("test lock") = Some(std::thread::spawn(move || {
+            // From another thread, as the handler does; finished before
+            // the next run into B begins.
+            let position = std::thread::spawn(move || {
                 ring.set_queue_ready(false);
                 backend.stop_vring(0).expect("stop");
                 ring.queue_next_avail()
-            }));
-            // Time for the stop to finish before the next run into B.
-            std::thread::sleep(std::time::Duration::from_millis(100));
+            })
+            .join()
+            .expect("stopping thread");
+            *stopper.lock().expect("test lock") = Some(position);
         })
     });
     rig.broadcast(0..3);
-    let stopped = stopper
+    let position = stopper
         .lock()
         .expect("test lock")
         .take()
         .expect("the ring was stopped");
-    let position = stopped.join().expect("stopping thread");
     assert_eq!(position, 1, "the position counts the one buffer used");
     assert_eq!(rig.used(B_RX), 1, "no buffer went on the used ring after");
+}
+
+/// Offers `count` receive buffers of `bytes` each, one per chain.
+fn offer_rx(rx: &mut Driver<'_>, count: u16, bytes: u32) {
+    for _ in 0..count {
+        let head = rx.take(1);
+        let data = RX_DATA + u64::from(head) * u64::from(bytes);
+        rx.desc(head, data, bytes, VRING_DESC_F_WRITE, 0);
+        rx.offer(head);
+    }
+}
+
+/// A sends B frame `n` of `len` bytes; returns it with its header.
+fn send_to_b(ports: &Ports, tx: &mut Driver<'_>, n: u64, len: usize) -> Vec<u8> {
+    let frame = good_frame(n, len);
+    let data = TX_DATA + n * 2048;
+    ports
+        .memory
+        .write_slice(&frame, GuestAddress(data))
+        .expect("test setup");
+    let head = tx.take(1);
+    tx.desc(head, data, frame.len() as u32, 0, 0);
+    tx.offer(head);
+    ports
+        .a
+        .handle_event(1, EventSet::IN, &ports.a_vrings, 0)
+        .expect("transmit");
+    frame
+}
+
+/// With MRG_RXBUF a frame spans several receive buffers. One longer than
+/// all the buffers offered takes none of them (those it had taken go
+/// back, and the ring's position with them) and is dropped as `NoRoom`;
+/// once the guest offers more, the next frame spans them in order, with
+/// their count in its header.
+#[test]
+fn a_frame_longer_than_the_buffers_offered_gives_them_back_then_spans_more() {
+    let ports = two_ports();
+    let memory = &ports.memory;
+    let mut rx = Driver {
+        memory,
+        at: B_RX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    let mut tx = Driver {
+        memory,
+        at: A_TX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    // Three buffers of 256 bytes: a 1,000-byte frame and its header need
+    // four.
+    offer_rx(&mut rx, 3, 256);
+    send_to_b(&ports, &mut tx, 1, 1000);
+    assert_eq!(
+        rx.used_idx(),
+        0,
+        "no buffer goes to a frame that does not fit"
+    );
+    assert_eq!(ports.b_vrings[0].queue_next_avail(), 0, "all given back");
+    let no_room = |counters: PortCounters| {
+        counters
+            .all_drops()
+            .filter(|(reason, _)| *reason == DropReason::NoRoom)
+            .map(|(_, n)| n)
+            .sum::<u64>()
+    };
+    assert_eq!(no_room(ports.fabric.counters(2).expect("B")), 1);
+
+    offer_rx(&mut rx, 2, 256);
+    let sent = send_to_b(&ports, &mut tx, 2, 1000);
+    assert_eq!(rx.used_idx(), 4, "the frame spans four buffers");
+    let mut lengths = Vec::new();
+    for element in 0..4u64 {
+        let at = GuestAddress(B_RX.2 + 4 + 8 * element);
+        let head: u32 = memory.read_obj(at).expect("used element");
+        let length: u32 = memory
+            .read_obj(GuestAddress(B_RX.2 + 8 + 8 * element))
+            .expect("used element");
+        assert_eq!(head, element as u32, "buffers used in the order offered");
+        lengths.push(length);
+    }
+    assert_eq!(lengths, [256, 256, 256, 1012 - 3 * 256]);
+    let mut received = vec![0u8; sent.len()];
+    memory
+        .read_slice(&mut received, GuestAddress(RX_DATA))
+        .expect("frame");
+    let mut want = sent;
+    want[10..12].copy_from_slice(&4u16.to_le_bytes()); // num_buffers
+    assert_eq!(received, want);
+    assert_eq!(ports.fabric.counters(2).expect("B").tx_packets, 1);
 }
