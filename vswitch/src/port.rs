@@ -63,6 +63,10 @@ const RX_BUFFERS_MAX: usize = 64;
 /// told (and the queue is let go, for a moment).
 pub(crate) const TX_BATCH: usize = 64;
 
+/// How long a transmit queue that ran dry is polled for more frames
+/// before the worker asks the driver to kick it and sleeps.
+const TX_POLL: Duration = Duration::from_micros(20);
+
 /// Batches one transmit queue may take in a turn before the port's other
 /// queues get theirs.
 const TX_BATCHES_PER_EVENT: usize = 8;
@@ -554,6 +558,12 @@ impl Receiver {
                 continue;
             };
             let queue = ring.get_queue_mut();
+            // The switch never waits for receive buffers (a frame that
+            // finds none is dropped), so the driver need not kick when it
+            // adds them: without EVENT_IDX this sets NO_NOTIFY (with it,
+            // the event index is never moved, and the driver kicks at most
+            // once per wrap of its index).
+            let _ = queue.disable_notification(memory);
             let pending = &mut pending[pair];
             // Once per port, for the runs of a well-behaved guest (a ring
             // has at most this many buffers out at once).
@@ -848,16 +858,27 @@ impl NetBackend {
         // The used index when this call began: the guest is told of what
         // was used since, if it asks to be.
         let mut since = None;
+        // Whether the driver may be notifying (kicking) this queue: it may
+        // when the call begins, and not from the first batch on until the
+        // queue runs dry. A driver that kicks for every burst pays a
+        // system call each time, and the worker a wake-up.
+        let mut kicks_on = true;
+        // When the queue was first seen dry in this call: it is polled a
+        // little longer before kicks are turned back on and the worker
+        // sleeps, as a driver sending in bursts soon has the next one.
+        let mut dry_since: Option<Instant> = None;
         loop {
             let mut guard = vring.get_mut();
             let queue = guard.get_queue_mut();
             since.get_or_insert(Wrapping(queue.next_used()));
-            let event_idx = queue.event_idx_enabled();
-            if event_idx {
+            if kicks_on {
+                // With EVENT_IDX this writes nothing (the driver kicks once
+                // per event index); without it, it sets NO_NOTIFY.
                 if let Err(error) = queue.disable_notification(memory) {
                     failed = Some(error);
                     break;
                 }
+                kicks_on = false;
             }
             let mut taken = 0;
             let mut used = [(0u16, 0u32); TX_BATCH];
@@ -875,13 +896,29 @@ impl NetBackend {
                 }
             }
             used_any |= taken > 0;
+            let polling = if taken == TX_BATCH {
+                false
+            } else {
+                let now = Instant::now();
+                now.duration_since(*dry_since.get_or_insert(now)) < TX_POLL
+            };
+            if taken == TX_BATCH {
+                dry_since = None;
+            }
             let more = match publish_used(queue, memory, &used[..taken]) {
                 Err(error) => Err(virtio_queue::Error::GuestMemory(error)),
-                Ok(()) if taken == TX_BATCH => Ok(true),
-                Ok(()) if event_idx => queue.enable_notification(memory),
-                Ok(()) => Ok(false),
+                Ok(()) if taken == TX_BATCH || polling => Ok(true),
+                Ok(()) => {
+                    kicks_on = true;
+                    queue.enable_notification(memory)
+                }
             };
             drop(guard);
+            if taken == 0 && more.as_ref().is_ok_and(|more| *more) {
+                // Nothing came: look again without counting a batch.
+                std::hint::spin_loop();
+                continue;
+            }
             // What was read before a queue broke still goes out.
             fabric.forward_batch(self.inner.id, batch, scratch);
             match more {

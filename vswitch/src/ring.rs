@@ -31,6 +31,9 @@ const USED_HEADER_BYTES: u64 = 4;
 const USED_ELEMENT_BYTES: u64 = 8;
 /// Bytes before the available ring's elements: flags and index.
 const AVAIL_HEADER_BYTES: u64 = 4;
+/// The driver's flag (without EVENT_IDX) that it wants no notification
+/// of used buffers.
+const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
 
 /// Guest memory that remembers the last two regions it found. It offers
 /// the same map as the memory it wraps; only the search is skipped.
@@ -130,7 +133,13 @@ pub fn needs_signal<M: Bytes<GuestAddress>>(
         return false;
     }
     if !queue.event_idx_enabled() {
-        return true;
+        // The driver's flags: VRING_AVAIL_F_NO_INTERRUPT asks for none (a
+        // polling driver, such as DPDK's). A ring outside memory says yes.
+        fence(Ordering::SeqCst);
+        let flags = memory.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Relaxed);
+        return flags.map_or(true, |flags| {
+            u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT == 0
+        });
     }
     // The used index stores come before the read of the event index.
     fence(Ordering::SeqCst);
@@ -233,10 +242,14 @@ mod tests {
     fn the_event_index_decides_who_is_signalled() {
         let (memory, mut queue) = setup();
         let event_at = GuestAddress(AVAIL + 4 + 2 * u64::from(SIZE));
-        // Without EVENT_IDX: any new buffer.
+        // Without EVENT_IDX: any new buffer, unless the driver asks for
+        // no interrupts.
         publish_used(&mut queue, &memory, &[(0, 1), (1, 1)]).unwrap();
         assert!(needs_signal(&queue, &memory, Wrapping(0)));
         assert!(!needs_signal(&queue, &memory, Wrapping(2)));
+        memory.write_obj(1u16.to_le(), GuestAddress(AVAIL)).unwrap();
+        assert!(!needs_signal(&queue, &memory, Wrapping(0)));
+        memory.write_obj(0u16.to_le(), GuestAddress(AVAIL)).unwrap();
         queue.set_event_idx(true);
         // The driver wants to hear once buffer 3 is used (index 4).
         memory.write_obj(3u16.to_le(), event_at).unwrap();
