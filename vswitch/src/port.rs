@@ -897,14 +897,12 @@ impl NetBackend {
             }
             used_any |= taken > 0;
             let polling = if taken == TX_BATCH {
+                dry_since = None;
                 false
             } else {
                 let now = Instant::now();
                 now.duration_since(*dry_since.get_or_insert(now)) < TX_POLL
             };
-            if taken == TX_BATCH {
-                dry_since = None;
-            }
             let more = match publish_used(queue, memory, &used[..taken]) {
                 Err(error) => Err(virtio_queue::Error::GuestMemory(error)),
                 Ok(()) if taken == TX_BATCH || polling => Ok(true),
