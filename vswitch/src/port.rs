@@ -572,14 +572,16 @@ impl Receiver {
             // pair no frame of the run goes to costs nothing). A ring whose
             // index is out of range offers nothing (as a pop would).
             let mut offered = None;
+            // Buffers the current frame took: (head, bytes written). Made
+            // once per ring, not per frame: zeroing it is 128 stores, and
+            // stores queue behind the copies into guest memory.
+            let mut used = [(0u16, 0u32); RX_BUFFERS_MAX];
             for (index, switched, egress) in frames.clone() {
                 let frame = egress_frame(frame(index), switched, egress, rewritten);
                 if count > 1 && receive_queue(frame, &ready[..count]) != Some(pair) {
                     continue;
                 }
                 let needed = NET_HEADER_BYTES + frame.len();
-                // Buffers this frame took: (head, bytes written).
-                let mut used = [(0u16, 0u32); RX_BUFFERS_MAX];
                 let mut taken = 0;
                 let mut written = 0usize;
                 // Where the first buffer's num_buffers field is.
