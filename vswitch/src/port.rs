@@ -33,7 +33,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::frame::{rewrite, Egress, Mac, VLAN_TAG_BYTES};
-use crate::ring::{needs_signal, publish_used, Memory, RegionCache};
+use crate::ring::{needs_signal, publish_used, Lookahead, Memory, RegionCache};
 use crate::switch::{
     DropReason, PortConfig, PortCounters, PortId, SegmentId, Switch, SwitchError, Switched,
 };
@@ -62,6 +62,12 @@ const RX_BUFFERS_MAX: usize = 64;
 /// Frames taken off a transmit queue before the guests they went to are
 /// told (and the queue is let go, for a moment).
 pub(crate) const TX_BATCH: usize = 64;
+
+/// How many chains ahead of the one being walked the buffers are asked
+/// for (see [`Lookahead`]), and how much of each: the virtio-net header
+/// and the frame's headers.
+const PREFETCH_AHEAD: usize = 8;
+const PREFETCH_BYTES: usize = 128;
 
 /// How long a transmit queue that ran dry is polled for more frames
 /// before the worker asks the driver to kick it and sleeps.
@@ -564,6 +570,15 @@ impl Receiver {
             // the event index is never moved, and the driver kicks at most
             // once per wrap of its index).
             let _ = queue.disable_notification(memory);
+            let lookahead = Lookahead::new(memory, queue, true);
+            if let Some(lookahead) = &lookahead {
+                for ahead in 0..PREFETCH_AHEAD {
+                    lookahead.prefetch(ahead, PREFETCH_BYTES);
+                }
+            }
+            // Frames of the run this ring took so far: about the buffers
+            // it used (a hint for the lookahead only).
+            let mut served = 0;
             let pending = &mut pending[pair];
             // Once per port, for the runs of a well-behaved guest (a ring
             // has at most this many buffers out at once).
@@ -581,6 +596,10 @@ impl Receiver {
                 if count > 1 && receive_queue(frame, &ready[..count]) != Some(pair) {
                     continue;
                 }
+                if let Some(lookahead) = &lookahead {
+                    lookahead.prefetch(served + PREFETCH_AHEAD, PREFETCH_BYTES);
+                }
+                served += 1;
                 let needed = NET_HEADER_BYTES + frame.len();
                 let mut taken = 0;
                 let mut written = 0usize;
@@ -885,10 +904,19 @@ impl NetBackend {
             let mut taken = 0;
             let mut used = [(0u16, 0u32); TX_BATCH];
             batch.clear();
+            let lookahead = Lookahead::new(memory, queue, false);
+            if let Some(lookahead) = &lookahead {
+                for ahead in 0..PREFETCH_AHEAD {
+                    lookahead.prefetch(ahead, PREFETCH_BYTES);
+                }
+            }
             // The available index is read once per batch. A queue whose
             // index is out of range offers nothing (as a pop would).
             if let Ok(chains) = queue.iter(memory) {
                 for chain in chains.take(TX_BATCH) {
+                    if let Some(lookahead) = &lookahead {
+                        lookahead.prefetch(taken + PREFETCH_AHEAD, PREFETCH_BYTES);
+                    }
                     used[taken].0 = chain.head_index();
                     taken += 1;
                     match read_frame(chain, batch.slot()) {

@@ -10,15 +10,20 @@
 //!   from the driver's CPU.
 //! - [`needs_signal`]: the event-index check for buffers published that
 //!   way (virtio-queue's own check counts only what its `add_used` added).
+//! - [`Lookahead`]: asks the processor for the buffers of the chains a
+//!   queue offers next, before they are walked, so the cache misses of a
+//!   batch overlap instead of coming one after another.
 
 use std::cell::Cell;
 use std::num::Wrapping;
 use std::sync::atomic::{fence, Ordering};
+use std::sync::OnceLock;
 
+use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
-    GuestRegionMmap,
+    GuestRegionMmap, VolatileSlice,
 };
 
 /// A port's view of guest memory.
@@ -34,6 +39,11 @@ const AVAIL_HEADER_BYTES: u64 = 4;
 /// The driver's flag (without EVENT_IDX) that it wants no notification
 /// of used buffers.
 const VRING_AVAIL_F_NO_INTERRUPT: u16 = 1;
+
+/// Bytes of a split ring's descriptor.
+const DESCRIPTOR_BYTES: usize = 16;
+/// Bytes of the processor's cache line.
+const CACHE_LINE_BYTES: usize = 64;
 
 /// Guest memory that remembers the last two regions it found. It offers
 /// the same map as the memory it wraps; only the search is skipped.
@@ -154,6 +164,151 @@ pub fn needs_signal<M: Bytes<GuestAddress>>(
     now - event - Wrapping(1) < now - since
 }
 
+/// A queue's available ring and descriptor table, found in guest memory
+/// once for a batch, to ask the processor for the buffers of the chains
+/// it offers next before they are walked.
+///
+/// The driver writes those buffers, ring entries and descriptors from its
+/// own processor, and each line the device then touches is a cache miss;
+/// on a host whose two processors are far apart (a cache line's round
+/// trip between them measured at 75-100 ns at some times and 380-410 ns
+/// at others on the benchmark machine), a batch whose misses come one
+/// after another is bound by them. Prefetching a few chains ahead lets
+/// them overlap.
+///
+/// Only hints come from here: what it reads decides nothing, and the
+/// chains are still taken, bounds-checked, through virtio-queue. Entries
+/// it cannot read, descriptors out of the table, indirect chains and
+/// buffers outside guest memory are skipped.
+pub struct Lookahead<'a> {
+    memory: &'a RegionCache<'a>,
+    avail: VolatileSlice<'a>,
+    table: VolatileSlice<'a>,
+    size: u16,
+    /// The ring's next position when the lookahead was made.
+    start: Wrapping<u16>,
+    /// Chains offered from `start` on (the available index read then).
+    offered: u16,
+    /// For buffers the device writes (receive queues): fetched to write.
+    write: bool,
+}
+
+impl<'a> Lookahead<'a> {
+    /// The lookahead for `queue`'s chains from its next position; `None`
+    /// if its rings do not each lie in one region of guest memory.
+    pub fn new(memory: &'a RegionCache<'a>, queue: &Queue, write: bool) -> Option<Lookahead<'a>> {
+        let size = queue.size();
+        let avail = memory
+            .get_slice(
+                GuestAddress(queue.avail_ring()),
+                AVAIL_HEADER_BYTES as usize + 2 * usize::from(size),
+            )
+            .ok()?;
+        let table = memory
+            .get_slice(
+                GuestAddress(queue.desc_table()),
+                DESCRIPTOR_BYTES * usize::from(size),
+            )
+            .ok()?;
+        let start = Wrapping(queue.next_avail());
+        let index = Wrapping(u16::from_le(avail.load::<u16>(2, Ordering::Acquire).ok()?));
+        // An index that claims more chains than the ring holds offers none.
+        let offered = Some((index - start).0).filter(|&offered| offered <= size)?;
+        Some(Lookahead {
+            memory,
+            avail,
+            table,
+            size,
+            start,
+            offered,
+            write: write && prefetch_write_supported(),
+        })
+    }
+
+    /// Asks for the first `bytes` of the buffer of the chain `ahead`
+    /// positions past the one the lookahead was made at (nothing if that
+    /// chain is not offered, or not a plain one in guest memory).
+    #[inline]
+    pub fn prefetch(&self, ahead: usize, bytes: usize) {
+        if ahead >= usize::from(self.offered) {
+            return;
+        }
+        // `ahead` < `offered` <= `size`: the ring is not empty.
+        let slot = (usize::from(self.start.0) + ahead) % usize::from(self.size);
+        let Ok(head) = self
+            .avail
+            .load::<u16>(AVAIL_HEADER_BYTES as usize + 2 * slot, Ordering::Relaxed)
+        else {
+            return;
+        };
+        let head = u16::from_le(head);
+        if head >= self.size {
+            return;
+        }
+        let Ok(descriptor) = self
+            .table
+            .read_obj::<Descriptor>(usize::from(head) * DESCRIPTOR_BYTES)
+        else {
+            return;
+        };
+        let len = bytes.min(descriptor.len() as usize);
+        if descriptor.refers_to_indirect_table() || len == 0 {
+            return;
+        }
+        let Ok(buffer) = self.memory.get_slice(descriptor.addr(), len) else {
+            return;
+        };
+        let start = buffer.ptr_guard().as_ptr() as usize;
+        let first = start & !(CACHE_LINE_BYTES - 1);
+        for line in (first..start + len).step_by(CACHE_LINE_BYTES) {
+            prefetch_line(line as *const u8, self.write);
+        }
+    }
+}
+
+/// Whether the processor has PREFETCHW (fetch a line to write it).
+fn prefetch_write_supported() -> bool {
+    static SUPPORTED: OnceLock<bool> = OnceLock::new();
+    *SUPPORTED.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::x86_64::__cpuid;
+            __cpuid(0x8000_0000).eax >= 0x8000_0001 && __cpuid(0x8000_0001).ecx & (1 << 8) != 0
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        false
+    })
+}
+
+/// Asks the processor to bring the cache line at `line` close, to read it
+/// or (`write`) to write it.
+#[inline(always)]
+fn prefetch_line(line: *const u8, write: bool) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: a prefetch is a hint: it does not fault whatever the
+    // address, and reads or writes nothing the program can see.
+    // PREFETCHW is asked for only where CPUID says it exists.
+    unsafe {
+        if write {
+            std::arch::asm!("prefetchw [{}]", in(reg) line, options(nostack, preserves_flags, readonly));
+        } else {
+            std::arch::asm!("prefetcht0 [{}]", in(reg) line, options(nostack, preserves_flags, readonly));
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (line, write);
+}
+
+impl std::fmt::Debug for Lookahead<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Lookahead")
+            .field("start", &self.start)
+            .field("offered", &self.offered)
+            .field("write", &self.write)
+            .finish_non_exhaustive()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -236,6 +391,58 @@ mod tests {
         queue.set_used_ring_address(Some(0x8000), Some(0));
         assert!(publish_used(&mut queue, &memory, &[(0, 1)]).is_err());
         assert_eq!(queue.next_used(), 0);
+    }
+
+    #[test]
+    fn the_lookahead_skips_what_it_cannot_read_and_never_fails() {
+        let (memory, mut queue) = setup();
+        let cache = RegionCache::new(&memory);
+        // Nothing offered yet.
+        let lookahead = Lookahead::new(&cache, &queue, true).unwrap();
+        assert_eq!(lookahead.offered, 0);
+        lookahead.prefetch(0, 128);
+        // Chains at every position of a wrapped ring: a plain one, a head
+        // past the table, a buffer outside memory, an indirect one, a
+        // buffer that crosses out of its region, and an empty one.
+        queue.set_next_avail(u16::MAX - 2);
+        let descriptors = [
+            Descriptor::new(0x10000, 64, 0, 0),
+            Descriptor::new(0x9000_0000, 64, 0, 0),
+            Descriptor::new(0x10000, 32, 4, 0),
+            Descriptor::new(0x10f00, 0x200, 0, 0),
+            Descriptor::new(0x10000, 0, 0, 0),
+        ];
+        for (index, descriptor) in descriptors.iter().enumerate() {
+            memory
+                .write_obj(*descriptor, GuestAddress(DESC + 16 * index as u64))
+                .unwrap();
+        }
+        let heads = [0u16, SIZE, 1, 2, 3, 4, 0, 0];
+        for (offset, head) in heads.iter().enumerate() {
+            let slot = (usize::from(u16::MAX - 2) + offset) % usize::from(SIZE);
+            memory
+                .write_obj(head.to_le(), GuestAddress(AVAIL + 4 + 2 * slot as u64))
+                .unwrap();
+        }
+        memory
+            .write_obj(5u16.to_le(), GuestAddress(AVAIL + 2))
+            .unwrap();
+        let lookahead = Lookahead::new(&cache, &queue, false).unwrap();
+        assert_eq!(lookahead.offered, 8);
+        for ahead in 0..2 * usize::from(SIZE) {
+            lookahead.prefetch(ahead, 4096);
+        }
+        // An index claiming more chains than the ring holds offers none.
+        memory
+            .write_obj(
+                (u16::MAX - 2).wrapping_add(SIZE + 1).to_le(),
+                GuestAddress(AVAIL + 2),
+            )
+            .unwrap();
+        assert!(Lookahead::new(&cache, &queue, true).is_none());
+        // Rings outside guest memory have no lookahead.
+        queue.set_desc_table_address(Some(0x3ff0), Some(0));
+        assert!(Lookahead::new(&cache, &queue, true).is_none());
     }
 
     #[test]
