@@ -19,6 +19,10 @@
 # last figure is the fair one here: it does not depend on how much CPU the
 # shared machine happened to give the switch (OVS's PMD thread spins, so it
 # always takes the whole core; fabricd's port threads sleep when idle).
+# Before each run, `linebounce` measures how long a cache line takes to go
+# from CPU 0 to CPU 1 and back: on a virtual machine it depends on where the
+# host placed the two virtual CPUs and can change from one run to the next,
+# and every switch here pays it for each line testpmd hands over.
 # Then (unless --skip-bridge) a Linux bridge between two veth pairs in two
 # network namespaces made for the run, TCP throughput with iperf3.
 # Needs root (hugepages, namespaces); installs dpdk-dev, openvswitch-switch-dpdk
@@ -58,6 +62,7 @@ if [ "${#missing[@]}" -gt 0 ]; then
 fi
 
 cargo build --release --bins -p fabric -p fabctl
+cargo build --release -p integration --bin linebounce
 exec python3 integration/bench/switch_vs_ovs.py --runs "$runs" --seconds "$seconds" \
 	--sizes "$sizes" --json "$json" --bridge "$bridge" --targets "$targets" \
 	--bin "${CARGO_TARGET_DIR:-target}/release"

@@ -156,6 +156,14 @@ def measure(testpmd, pids, seconds, hz, drops=None):
     return result
 
 
+def line_round_trip(binaries):
+    """Nanoseconds for a cache line to go from CPU 0 to CPU 1 and back,
+    measured just before a run: on a virtual machine it depends on where
+    the host put the two virtual CPUs, and it can change between runs."""
+    out = subprocess.run([f"{binaries}/linebounce"], check=True, capture_output=True, text=True)
+    return float(out.stdout.strip())
+
+
 def port_drops(listing):
     """Drops by reason, summed over the ports (or tunnels) of a listing."""
     drops = {}
@@ -364,11 +372,14 @@ def main():
     for run in range(args.runs):
         for size in sizes:
             for name, target in targets.items():
+                round_trip = line_round_trip(args.bin)
                 result = target(size)
+                result["line_round_trip_ns"] = round_trip
                 print(f"run {run + 1} {name} {size} B: {result['pps'] / 1e6:.3f} Mpps, "
                       f"switch CPU {result['cpu']:.2f}, "
                       f"{result['cycles_per_packet'] or 0:.0f} cycles/packet, "
-                      f"{result['context_switches_per_second']:.0f} context switches/s"
+                      f"{result['context_switches_per_second']:.0f} context switches/s, "
+                      f"line round trip {round_trip:.0f} ns"
                       + (f", drops {result['drops']}" if "drops" in result else ""), flush=True)
                 results[name][size].append(result)
     bridge = []
@@ -380,14 +391,16 @@ def main():
     print()
     print(f"clock {hz / 1e6:.0f} MHz; {args.runs} runs x {args.seconds} s; median (min–max)")
     print()
-    print("| switch | frame | Mpps (both ports) | Gbit/s | switch CPU (cores) | cycles/packet |")
-    print("|---|---|---|---|---|---|")
+    print("| switch | frame | Mpps (both ports) | Gbit/s | switch CPU (cores) | cycles/packet "
+          "| CPU 0-1 line round trip (ns) |")
+    print("|---|---|---|---|---|---|---|")
     for name in targets:
         for size in sizes:
             rs = results[name][size]
             print(f"| {name} | {size} B | {cell([r['pps'] for r in rs], 1e-6, 3)} | "
                   f"{cell([r['pps'] * size * 8 for r in rs], 1e-9)} | "
-                  f"{cell([r['cpu'] for r in rs])} | {cell([r['cycles_per_packet'] for r in rs], 1, 0)} |")
+                  f"{cell([r['cpu'] for r in rs])} | {cell([r['cycles_per_packet'] for r in rs], 1, 0)} | "
+                  f"{cell([r['line_round_trip_ns'] for r in rs], 1, 0)} |")
     print()
     print("| ratio, fabric / peer (medians) | frame | Mpps | cycles/packet |")
     print("|---|---|---|---|")
