@@ -22,7 +22,8 @@ use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
-use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
+use virtio_queue::desc::split::Descriptor;
+use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{
     Address, Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic, GuestMemoryBackend,
     GuestMemoryLoadGuard,
@@ -33,7 +34,7 @@ use vmm_sys_util::event::{
 };
 
 use crate::frame::{rewrite, Egress, Mac, VLAN_TAG_BYTES};
-use crate::ring::{needs_signal, publish_used, Lookahead, Memory, RegionCache};
+use crate::ring::{needs_signal, publish_used, Memory, RegionCache, RingView};
 use crate::switch::{
     DropReason, PortConfig, PortCounters, PortId, SegmentId, Switch, SwitchError, Switched,
 };
@@ -64,7 +65,7 @@ const RX_BUFFERS_MAX: usize = 64;
 pub(crate) const TX_BATCH: usize = 64;
 
 /// How many chains ahead of the one being walked the buffers are asked
-/// for (see [`Lookahead`]), and how much of each: the virtio-net header
+/// for (see [`RingView`]), and how much of each: the virtio-net header
 /// and the frame's headers.
 const PREFETCH_AHEAD: usize = 8;
 const PREFETCH_BYTES: usize = 128;
@@ -570,14 +571,14 @@ impl Receiver {
             // the event index is never moved, and the driver kicks at most
             // once per wrap of its index).
             let _ = queue.disable_notification(memory);
-            let lookahead = Lookahead::new(memory, queue, true);
-            if let Some(lookahead) = &lookahead {
+            let view = RingView::new(memory, queue, true);
+            if let Some(view) = &view {
                 for ahead in 0..PREFETCH_AHEAD {
-                    lookahead.prefetch(ahead, PREFETCH_BYTES);
+                    view.prefetch(ahead, PREFETCH_BYTES);
                 }
             }
             // Frames of the run this ring took so far: about the buffers
-            // it used (a hint for the lookahead only).
+            // it used (a hint for the view only).
             let mut served = 0;
             let pending = &mut pending[pair];
             // Once per port, for the runs of a well-behaved guest (a ring
@@ -596,8 +597,8 @@ impl Receiver {
                 if count > 1 && receive_queue(frame, &ready[..count]) != Some(pair) {
                     continue;
                 }
-                if let Some(lookahead) = &lookahead {
-                    lookahead.prefetch(served + PREFETCH_AHEAD, PREFETCH_BYTES);
+                if let Some(view) = &view {
+                    view.prefetch(served + PREFETCH_AHEAD, PREFETCH_BYTES);
                 }
                 served += 1;
                 let needed = NET_HEADER_BYTES + frame.len();
@@ -631,7 +632,11 @@ impl Receiver {
                     } else {
                         (&[], &frame[written - NET_HEADER_BYTES..])
                     };
-                    match fill(memory, chain, header, body) {
+                    let filled = match view.as_ref().and_then(|view| view.lone(head)) {
+                        Some(descriptor) => fill(memory, std::iter::once(descriptor), header, body),
+                        None => fill(memory, chain, header, body),
+                    };
+                    match filled {
                         Ok((length, start)) => {
                             if first {
                                 num_buffers_at = Some(start.unchecked_add(10));
@@ -700,20 +705,20 @@ impl Receiver {
 type RingHold<'a> =
     std::sync::RwLockWriteGuard<'a, vhost_user_backend::VringState<GuestMemoryAtomic<Memory>>>;
 
-/// Writes `header` then `body` into a receive chain's buffers, as far as
-/// they go. Returns the bytes written and where the chain starts; `Err` if
-/// a buffer is not writable guest memory, or the first is too small for
-/// `header` (so it can be patched in place).
+/// Writes `header` then `body` into a receive chain's buffers (its
+/// `descriptors`), as far as they go. Returns the bytes written and where
+/// the chain starts; `Err` if a buffer is not writable guest memory, or
+/// the first is too small for `header` (so it can be patched in place).
 fn fill(
     memory: &RegionCache,
-    chain: DescriptorChain<&RegionCache>,
+    descriptors: impl Iterator<Item = Descriptor>,
     header: &[u8],
     body: &[u8],
 ) -> Result<(usize, GuestAddress), ()> {
     let mut start = None;
     let mut written = 0;
     let total = header.len() + body.len();
-    for descriptor in chain {
+    for descriptor in descriptors {
         if written == total {
             break;
         }
@@ -750,15 +755,15 @@ fn fill(
     }
 }
 
-/// Reads a transmitted chain (virtio-net header, then the frame) into
-/// `buffer`; returns the frame's length.
+/// Reads a transmitted chain (its `descriptors`: virtio-net header, then
+/// the frame) into `buffer`; returns the frame's length.
 fn read_frame(
-    chain: DescriptorChain<&RegionCache>,
+    memory: &RegionCache,
+    descriptors: impl Iterator<Item = Descriptor>,
     buffer: &mut [u8],
 ) -> Result<usize, DropReason> {
-    let memory = chain.memory();
     let mut total = 0usize;
-    for descriptor in chain.clone() {
+    for descriptor in descriptors {
         if descriptor.is_write_only() {
             return Err(DropReason::Malformed);
         }
@@ -904,22 +909,29 @@ impl NetBackend {
             let mut taken = 0;
             let mut used = [(0u16, 0u32); TX_BATCH];
             batch.clear();
-            let lookahead = Lookahead::new(memory, queue, false);
-            if let Some(lookahead) = &lookahead {
+            let view = RingView::new(memory, queue, false);
+            if let Some(view) = &view {
                 for ahead in 0..PREFETCH_AHEAD {
-                    lookahead.prefetch(ahead, PREFETCH_BYTES);
+                    view.prefetch(ahead, PREFETCH_BYTES);
                 }
             }
             // The available index is read once per batch. A queue whose
             // index is out of range offers nothing (as a pop would).
             if let Ok(chains) = queue.iter(memory) {
                 for chain in chains.take(TX_BATCH) {
-                    if let Some(lookahead) = &lookahead {
-                        lookahead.prefetch(taken + PREFETCH_AHEAD, PREFETCH_BYTES);
+                    if let Some(view) = &view {
+                        view.prefetch(taken + PREFETCH_AHEAD, PREFETCH_BYTES);
                     }
-                    used[taken].0 = chain.head_index();
+                    let head = chain.head_index();
+                    used[taken].0 = head;
                     taken += 1;
-                    match read_frame(chain, batch.slot()) {
+                    let read = match view.as_ref().and_then(|view| view.lone(head)) {
+                        Some(descriptor) => {
+                            read_frame(memory, std::iter::once(descriptor), batch.slot())
+                        }
+                        None => read_frame(memory, chain, batch.slot()),
+                    };
+                    match read {
                         Ok(len) => batch.push(len),
                         Err(reason) => batch.refused.push(reason),
                     }

@@ -10,9 +10,11 @@
 //!   from the driver's CPU.
 //! - [`needs_signal`]: the event-index check for buffers published that
 //!   way (virtio-queue's own check counts only what its `add_used` added).
-//! - [`Lookahead`]: asks the processor for the buffers of the chains a
-//!   queue offers next, before they are walked, so the cache misses of a
-//!   batch overlap instead of coming one after another.
+//! - [`RingView`]: a queue's rings found in guest memory once for a
+//!   batch. It reads a chain that is a single descriptor without
+//!   virtio-queue's general walk, and asks the processor for the buffers
+//!   of the chains offered next before they are walked, so the cache
+//!   misses of a batch overlap instead of coming one after another.
 
 use std::cell::Cell;
 use std::num::Wrapping;
@@ -99,7 +101,7 @@ impl GuestMemoryBackend for RegionCache<'_> {
 /// Puts `used` (head, bytes written) on `queue`'s used ring after the
 /// entries already there, then moves the used index past them with one
 /// store. Fails only if the ring is not in guest memory.
-pub fn publish_used<M: Bytes<GuestAddress, E = vm_memory::GuestMemoryError>>(
+pub fn publish_used<M: GuestMemoryBackend>(
     queue: &mut Queue,
     memory: &M,
     used: &[(u16, u32)],
@@ -110,10 +112,24 @@ pub fn publish_used<M: Bytes<GuestAddress, E = vm_memory::GuestMemoryError>>(
     let ring = GuestAddress(queue.used_ring());
     let size = queue.size();
     let mut next = Wrapping(queue.next_used());
+    let ring_bytes = USED_HEADER_BYTES + USED_ELEMENT_BYTES * u64::from(size);
+    if let Ok(slice) = memory.get_slice(ring, ring_bytes as usize) {
+        // The ring in one region (as drivers place it): one bounds check
+        // per element, against the ring.
+        for &(head, len) in used {
+            let slot = u64::from(next.0 % size);
+            let at = (USED_HEADER_BYTES + slot * USED_ELEMENT_BYTES) as usize;
+            slice.write_obj(used_element(head, len), at)?;
+            next += 1;
+        }
+        // Release: the elements are visible before the index that covers
+        // them.
+        slice.store(next.0.to_le(), 2, Ordering::Release)?;
+        queue.set_next_used(next.0);
+        return Ok(());
+    }
     for &(head, len) in used {
-        let mut element = [0u8; USED_ELEMENT_BYTES as usize];
-        element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        element[4..].copy_from_slice(&len.to_le_bytes());
+        let element = used_element(head, len);
         let slot = u64::from(next.0 % size);
         let at = ring
             .checked_add(USED_HEADER_BYTES + slot * USED_ELEMENT_BYTES)
@@ -128,6 +144,14 @@ pub fn publish_used<M: Bytes<GuestAddress, E = vm_memory::GuestMemoryError>>(
     memory.store(next.0.to_le(), index_at, Ordering::Release)?;
     queue.set_next_used(next.0);
     Ok(())
+}
+
+/// A used ring element: the chain's head and the bytes written to it.
+fn used_element(head: u16, len: u32) -> [u8; USED_ELEMENT_BYTES as usize] {
+    let mut element = [0u8; USED_ELEMENT_BYTES as usize];
+    element[..4].copy_from_slice(&u32::from(head).to_le_bytes());
+    element[4..].copy_from_slice(&len.to_le_bytes());
+    element
 }
 
 /// Whether the driver wants to hear of the buffers published since the
@@ -165,27 +189,29 @@ pub fn needs_signal<M: Bytes<GuestAddress>>(
 }
 
 /// A queue's available ring and descriptor table, found in guest memory
-/// once for a batch, to ask the processor for the buffers of the chains
-/// it offers next before they are walked.
+/// once for a batch (both must each lie in one region).
 ///
-/// The driver writes those buffers, ring entries and descriptors from its
-/// own processor, and each line the device then touches is a cache miss;
-/// on a host whose two processors are far apart (a cache line's round
-/// trip between them measured at 75-100 ns at some times and 380-410 ns
-/// at others on the benchmark machine), a batch whose misses come one
-/// after another is bound by them. Prefetching a few chains ahead lets
-/// them overlap.
-///
-/// Only hints come from here: what it reads decides nothing, and the
-/// chains are still taken, bounds-checked, through virtio-queue. Entries
-/// it cannot read, descriptors out of the table, indirect chains and
-/// buffers outside guest memory are skipped.
-pub struct Lookahead<'a> {
+/// - [`RingView::lone`]: the descriptor of a chain that is that one
+///   descriptor (most drivers' frames), read with one bounds check instead
+///   of virtio-queue's general walk. Other chains are walked by
+///   virtio-queue.
+/// - [`RingView::prefetch`]: asks the processor for the buffers of the
+///   chains offered next, before they are walked. The driver writes those
+///   buffers, ring entries and descriptors from its own processor, and
+///   each line the device then touches is a cache miss; on a host whose
+///   two processors are far apart (a cache line's round trip between them
+///   measured at 55-100 ns at some times and 380-430 ns at others on the
+///   benchmark machine), a batch whose misses come one after another is
+///   bound by them. Prefetching a few chains ahead lets them overlap.
+///   Prefetches are only hints: entries it cannot read, descriptors out of
+///   the table, indirect chains and buffers outside guest memory are
+///   skipped.
+pub struct RingView<'a> {
     memory: &'a RegionCache<'a>,
     avail: VolatileSlice<'a>,
     table: VolatileSlice<'a>,
     size: u16,
-    /// The ring's next position when the lookahead was made.
+    /// The ring's next position when the view was made.
     start: Wrapping<u16>,
     /// Chains offered from `start` on (the available index read then).
     offered: u16,
@@ -193,10 +219,10 @@ pub struct Lookahead<'a> {
     write: bool,
 }
 
-impl<'a> Lookahead<'a> {
-    /// The lookahead for `queue`'s chains from its next position; `None`
+impl<'a> RingView<'a> {
+    /// The view for `queue`'s chains from its next position; `None`
     /// if its rings do not each lie in one region of guest memory.
-    pub fn new(memory: &'a RegionCache<'a>, queue: &Queue, write: bool) -> Option<Lookahead<'a>> {
+    pub fn new(memory: &'a RegionCache<'a>, queue: &Queue, write: bool) -> Option<RingView<'a>> {
         let size = queue.size();
         let avail = memory
             .get_slice(
@@ -214,7 +240,7 @@ impl<'a> Lookahead<'a> {
         let index = Wrapping(u16::from_le(avail.load::<u16>(2, Ordering::Acquire).ok()?));
         // An index that claims more chains than the ring holds offers none.
         let offered = Some((index - start).0).filter(|&offered| offered <= size)?;
-        Some(Lookahead {
+        Some(RingView {
             memory,
             avail,
             table,
@@ -225,8 +251,24 @@ impl<'a> Lookahead<'a> {
         })
     }
 
+    /// The descriptor at `head`, if it is a whole chain by itself (neither
+    /// chained on nor indirect); `None` for any other chain, or a head out
+    /// of the table, which virtio-queue's walk then handles (or refuses).
+    /// Its buffer is not checked here.
+    #[inline]
+    pub fn lone(&self, head: u16) -> Option<Descriptor> {
+        if head >= self.size {
+            return None;
+        }
+        let descriptor = self
+            .table
+            .read_obj::<Descriptor>(usize::from(head) * DESCRIPTOR_BYTES)
+            .ok()?;
+        (!descriptor.has_next() && !descriptor.refers_to_indirect_table()).then_some(descriptor)
+    }
+
     /// Asks for the first `bytes` of the buffer of the chain `ahead`
-    /// positions past the one the lookahead was made at (nothing if that
+    /// positions past the one the view was made at (nothing if that
     /// chain is not offered, or not a plain one in guest memory).
     #[inline]
     pub fn prefetch(&self, ahead: usize, bytes: usize) {
@@ -299,9 +341,9 @@ fn prefetch_line(line: *const u8, write: bool) {
     let _ = (line, write);
 }
 
-impl std::fmt::Debug for Lookahead<'_> {
+impl std::fmt::Debug for RingView<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Lookahead")
+        f.debug_struct("RingView")
             .field("start", &self.start)
             .field("offered", &self.offered)
             .field("write", &self.write)
@@ -394,13 +436,13 @@ mod tests {
     }
 
     #[test]
-    fn the_lookahead_skips_what_it_cannot_read_and_never_fails() {
+    fn the_view_skips_what_it_cannot_read_and_never_fails() {
         let (memory, mut queue) = setup();
         let cache = RegionCache::new(&memory);
         // Nothing offered yet.
-        let lookahead = Lookahead::new(&cache, &queue, true).unwrap();
-        assert_eq!(lookahead.offered, 0);
-        lookahead.prefetch(0, 128);
+        let view = RingView::new(&cache, &queue, true).unwrap();
+        assert_eq!(view.offered, 0);
+        view.prefetch(0, 128);
         // Chains at every position of a wrapped ring: a plain one, a head
         // past the table, a buffer outside memory, an indirect one, a
         // buffer that crosses out of its region, and an empty one.
@@ -427,10 +469,10 @@ mod tests {
         memory
             .write_obj(5u16.to_le(), GuestAddress(AVAIL + 2))
             .unwrap();
-        let lookahead = Lookahead::new(&cache, &queue, false).unwrap();
-        assert_eq!(lookahead.offered, 8);
+        let view = RingView::new(&cache, &queue, false).unwrap();
+        assert_eq!(view.offered, 8);
         for ahead in 0..2 * usize::from(SIZE) {
-            lookahead.prefetch(ahead, 4096);
+            view.prefetch(ahead, 4096);
         }
         // An index claiming more chains than the ring holds offers none.
         memory
@@ -439,10 +481,10 @@ mod tests {
                 GuestAddress(AVAIL + 2),
             )
             .unwrap();
-        assert!(Lookahead::new(&cache, &queue, true).is_none());
-        // Rings outside guest memory have no lookahead.
+        assert!(RingView::new(&cache, &queue, true).is_none());
+        // Rings outside guest memory have no view.
         queue.set_desc_table_address(Some(0x3ff0), Some(0));
-        assert!(Lookahead::new(&cache, &queue, true).is_none());
+        assert!(RingView::new(&cache, &queue, true).is_none());
     }
 
     #[test]

@@ -48,7 +48,10 @@ fn pin(cpu: usize) -> Result<()> {
         libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set)
     };
     if result != 0 {
-        bail!("cannot run on CPU {cpu}: {}", std::io::Error::last_os_error());
+        bail!(
+            "cannot run on CPU {cpu}: {}",
+            std::io::Error::last_os_error()
+        );
     }
     Ok(())
 }
