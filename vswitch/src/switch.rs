@@ -380,6 +380,24 @@ pub struct Switch {
     expired_at: Duration,
     /// Sources not learned because the table was full.
     pub learn_refused: u64,
+    /// Bumped by every change to `macs`: what [`Recent`] remembers holds
+    /// only while it is unchanged.
+    macs_version: u64,
+    recent: Recent,
+}
+
+/// The MAC table's answers for the frame switched last, kept for the
+/// frames after it: a guest's batch of frames (switched at one `now`)
+/// mostly has one source and one destination, and each lookup is a hash
+/// of the key and a probe of a large table. An answer is reused only for
+/// the same key, at the same `now`, and while the table has not changed
+/// since, so it is exactly what the lookup would give.
+#[derive(Debug, Clone, Copy, Default)]
+struct Recent {
+    /// A source learned on a port: learning it again changes nothing.
+    learned: Option<(MacKey, PortId, Duration, u64)>,
+    /// A destination looked up: the port it is on, if known and not aged.
+    found: Option<(MacKey, Duration, u64, Option<PortId>)>,
 }
 
 impl Default for Switch {
@@ -397,6 +415,8 @@ impl Switch {
             frame_bytes_max,
             expired_at: Duration::ZERO,
             learn_refused: 0,
+            macs_version: 0,
+            recent: Recent::default(),
         }
     }
 
@@ -434,7 +454,7 @@ impl Switch {
                     vlan,
                     mac,
                 };
-                self.macs.insert(
+                self.macs_mut().insert(
                     key,
                     MacEntry {
                         port: id,
@@ -495,7 +515,7 @@ impl Switch {
         let carried = port.tunnel.as_mut().ok_or(SwitchError::NotATunnel(id))?;
         *carried = segments;
         let carried = carried.clone();
-        self.macs
+        self.macs_mut()
             .retain(|key, entry| entry.port != id || carried.contains(&key.segment));
         Ok(())
     }
@@ -503,7 +523,7 @@ impl Switch {
     /// Removes a port and every address the table has on it.
     pub fn remove_port(&mut self, id: PortId) -> Result<PortCounters, SwitchError> {
         let port = self.ports.remove(&id).ok_or(SwitchError::NoSuchPort(id))?;
-        self.macs.retain(|_, entry| entry.port != id);
+        self.macs_mut().retain(|_, entry| entry.port != id);
         Ok(port.counters)
     }
 
@@ -516,7 +536,7 @@ impl Switch {
     pub fn expire(&mut self, now: Duration) {
         self.expired_at = now;
         let aging = self.aging;
-        self.macs
+        self.macs_mut()
             .retain(|_, entry| entry.fixed || now.saturating_sub(entry.seen) < aging);
     }
 
@@ -660,17 +680,11 @@ impl Switch {
         destination: Mac,
         out: &mut Vec<(PortId, Egress)>,
     ) -> Result<(), DropReason> {
-        let target = (!destination.is_group())
-            .then(|| {
-                self.macs.get(&MacKey {
-                    segment,
-                    vlan,
-                    mac: destination,
-                })
-            })
-            .flatten()
-            .filter(|entry| entry.fixed || now.saturating_sub(entry.seen) < self.aging)
-            .map(|entry| entry.port);
+        let target = if destination.is_group() {
+            None
+        } else {
+            self.find(segment, vlan, destination, now)
+        };
         match target {
             Some(to) => {
                 let port = self.ports.get(&to);
@@ -738,18 +752,48 @@ impl Switch {
         Ok((header, vlan))
     }
 
+    /// The port `mac` was learned on (or is assigned to), unless aged.
+    fn find(&mut self, segment: SegmentId, vlan: u16, mac: Mac, now: Duration) -> Option<PortId> {
+        let key = MacKey { segment, vlan, mac };
+        if let Some((recent, at, version, port)) = self.recent.found {
+            if (recent, at, version) == (key, now, self.macs_version) {
+                return port;
+            }
+        }
+        let port = self
+            .macs
+            .get(&key)
+            .filter(|entry| entry.fixed || now.saturating_sub(entry.seen) < self.aging)
+            .map(|entry| entry.port);
+        self.recent.found = Some((key, now, self.macs_version, port));
+        port
+    }
+
+    /// The MAC table, to change it: what [`Recent`] remembers no longer
+    /// holds.
+    fn macs_mut(&mut self) -> &mut HashMap<MacKey, MacEntry, MacHashing> {
+        self.macs_version = self.macs_version.wrapping_add(1);
+        &mut self.macs
+    }
+
     fn learn(&mut self, segment: SegmentId, vlan: u16, mac: Mac, port: PortId, now: Duration) {
         let key = MacKey { segment, vlan, mac };
+        if self.recent.learned == Some((key, port, now, self.macs_version)) {
+            return;
+        }
         let room = self.macs.len() < MAC_TABLE_ENTRIES_MAX;
         match self.macs.get_mut(&key) {
             // Another port's assigned address is never moved by a frame.
             Some(entry) if entry.fixed => {}
             Some(entry) => {
-                entry.port = port;
-                entry.seen = now;
+                if (entry.port, entry.seen) != (port, now) {
+                    entry.port = port;
+                    entry.seen = now;
+                    self.macs_version = self.macs_version.wrapping_add(1);
+                }
             }
             None if room => {
-                self.macs.insert(
+                self.macs_mut().insert(
                     key,
                     MacEntry {
                         port,
@@ -758,8 +802,13 @@ impl Switch {
                     },
                 );
             }
-            None => self.learn_refused += 1,
+            // Counted per frame: not remembered.
+            None => {
+                self.learn_refused += 1;
+                return;
+            }
         }
+        self.recent.learned = Some((key, port, now, self.macs_version));
     }
 
     /// Counts a frame delivered on `port`.
@@ -1082,6 +1131,87 @@ mod tests {
             .expect("switched");
         }
         assert_eq!(s.learn_refused, 10);
+    }
+
+    #[test]
+    fn answers_kept_for_the_next_frame_are_what_the_table_says() {
+        // Frames at one instant, as a batch is switched: each answer a
+        // frame reuses must be the one a fresh lookup gives.
+        let mut s = switch();
+        let to_r = frame(R, A, None, 60);
+        // R unknown: flooded, twice.
+        check(&mut s, 5, 1, &to_r, Ok(vec![(2, Untagged), (4, Untagged)]));
+        check(&mut s, 5, 1, &to_r, Ok(vec![(2, Untagged), (4, Untagged)]));
+        // R learned on 4 at the same instant: the next frame to R goes
+        // there only.
+        check(
+            &mut s,
+            5,
+            4,
+            &frame(A, R, None, 60),
+            Ok(vec![(1, Untagged)]),
+        );
+        check(&mut s, 5, 1, &to_r, Ok(vec![(4, Untagged)]));
+        // R moves to port 2 (which has no port security here), still at
+        // the same instant, with a broadcast (no lookup in between): frames
+        // to R follow it.
+        s.ports.get_mut(&2).expect("2").config.security = false;
+        check(
+            &mut s,
+            5,
+            2,
+            &frame(Mac::BROADCAST, R, None, 60),
+            Ok(vec![(1, Untagged), (4, Untagged)]),
+        );
+        check(&mut s, 5, 1, &to_r, Ok(vec![(2, Untagged)]));
+        check(
+            &mut s,
+            5,
+            2,
+            &frame(A, R, None, 60),
+            Ok(vec![(1, Untagged)]),
+        );
+        check(&mut s, 5, 1, &to_r, Ok(vec![(2, Untagged)]));
+        // Its port removed at the same instant: R is unknown, flooded.
+        s.add_port(6, port(1, None, VlanMode::Native), Duration::ZERO)
+            .expect("6");
+        s.remove_port(2).expect("remove");
+        check(&mut s, 5, 1, &to_r, Ok(vec![(4, Untagged), (6, Untagged)]));
+        // Aged between two frames with the same addresses: flooded.
+        check(
+            &mut s,
+            6,
+            4,
+            &frame(A, R, None, 60),
+            Ok(vec![(1, Untagged)]),
+        );
+        check(&mut s, 6, 1, &to_r, Ok(vec![(4, Untagged)]));
+        let aged = 6 + MAC_AGING_DEFAULT.as_millis() as u64;
+        check(
+            &mut s,
+            aged,
+            1,
+            &to_r,
+            Ok(vec![(4, Untagged), (6, Untagged)]),
+        );
+    }
+
+    #[test]
+    fn a_full_table_refuses_every_frame_of_a_run_and_counts_each() {
+        let mut s = Switch::default();
+        s.add_port(1, port(1, None, VlanMode::Native), Duration::ZERO)
+            .expect("1");
+        let mut out = Vec::new();
+        for i in 0..MAC_TABLE_ENTRIES_MAX as u32 {
+            let [a, b, c, d] = i.to_be_bytes();
+            s.learn(1, 0, Mac([0x02, 0, a, b, c, d]), 1, Duration::ZERO);
+        }
+        let unlearned = frame(Mac::BROADCAST, Mac([0x06, 0, 0, 0, 0, 1]), None, 60);
+        for _ in 0..3 {
+            s.switch(Duration::ZERO, 1, &unlearned, &mut out)
+                .expect("switched");
+        }
+        assert_eq!(s.learn_refused, 3);
     }
 
     /// Ports 1 = A native and 3 = C access 10 of `switch()`, plus tunnels
