@@ -61,8 +61,9 @@ if [ "${#missing[@]}" -gt 0 ]; then
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}"
 fi
 
-cargo build --release --bins -p fabric -p fabctl
-cargo build --release -p integration --bin linebounce
+# One build for all three, so the crates they share are built once.
+cargo build --release -p fabric -p fabctl -p integration \
+	--bin fabricd --bin fabctl --bin linebounce
 exec python3 integration/bench/switch_vs_ovs.py --runs "$runs" --seconds "$seconds" \
 	--sizes "$sizes" --json "$json" --bridge "$bridge" --targets "$targets" \
 	--bin "${CARGO_TARGET_DIR:-target}/release"
