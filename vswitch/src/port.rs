@@ -573,13 +573,14 @@ impl Receiver {
             let _ = queue.disable_notification(memory);
             let view = RingView::new(memory, queue, true);
             if let Some(view) = &view {
-                for ahead in 0..PREFETCH_AHEAD {
-                    view.prefetch(ahead, PREFETCH_BYTES);
-                }
+                view.prefetch_first(PREFETCH_AHEAD, PREFETCH_BYTES);
             }
             // Frames of the run this ring took so far: about the buffers
             // it used (a hint for the view only).
             let mut served = 0;
+            // A driver cannot have more chains out than its ring holds; one
+            // that moves its index on regardless gets no more in this run.
+            let size = usize::from(queue.size());
             let pending = &mut pending[pair];
             // Once per port, for the runs of a well-behaved guest (a ring
             // has at most this many buffers out at once).
@@ -610,7 +611,10 @@ impl Receiver {
                     if written == needed {
                         break None;
                     }
-                    if taken == RX_BUFFERS_MAX || (taken == 1 && !*merge) {
+                    if taken == RX_BUFFERS_MAX
+                        || (taken == 1 && !*merge)
+                        || pending.len() + taken >= size
+                    {
                         break Some(DropReason::NoRoom);
                     }
                     let mut chain = offered.as_mut().and_then(Iterator::next);
@@ -632,6 +636,8 @@ impl Receiver {
                     } else {
                         (&[], &frame[written - NET_HEADER_BYTES..])
                     };
+                    // One descriptor: read through the view (the function
+                    // made for `Once` is the one the common case runs).
                     let filled = match view.as_ref().and_then(|view| view.lone(head)) {
                         Some(descriptor) => fill(memory, std::iter::once(descriptor), header, body),
                         None => fill(memory, chain, header, body),
@@ -911,13 +917,13 @@ impl NetBackend {
             batch.clear();
             let view = RingView::new(memory, queue, false);
             if let Some(view) = &view {
-                for ahead in 0..PREFETCH_AHEAD {
-                    view.prefetch(ahead, PREFETCH_BYTES);
-                }
+                view.prefetch_first(PREFETCH_AHEAD, PREFETCH_BYTES);
             }
-            // The available index is read once per batch. A queue whose
+            // The available index is read once per batch (by the view, and
+            // again by virtio-queue only if there are chains). A queue whose
             // index is out of range offers nothing (as a pop would).
-            if let Ok(chains) = queue.iter(memory) {
+            let empty = view.as_ref().is_some_and(RingView::is_empty);
+            if let Some(chains) = (!empty).then(|| queue.iter(memory).ok()).flatten() {
                 for chain in chains.take(TX_BATCH) {
                     if let Some(view) = &view {
                         view.prefetch(taken + PREFETCH_AHEAD, PREFETCH_BYTES);
@@ -925,6 +931,8 @@ impl NetBackend {
                     let head = chain.head_index();
                     used[taken].0 = head;
                     taken += 1;
+                    // As on the receive path: one descriptor through the
+                    // view, others walked by virtio-queue.
                     let read = match view.as_ref().and_then(|view| view.lone(head)) {
                         Some(descriptor) => {
                             read_frame(memory, std::iter::once(descriptor), batch.slot())

@@ -789,6 +789,7 @@ impl Switch {
                 if (entry.port, entry.seen) != (port, now) {
                     entry.port = port;
                     entry.seen = now;
+                    // As `macs_mut` does (the entry borrows the table).
                     self.macs_version = self.macs_version.wrapping_add(1);
                 }
             }

@@ -162,6 +162,8 @@ fn post_chain(rng: &mut Rng, tx: &mut Driver<'_>, n: u64, data: u64) -> Expect {
     let split = NET_HEADER_BYTES as u32;
     let head = tx.take(3);
     let (i0, i1, i2) = (head, (head + 1) % QUEUE, (head + 2) % QUEUE);
+    // The head the available ring names: the chain's, unless broken below.
+    let mut offered = head;
     let expect = match rng.below(16) {
         // A good frame in one buffer, then split after the header.
         0..=4 => {
@@ -210,11 +212,15 @@ fn post_chain(rng: &mut Rng, tx: &mut Driver<'_>, n: u64, data: u64) -> Expect {
         }
         // A chain that loops on itself, or points past the table: the
         // chain ends where it breaks, and what was read is too short or
-        // too long to be a frame.
+        // too long to be a frame. Or a head past the table: nothing to
+        // read.
         12 => {
             tx.desc(i0, data, split, VRING_DESC_F_NEXT, i1);
-            let next = if rng.below(2) == 0 { i1 } else { QUEUE + 7 };
-            tx.desc(i1, data + u64::from(split), 2, VRING_DESC_F_NEXT, next);
+            match rng.below(3) {
+                0 => tx.desc(i1, data + u64::from(split), 2, VRING_DESC_F_NEXT, i1),
+                1 => tx.desc(i1, data + u64::from(split), 2, VRING_DESC_F_NEXT, QUEUE + 7),
+                _ => offered = QUEUE + rng.below(u64::from(u16::MAX - QUEUE)) as u16,
+            }
             Expect::Dropped
         }
         // Broken indirect tables: odd length, outside memory, nested.
@@ -247,7 +253,7 @@ fn post_chain(rng: &mut Rng, tx: &mut Driver<'_>, n: u64, data: u64) -> Expect {
             Expect::Dropped
         }
     };
-    tx.offer(head);
+    tx.offer(offered);
     expect
 }
 

@@ -4,7 +4,7 @@
 //!
 //! On a virtual machine this depends on where the host places the virtual
 //! CPUs, and it can change while the machine runs (the benchmark machine
-//! measured 75-100 ns at some times and 380-410 ns at others). Everything
+//! measured 55-100 ns at some times and 380-440 ns at others). Everything
 //! that hands data from one CPU to the other (a virtqueue's buffers, ring
 //! entries and indexes) pays it, so the switch benchmark records it
 //! beside each run.
