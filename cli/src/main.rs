@@ -211,9 +211,23 @@ enum PortCommand {
     Show {
         name: String,
     },
+    /// Set a port's link up or down. A port whose link is down sends and
+    /// receives nothing (counted as link_down drops); its guest stays
+    /// attached.
+    Link {
+        name: String,
+        #[arg(value_enum)]
+        state: LinkState,
+    },
     Delete {
         name: String,
     },
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LinkState {
+    Up,
+    Down,
 }
 
 #[derive(Debug, Subcommand)]
@@ -1079,6 +1093,7 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                             .as_str()
                             .map_or("vhost-user".to_owned(), |tap| format!("tap {tap}")),
                         vlan_text(&p["vlan"]),
+                        p["link"].as_str().unwrap_or("up").to_owned(),
                         counter("rx_packets"),
                         counter("tx_packets"),
                         drops_total(c).map_or("-".into(), |n| n.to_string()),
@@ -1086,7 +1101,8 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                 });
                 print_table(
                     &[
-                        "NAME", "SEGMENT", "NODE", "MAC", "DEVICE", "VLAN", "RX", "TX", "DROPS",
+                        "NAME", "SEGMENT", "NODE", "MAC", "DEVICE", "VLAN", "LINK", "RX", "TX",
+                        "DROPS",
                     ],
                     &rows,
                 );
@@ -1135,6 +1151,23 @@ fn switch(endpoint: &Endpoint, command: &SwitchCommand, json: bool) -> Result<()
                 None,
             )?;
             print_json(&value);
+        }
+        SwitchCommand::Port(PortCommand::Link { name, state }) => {
+            let link = match state {
+                LinkState::Up => "up",
+                LinkState::Down => "down",
+            };
+            let value = call(
+                endpoint,
+                "PUT",
+                &format!("/v1/ports/{}/link", segment(name)),
+                Some(json!({ "link": link })),
+            )?;
+            if json {
+                print_json(&value);
+            } else {
+                println!("port {name}: link {link}");
+            }
         }
         SwitchCommand::Port(PortCommand::Delete { name }) => {
             call(

@@ -38,7 +38,7 @@ use vswitch::tunnel::{pieces, Reassembly, TunnelHeader, TUNNEL_HEADER_BYTES};
 
 use crate::api::ApiError;
 use crate::cluster::metadata::{
-    Command, Mac, Metadata, NodeId, PortMeta, RateLimit as MetaRate, VlanMode,
+    Command, Link, Mac, Metadata, NodeId, PortMeta, RateLimit as MetaRate, VlanMode,
 };
 use crate::cluster::raft::Member;
 use crate::cluster::transport::{QuicConnection, QuicNetwork};
@@ -224,12 +224,15 @@ impl NodeSwitch {
             .iter()
             .filter(|(_, port)| port.node == me)
             .collect();
-        // Ports no longer wanted as they are, and host ports whose interface
-        // went away (made again below).
+        // Ports no longer wanted as they are (other than their link), and
+        // host ports whose interface went away (made again below).
         let gone: Vec<String> = served
             .iter()
             .filter(|(name, port)| {
-                wanted.get(name).is_none_or(|meta| **meta != port.meta) || port.endpoint.gone()
+                wanted
+                    .get(name)
+                    .is_none_or(|meta| !same_but_link(meta, &port.meta))
+                    || port.endpoint.gone()
             })
             .map(|(name, _)| name.clone())
             .collect();
@@ -240,6 +243,24 @@ impl NodeSwitch {
                 drop(port.endpoint);
                 let _ = self.fabric.remove_port(port.id);
                 tracing::info!(port = %name, "stopped serving a switch port");
+            }
+        }
+        // A link set up or down changes the port in place: its guest stays
+        // attached.
+        for (name, port) in served.iter_mut() {
+            let Some(meta) = wanted.get(name) else {
+                continue;
+            };
+            if meta.link != port.meta.link {
+                match self.fabric.set_link(port.id, meta.link == Link::Up) {
+                    Ok(()) => {
+                        tracing::info!(port = %name, link = ?meta.link, "a switch port's link was set");
+                        port.meta.link = meta.link;
+                    }
+                    Err(error) => {
+                        tracing::error!(port = %name, %error, "cannot set a switch port's link");
+                    }
+                }
             }
         }
         let mut failures = self.failures.lock().expect("port failures poisoned");
@@ -261,6 +282,7 @@ impl NodeSwitch {
                     packets_per_second: meta.rate.packets_per_second,
                     bytes_per_second: meta.rate.bytes_per_second,
                 },
+                link_up: meta.link == Link::Up,
             };
             match self.serve(id, meta, config) {
                 Ok(endpoint) => {
@@ -478,6 +500,15 @@ impl NodeSwitch {
     }
 }
 
+/// Whether two versions of a port differ in their link at most (which is
+/// changed in place).
+fn same_but_link(a: &PortMeta, b: &PortMeta) -> bool {
+    PortMeta {
+        link: b.link,
+        ..a.clone()
+    } == *b
+}
+
 fn port_vlan(vlan: &VlanMode) -> PortVlan {
     match vlan {
         VlanMode::Native => PortVlan::Native,
@@ -647,6 +678,7 @@ pub fn router(switch: Arc<NodeSwitch>, cluster: Arc<ClusterHandle>) -> Router {
         .route("/v1/segments/{name}", axum::routing::delete(delete_segment))
         .route("/v1/ports", get(list_ports).post(add_port))
         .route("/v1/ports/{name}", get(show_port).delete(delete_port))
+        .route("/v1/ports/{name}/link", axum::routing::put(set_link))
         .route("/v1/tunnels", get(list_tunnels))
         .with_state(SwitchState { switch, cluster })
 }
@@ -928,6 +960,7 @@ async fn add_port(
         },
         port_security: request.port_security.unwrap_or(true),
         tap: request.tap,
+        link: Link::Up,
     };
     let metadata = commit(&state.cluster, Command::AddPort { port }).await?;
     refresh_now(&state).await;
@@ -977,6 +1010,39 @@ async fn show_port(
             format!("no port {name:?}; `fabctl switch port list` shows the ports"),
         )
     })?;
+    Ok(Json(view(&state.switch, me, meta)))
+}
+
+/// Body of `PUT /v1/ports/{name}/link`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SetLink {
+    link: Link,
+}
+
+/// Sets a port's link up or down; its guest stays attached. Answers the
+/// port as it is then.
+async fn set_link(
+    State(state): State<SwitchState>,
+    Path(name): Path<String>,
+    body: Result<Json<SetLink>, JsonRejection>,
+) -> Result<impl IntoResponse, ApiError> {
+    let Json(request) = body?;
+    current(&state.cluster).await?;
+    let metadata = commit(
+        &state.cluster,
+        Command::SetPortLink {
+            name: name.clone(),
+            link: request.link,
+        },
+    )
+    .await?;
+    refresh_now(&state).await;
+    let me = current(&state.cluster).await?.1;
+    let meta = metadata
+        .ports
+        .get(&name)
+        .ok_or_else(|| ApiError::bad_request(format!("port {name:?} was deleted")))?;
     Ok(Json(view(&state.switch, me, meta)))
 }
 

@@ -3,7 +3,8 @@
 //! with one queue pair or two (MQ); a new testpmd on the same sockets is
 //! taken; frames over the largest size
 //! are dropped and counted; port security drops what testpmd sends from an
-//! address that is not the port's. No timing is asserted.
+//! address that is not the port's; a port's link set down and up again.
+//! No timing is asserted.
 
 use std::time::Duration;
 
@@ -124,6 +125,65 @@ fn port_security_passes_the_ports_address_and_drops_others() -> Result<()> {
     ensure!(stats.iter().all(|p| p.rx_packets == 0), "{stats:?}");
     let c = counters(node, "a")?;
     ensure!(c["drops"]["spoofed"].as_u64() > Some(1_000), "{c}");
+    Ok(())
+}
+
+/// A port's link set down and up again while testpmd stays attached:
+/// while it is down nothing is delivered to it or taken from it (counted
+/// as `link_down`), and once it is up frames flow on the same connection.
+#[test]
+fn a_ports_link_set_down_stops_its_frames_and_up_brings_them_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (nodes, config) = two_ports(dir.path(), false)?;
+    let member = &nodes[0];
+    let node = &member.node;
+    let set = node.fabctl_json(&["switch", "port", "link", "b", "down"])?;
+    ensure!(set["link"] == "down", "{set}");
+
+    let testpmd = Testpmd::start(&config)?;
+    // Until testpmd sends, and then a while longer.
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while counters(member, "b")?["drops"]["link_down"].as_u64() < Some(1_000) {
+        ensure!(
+            std::time::Instant::now() < deadline,
+            "no link_down drops on b: {}",
+            counters(member, "b")?
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    let down = node.fabctl_json(&["switch", "port", "show", "b"])?;
+    ensure!(
+        down["link"] == "down" && down["connected"] == true,
+        "b, its link down: {down}"
+    );
+    let c = &down["counters"];
+    ensure!(
+        c["rx_packets"] == 0 && c["tx_packets"] == 0,
+        "b passed frames with its link down: {c}"
+    );
+    // Frames from a to b were dropped for b, not switched elsewhere.
+    let a = counters(member, "a")?;
+    ensure!(
+        a["rx_packets"].as_u64() > Some(1_000) && a["tx_packets"] == 0,
+        "{a}"
+    );
+
+    node.fabctl(&["switch", "port", "link", "b", "up"])?;
+    std::thread::sleep(Duration::from_secs(2));
+    let stats = testpmd.stop()?;
+    let up = counters(member, "b")?;
+    ensure!(
+        up["rx_packets"].as_u64() > Some(1_000) && up["tx_packets"].as_u64() > Some(1_000),
+        "b, its link up again: {up}"
+    );
+    ensure!(stats.iter().all(|p| p.rx_packets > 1_000), "{stats:?}");
+
+    // Bad input: a state that is not one, a port that does not exist.
+    let bad = node.fabctl_fails(&["switch", "port", "link", "b", "sideways"])?;
+    ensure!(bad.contains("sideways"), "{bad}");
+    let missing = node.fabctl_fails(&["switch", "port", "link", "nope", "down"])?;
+    ensure!(missing.contains("does not exist"), "{missing}");
     Ok(())
 }
 

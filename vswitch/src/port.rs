@@ -235,6 +235,12 @@ impl Fabric {
         self.switch().remove_port(id)
     }
 
+    /// Sets a port's link up or down: while down it sends and receives
+    /// nothing (counted as `link_down`).
+    pub fn set_link(&self, id: PortId, up: bool) -> Result<(), SwitchError> {
+        self.switch().set_link(id, up)
+    }
+
     pub fn counters(&self, id: PortId) -> Option<PortCounters> {
         self.switch().counters(id).cloned()
     }

@@ -118,6 +118,10 @@ pub struct PortConfig {
     pub security: bool,
     pub vlan: VlanMode,
     pub rate: RateLimit,
+    /// The port's link, as the operator set it: a port whose link is down
+    /// sends and receives nothing (its frames are dropped as `LinkDown`).
+    /// The guest's own view of its link is its frontend's.
+    pub link_up: bool,
 }
 
 /// Why a frame was not switched (or not delivered).
@@ -147,10 +151,12 @@ pub enum DropReason {
     UnknownSegment,
     /// For another node that could not be reached.
     Unreachable,
+    /// Sent on, or addressed to, a port whose link is down.
+    LinkDown,
 }
 
 impl DropReason {
-    pub const ALL: [DropReason; 12] = [
+    pub const ALL: [DropReason; 13] = [
         DropReason::Runt,
         DropReason::Oversize,
         DropReason::Spoofed,
@@ -163,6 +169,7 @@ impl DropReason {
         DropReason::Malformed,
         DropReason::UnknownSegment,
         DropReason::Unreachable,
+        DropReason::LinkDown,
     ];
 
     /// Its name in counters and the API.
@@ -180,6 +187,7 @@ impl DropReason {
             DropReason::Malformed => "malformed",
             DropReason::UnknownSegment => "unknown_segment",
             DropReason::Unreachable => "unreachable",
+            DropReason::LinkDown => "link_down",
         }
     }
 
@@ -230,6 +238,8 @@ pub enum SwitchError {
     MacTaken { mac: Mac, port: PortId },
     #[error("port {0} is not a tunnel")]
     NotATunnel(PortId),
+    #[error("port {0} is a tunnel, not a port")]
+    NotAPort(PortId),
 }
 
 /// Where a switched frame goes.
@@ -494,6 +504,7 @@ impl Switch {
                 security: false,
                 vlan: VlanMode::Native,
                 rate: RateLimit::default(),
+                link_up: true,
             },
             counters: PortCounters::default(),
             packets: None,
@@ -517,6 +528,16 @@ impl Switch {
         let carried = carried.clone();
         self.macs_mut()
             .retain(|key, entry| entry.port != id || carried.contains(&key.segment));
+        Ok(())
+    }
+
+    /// Sets a port's link up or down (see [`PortConfig::link_up`]).
+    pub fn set_link(&mut self, id: PortId, up: bool) -> Result<(), SwitchError> {
+        let port = self.ports.get_mut(&id).ok_or(SwitchError::NoSuchPort(id))?;
+        if port.tunnel.is_some() {
+            return Err(SwitchError::NotAPort(id));
+        }
+        port.config.link_up = up;
         Ok(())
     }
 
@@ -694,12 +715,19 @@ impl Switch {
                     return Err(DropReason::Hairpin);
                 }
                 if let Some(egress) = port.and_then(|port| port.egress(segment, vlan)) {
-                    out.push((to, egress));
+                    if port.is_some_and(|port| port.config.link_up) {
+                        out.push((to, egress));
+                    } else {
+                        self.count_drop(to, DropReason::LinkDown);
+                    }
                 }
             }
             None => {
                 for (&id, port) in &self.ports {
-                    if id == from || (from_tunnel && port.tunnel.is_some()) {
+                    // A port whose link is down is left out of floods
+                    // (not counted: it was not addressed).
+                    if id == from || (from_tunnel && port.tunnel.is_some()) || !port.config.link_up
+                    {
                         continue;
                     }
                     if let Some(egress) = port.egress(segment, vlan) {
@@ -719,6 +747,9 @@ impl Switch {
         frame: &[u8],
         frame_bytes_max: usize,
     ) -> Result<(Header, u16), DropReason> {
+        if !port.config.link_up {
+            return Err(DropReason::LinkDown);
+        }
         let header = Header::parse(frame).ok_or(DropReason::Runt)?;
         if frame.len() > frame_bytes_max {
             return Err(DropReason::Oversize);
@@ -861,6 +892,7 @@ mod tests {
             security: mac.is_some(),
             vlan,
             rate: RateLimit::default(),
+            link_up: true,
         }
     }
 
@@ -1132,6 +1164,51 @@ mod tests {
             .expect("switched");
         }
         assert_eq!(s.learn_refused, 10);
+    }
+
+    #[test]
+    fn a_port_whose_link_is_down_sends_and_receives_nothing() {
+        let mut s = switch();
+        s.set_link(2, false).expect("down");
+        // Its own frames are dropped and counted on it.
+        check(
+            &mut s,
+            0,
+            2,
+            &frame(A, B, None, 60),
+            Err(DropReason::LinkDown),
+        );
+        // Frames to it: dropped and counted on it; floods leave it out.
+        check(&mut s, 0, 1, &frame(B, A, None, 60), Ok(vec![]));
+        check(
+            &mut s,
+            0,
+            1,
+            &frame(Mac::BROADCAST, A, None, 60),
+            Ok(vec![(4, Untagged)]),
+        );
+        let counters = s.counters(2).expect("2");
+        assert_eq!(counters.drops(DropReason::LinkDown), 2);
+        assert_eq!((counters.rx_packets, counters.tx_packets), (0, 0));
+        // Up again: as before.
+        s.set_link(2, true).expect("up");
+        check(
+            &mut s,
+            0,
+            2,
+            &frame(A, B, None, 60),
+            Ok(vec![(1, Untagged)]),
+        );
+        check(
+            &mut s,
+            0,
+            1,
+            &frame(B, A, None, 60),
+            Ok(vec![(2, Untagged)]),
+        );
+        assert_eq!(s.set_link(9, false), Err(SwitchError::NoSuchPort(9)));
+        s.add_tunnel(10).expect("10");
+        assert_eq!(s.set_link(10, false), Err(SwitchError::NotAPort(10)));
     }
 
     #[test]

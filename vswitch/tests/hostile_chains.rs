@@ -122,6 +122,7 @@ fn port(fabric: &Arc<Fabric>, id: u32, mac: Mac, memory: &GuestMemoryAtomic<Memo
         security: true,
         vlan: VlanMode::Native,
         rate: RateLimit::default(),
+        link_up: true,
     };
     let backend = fabric.add_port(id, config).expect("test setup");
     backend.acked_features(backend.features());

@@ -195,6 +195,19 @@ pub struct PortMeta {
     /// `mac`), rather than a vhost-user socket for a guest.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
+    /// The port's link as the operator set it (up unless set down).
+    #[serde(default)]
+    pub link: Link,
+}
+
+/// A switch port's link, as the operator sets it: a port whose link is
+/// down sends and receives nothing, and its guest stays attached.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Link {
+    #[default]
+    Up,
+    Down,
 }
 
 fn port_security_default() -> bool {
@@ -274,6 +287,8 @@ pub enum Command {
     AddPort { port: PortMeta },
     /// A port not used by any VM was removed.
     RemovePort { name: String },
+    /// A port's link was set up or down.
+    SetPortLink { name: String, link: Link },
     /// A VM was defined (or its definition replaced).
     DefineVm { vm: VmMeta },
     /// A VM definition was deleted.
@@ -469,6 +484,13 @@ impl Metadata {
                     Response::Applied
                 }
                 Err(reason) => Response::rejected(reason),
+            },
+            Command::SetPortLink { name, link } => match self.ports.get_mut(name) {
+                Some(port) => {
+                    port.link = *link;
+                    Response::Applied
+                }
+                None => Response::rejected(format!("port {name:?} does not exist")),
             },
             Command::RemovePort { name } => {
                 if let Some(vm) = self.vms.values().find(|vm| vm.ports.contains(name)) {
@@ -875,6 +897,7 @@ mod tests {
             rate: RateLimit::default(),
             port_security: true,
             tap: None,
+            link: Link::Up,
         }
     }
 
@@ -1042,6 +1065,29 @@ mod tests {
                 true,
             ),
             (Command::DeleteVolume { name: "d".into() }, false),
+            // A port's link, set down and up again; not for a port that
+            // does not exist.
+            (
+                Command::SetPortLink {
+                    name: "p1".into(),
+                    link: Link::Down,
+                },
+                true,
+            ),
+            (
+                Command::SetPortLink {
+                    name: "p1".into(),
+                    link: Link::Up,
+                },
+                true,
+            ),
+            (
+                Command::SetPortLink {
+                    name: "nope".into(),
+                    link: Link::Down,
+                },
+                false,
+            ),
             (Command::RemovePort { name: "p1".into() }, false),
             (Command::DeleteSegment { name: "s".into() }, false),
             (Command::DeleteVm { name: "a".into() }, true),
