@@ -907,6 +907,12 @@ impl NetBackend {
         let mut dry_since: Option<Instant> = None;
         loop {
             let mut guard = vring.get_mut();
+            if !guard.is_enabled() || !guard.get_queue().ready() {
+                // The frontend stopped or disabled the queue (it may be
+                // going away): the worker goes back to its events, where
+                // the frontend's next messages and kicks reach it.
+                break;
+            }
             let queue = guard.get_queue_mut();
             since.get_or_insert(Wrapping(queue.next_used()));
             if kicks_on {
@@ -927,9 +933,12 @@ impl NetBackend {
             }
             // The available index is read once per batch (by the view, and
             // again by virtio-queue only if there are chains). A queue whose
-            // index is out of range offers nothing (as a pop would).
+            // index is out of range offers nothing (as a pop would), and is
+            // not polled: the worker waits for its next kick.
             let empty = view.as_ref().is_some_and(RingView::is_empty);
-            if let Some(chains) = (!empty).then(|| queue.iter(memory).ok()).flatten() {
+            let chains = if empty { None } else { queue.iter(memory).ok() };
+            let broken = !empty && chains.is_none();
+            if let Some(chains) = chains {
                 for chain in chains.take(TX_BATCH) {
                     if let Some(view) = &view {
                         view.prefetch(taken + PREFETCH_AHEAD, PREFETCH_BYTES);
@@ -961,10 +970,12 @@ impl NetBackend {
             };
             let more = match publish_used(queue, memory, &used[..taken]) {
                 Err(error) => Err(virtio_queue::Error::GuestMemory(error)),
-                Ok(()) if taken == TX_BATCH || polling => Ok(true),
+                Ok(()) if taken == TX_BATCH || (polling && !broken) => Ok(true),
                 Ok(()) => {
                     kicks_on = true;
-                    queue.enable_notification(memory)
+                    queue
+                        .enable_notification(memory)
+                        .map(|more| more && !broken)
                 }
             };
             drop(guard);

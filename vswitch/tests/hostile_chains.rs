@@ -692,3 +692,56 @@ fn a_frame_longer_than_the_buffers_offered_gives_them_back_then_spans_more() {
     assert_eq!(received, want);
     assert_eq!(ports.fabric.counters(2).expect("B").tx_packets, 1);
 }
+
+/// Runs port A's transmit path once, as its worker does on a kick; fails
+/// if it does not return (a worker that never returns to its events
+/// keeps the frontend's next messages waiting for the ring's lock).
+fn transmit_returns(ports: &Ports, what: &str) {
+    let (done, finished) = std::sync::mpsc::channel();
+    let (a, vrings) = (ports.a.clone(), ports.a_vrings.clone());
+    // Not a scoped thread: one that never returns must not hold the test.
+    std::thread::spawn(move || {
+        let result = a.handle_event(1, EventSet::IN, &vrings, 0);
+        let _ = done.send(result.map_err(|e| e.to_string()));
+    });
+    match finished.recv_timeout(std::time::Duration::from_secs(20)) {
+        Ok(result) => result.unwrap_or_else(|e| panic!("{what}: transmit failed: {e}")),
+        Err(_) => panic!("{what}: the transmit path did not return"),
+    }
+}
+
+/// A transmit queue the frontend stopped with chains still offered, and
+/// one whose available index runs further ahead than the ring holds: the
+/// worker takes nothing and goes back to its events instead of polling a
+/// queue it cannot take from.
+#[test]
+fn a_transmit_queue_that_cannot_be_taken_from_is_not_polled() {
+    let ports = two_ports();
+    let mut tx = Driver {
+        memory: &ports.memory,
+        at: A_TX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    let mut rng = Rng(7);
+    post_chain(&mut rng, &mut tx, 0, TX_DATA);
+    ports.a_vrings[1].set_queue_ready(false);
+    transmit_returns(&ports, "a stopped queue");
+    assert_eq!(tx.used_idx(), 0, "a stopped queue is not taken from");
+
+    ports.a_vrings[1].set_queue_ready(true);
+    ports
+        .memory
+        .write_obj((QUEUE + 5).to_le(), GuestAddress(A_TX.1 + 2))
+        .expect("test setup");
+    transmit_returns(&ports, "an index out of range");
+    assert_eq!(tx.used_idx(), 0, "nothing is taken past a bad index");
+
+    // A good index again: the chain offered is taken.
+    ports
+        .memory
+        .write_obj(1u16.to_le(), GuestAddress(A_TX.1 + 2))
+        .expect("test setup");
+    transmit_returns(&ports, "a good index");
+    assert_eq!(tx.used_idx(), 1);
+}
