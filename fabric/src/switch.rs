@@ -246,7 +246,9 @@ impl NodeSwitch {
             }
         }
         // A link set up or down changes the port in place: its guest stays
-        // attached.
+        // attached. A port whose link cannot be set (the switch lost it) is
+        // served anew below, with its link.
+        let mut lost = Vec::new();
         for (name, port) in served.iter_mut() {
             let Some(meta) = wanted.get(name) else {
                 continue;
@@ -258,9 +260,16 @@ impl NodeSwitch {
                         port.meta.link = meta.link;
                     }
                     Err(error) => {
-                        tracing::error!(port = %name, %error, "cannot set a switch port's link");
+                        tracing::error!(port = %name, %error, "cannot set a switch port's link; serving it anew");
+                        lost.push(name.clone());
                     }
                 }
+            }
+        }
+        for name in lost {
+            if let Some(port) = served.remove(&name) {
+                drop(port.endpoint);
+                let _ = self.fabric.remove_port(port.id);
             }
         }
         let mut failures = self.failures.lock().expect("port failures poisoned");
@@ -1003,14 +1012,19 @@ async fn show_port(
     Path(name): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
     let (metadata, me) = current(&state.cluster).await?;
-    let meta = metadata.ports.get(&name).ok_or_else(|| {
-        ApiError::new(
-            StatusCode::NOT_FOUND,
-            "port_not_found",
-            format!("no port {name:?}; `fabctl switch port list` shows the ports"),
-        )
-    })?;
+    let meta = metadata
+        .ports
+        .get(&name)
+        .ok_or_else(|| port_not_found(&name))?;
     Ok(Json(view(&state.switch, me, meta)))
+}
+
+fn port_not_found(name: &str) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "port_not_found",
+        format!("no port {name:?}; `fabctl switch port list` shows the ports"),
+    )
 }
 
 /// Body of `PUT /v1/ports/{name}/link`.
@@ -1028,7 +1042,9 @@ async fn set_link(
     body: Result<Json<SetLink>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(request) = body?;
-    current(&state.cluster).await?;
+    if !current(&state.cluster).await?.0.ports.contains_key(&name) {
+        return Err(port_not_found(&name));
+    }
     let metadata = commit(
         &state.cluster,
         Command::SetPortLink {

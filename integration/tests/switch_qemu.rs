@@ -634,6 +634,18 @@ fn a_host_port_reaches_a_guest() -> Result<()> {
         "{host}"
     );
 
+    // The port's link set down: the host sees the interface lose its
+    // carrier; set up: it is back.
+    let shown = || -> Result<String> {
+        let out = namespace.run(&["ip", "-o", "link", "show", "dev", &tap])?;
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    ensure!(!shown()?.contains("NO-CARRIER"), "{}", shown()?);
+    node.fabctl(&["switch", "port", "link", "host", "down"])?;
+    ensure!(shown()?.contains("NO-CARRIER"), "link down: {}", shown()?);
+    node.fabctl(&["switch", "port", "link", "host", "up"])?;
+    ensure!(!shown()?.contains("NO-CARRIER"), "link up: {}", shown()?);
+
     // The interface goes away with its namespace: the node makes it
     // again, in its own namespace.
     drop(namespace);

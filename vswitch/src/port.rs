@@ -236,9 +236,17 @@ impl Fabric {
     }
 
     /// Sets a port's link up or down: while down it sends and receives
-    /// nothing (counted as `link_down`).
+    /// nothing (counted as `link_down`). A host port's interface loses
+    /// its carrier too, so the host sees the link down.
     pub fn set_link(&self, id: PortId, up: bool) -> Result<(), SwitchError> {
-        self.switch().set_link(id, up)
+        self.switch().set_link(id, up)?;
+        let receivers = self.receivers.read().expect("receivers poisoned");
+        if let Some(Sink::Host(tap)) = receivers.get(&id) {
+            if let Err(error) = tap.set_carrier(up) {
+                tracing::warn!(port = id, interface = tap.name(), %error, "cannot set a host port's carrier");
+            }
+        }
+        Ok(())
     }
 
     pub fn counters(&self, id: PortId) -> Option<PortCounters> {

@@ -1212,6 +1212,39 @@ mod tests {
     }
 
     #[test]
+    fn a_port_whose_link_is_down_gets_nothing_from_tunnels_or_vlans() {
+        let mut s = tunnelled();
+        let remote = Mac([0x52, 0x54, 0, 0, 9, 9]);
+        s.set_link(1, false).expect("A down");
+        s.set_link(3, false).expect("C down");
+        // From another node to A: dropped for A; a flood leaves A out.
+        from_tunnel(&mut s, 10, 1, 0, &frame(A, remote, None, 60), Ok(vec![]));
+        from_tunnel(
+            &mut s,
+            10,
+            1,
+            0,
+            &frame(Mac::BROADCAST, remote, None, 60),
+            Ok(vec![(2, Untagged), (4, Untagged)]),
+        );
+        // To C on VLAN 10 from the trunk: dropped for C; a flood of VLAN 10
+        // reaches only the tunnels.
+        check(&mut s, 0, 4, &frame(C, remote, Some(10), 60), Ok(vec![]));
+        check(
+            &mut s,
+            0,
+            4,
+            &frame(Mac::BROADCAST, remote, Some(10), 60),
+            Ok(vec![(10, Untagged), (11, Untagged)]),
+        );
+        for port in [1, 3] {
+            let counters = s.counters(port).expect("port");
+            assert_eq!(counters.drops(DropReason::LinkDown), 1, "port {port}");
+            assert_eq!(counters.tx_packets, 0, "port {port}");
+        }
+    }
+
+    #[test]
     fn answers_kept_for_the_next_frame_are_what_the_table_says() {
         // Frames at one instant, as a batch is switched: each answer a
         // frame reuses must be the one a fresh lookup gives.

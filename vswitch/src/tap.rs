@@ -53,6 +53,11 @@ pub enum TapError {
         name: String,
         source: std::io::Error,
     },
+    #[error("cannot take host interface {name}'s carrier away (its link is set down): {source}")]
+    Carrier {
+        name: String,
+        source: std::io::Error,
+    },
     #[error("cannot start host interface {name}'s thread: {source}")]
     Thread {
         name: String,
@@ -172,6 +177,27 @@ impl Tap {
         &self.name
     }
 
+    /// Sets the interface's carrier on or off: off, the host sees its
+    /// link down (NO-CARRIER), as for a port whose link the operator set
+    /// down. Works wherever the interface is (its file descriptor stays
+    /// ours).
+    pub fn set_carrier(&self, on: bool) -> std::io::Result<()> {
+        let carrier = libc::c_int::from(on);
+        // SAFETY: TUNSETCARRIER reads one int, which `carrier` is, alive
+        // for the call.
+        let result = unsafe {
+            libc::ioctl(
+                self.fd.as_raw_fd(),
+                libc::TUNSETCARRIER as _,
+                &carrier as *const libc::c_int,
+            )
+        };
+        if result < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Sets IFF_UP (through a socket of the namespace the interface is in
     /// now: this one, as it was just made).
     fn up(&self) -> std::io::Result<()> {
@@ -259,6 +285,12 @@ impl HostPort {
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(thread_error)?);
         let stopping = Arc::new(AtomicBool::new(false));
         let alive = Arc::new(AtomicBool::new(true));
+        if !config.link_up {
+            tap.set_carrier(false).map_err(|source| TapError::Carrier {
+                name: name.clone(),
+                source,
+            })?;
+        }
         let tap = Arc::new(tap);
         fabric.add_sink(id, config, Sink::Host(tap.clone()))?;
         let serving = Serving {

@@ -1109,6 +1109,10 @@ mod tests {
                 assert_eq!(metadata, before, "a rejected command changed the metadata");
             }
         }
+        // A port recorded before its link was: up.
+        let old = r#"{"name":"o","segment":"s","node":1,"mac":"52:54:00:00:00:09","vlan":{"mode":"native"}}"#;
+        let old: PortMeta = serde_json::from_str(old).expect("old record");
+        assert_eq!(old.link, Link::Up);
         // The freed VNI is reused, lowest first.
         assert_eq!(metadata.segments["t"].vni, 2);
         assert_eq!(metadata.segments["u"].vni, 1);
