@@ -282,20 +282,38 @@ pub struct ClusterMember {
 
 /// Starts node `name` under `root/name` with a TCP API and a cluster
 /// endpoint on loopback, plus `extra_args` (e.g. `--config FILE`).
+///
+/// The ports are found free, then given to `fabricd`: a test running
+/// beside may take one in between. A node that could not listen for that
+/// reason is started again (in a clean directory) on other ports.
 pub fn start_cluster_member(root: &Path, name: &str, extra_args: &[&str]) -> Result<ClusterMember> {
-    let api = format!("127.0.0.1:{}", free_tcp_port()?);
-    let cluster = format!("127.0.0.1:{}", free_udp_port()?);
-    let mut args = vec![
-        "--api-tcp",
-        &api,
-        "--cluster-listen",
-        &cluster,
-        "--node-name",
-        name,
-    ];
-    args.extend_from_slice(extra_args);
-    let node = Fabricd::start_with(&root.join(name), &args)?;
-    Ok(ClusterMember { node, api, cluster })
+    const ATTEMPTS: usize = 5;
+    let dir = root.join(name);
+    let mut attempt = 1;
+    loop {
+        let api = format!("127.0.0.1:{}", free_tcp_port()?);
+        let cluster = format!("127.0.0.1:{}", free_udp_port()?);
+        let mut args = vec![
+            "--api-tcp",
+            &api,
+            "--cluster-listen",
+            &cluster,
+            "--node-name",
+            name,
+        ];
+        args.extend_from_slice(extra_args);
+        match Fabricd::start_with(&dir, &args) {
+            Ok(node) => return Ok(ClusterMember { node, api, cluster }),
+            Err(error)
+                if attempt < ATTEMPTS
+                    && format!("{error:#}").contains("Address already in use") =>
+            {
+                std::fs::remove_dir_all(&dir)?;
+                attempt += 1;
+            }
+            Err(error) => return Err(error),
+        }
+    }
 }
 
 /// Forms a cluster: the first member runs `cluster init`, every other joins
