@@ -918,7 +918,15 @@ impl NetBackend {
             if !guard.is_enabled() || !guard.get_queue().ready() {
                 // The frontend stopped or disabled the queue (it may be
                 // going away): the worker goes back to its events, where
-                // the frontend's next messages and kicks reach it.
+                // the frontend's next messages and kicks reach it. The
+                // driver is left free to kick (NO_NOTIFY cleared, or the
+                // event index moved to where the queue stopped), as it
+                // would be had the queue run dry: else a queue enabled
+                // again, or a driver that goes on with these rings, might
+                // never kick it.
+                if !kicks_on {
+                    let _ = guard.get_queue_mut().enable_notification(memory);
+                }
                 break;
             }
             let queue = guard.get_queue_mut();

@@ -725,9 +725,24 @@ fn a_transmit_queue_that_cannot_be_taken_from_is_not_polled() {
     };
     let mut rng = Rng(7);
     post_chain(&mut rng, &mut tx, 0, TX_DATA);
+    // Served once, then disabled while a chain is offered: nothing is
+    // taken, and the driver may still kick.
+    transmit_returns(&ports, "a first chain");
+    assert_eq!(tx.used_idx(), 1);
+    post_chain(&mut rng, &mut tx, 1, TX_DATA);
+    ports.a_vrings[1].set_enabled(false);
+    transmit_returns(&ports, "a disabled queue");
+    assert_eq!(tx.used_idx(), 1, "a disabled queue is not taken from");
+    let used_flags: u16 = ports
+        .memory
+        .read_obj(GuestAddress(A_TX.2))
+        .expect("used flags");
+    assert_eq!(used_flags & 1, 0, "NO_NOTIFY left set on a disabled queue");
+    ports.a_vrings[1].set_enabled(true);
+
     ports.a_vrings[1].set_queue_ready(false);
     transmit_returns(&ports, "a stopped queue");
-    assert_eq!(tx.used_idx(), 0, "a stopped queue is not taken from");
+    assert_eq!(tx.used_idx(), 1, "a stopped queue is not taken from");
 
     ports.a_vrings[1].set_queue_ready(true);
     ports
@@ -735,13 +750,74 @@ fn a_transmit_queue_that_cannot_be_taken_from_is_not_polled() {
         .write_obj((QUEUE + 5).to_le(), GuestAddress(A_TX.1 + 2))
         .expect("test setup");
     transmit_returns(&ports, "an index out of range");
-    assert_eq!(tx.used_idx(), 0, "nothing is taken past a bad index");
+    assert_eq!(tx.used_idx(), 1, "nothing is taken past a bad index");
 
     // A good index again: the chain offered is taken.
     ports
         .memory
-        .write_obj(1u16.to_le(), GuestAddress(A_TX.1 + 2))
+        .write_obj(2u16.to_le(), GuestAddress(A_TX.1 + 2))
         .expect("test setup");
     transmit_returns(&ports, "a good index");
-    assert_eq!(tx.used_idx(), 1);
+    assert_eq!(tx.used_idx(), 2);
+}
+
+/// A transmit queue disabled (`SET_VRING_ENABLE`) while its worker serves
+/// it, between two batches: the worker stops there, leaving the driver
+/// free to kick again (NO_NOTIFY cleared), so the queue, once enabled
+/// again, is served at the driver's next kick.
+#[test]
+fn a_transmit_queue_disabled_while_served_is_left_to_kick_again() {
+    let Ports {
+        memory,
+        fabric,
+        a,
+        b: _b,
+        a_vrings,
+        b_vrings: _b_vrings,
+    } = two_ports();
+    let tx_ring = a_vrings[1].clone();
+    let tunnel = first_frame_tunnel(move || tx_ring.set_enabled(false));
+    fabric.add_tunnel(3, tunnel).expect("test setup");
+    fabric
+        .set_tunnel_segments(3, [1].into_iter().collect())
+        .expect("test setup");
+    let mut tx = Driver {
+        memory: &memory,
+        at: A_TX,
+        avail_idx: 0,
+        next_desc: 0,
+    };
+    // More broadcasts than a batch: the first batch reaches the tunnel,
+    // which disables the queue before the second.
+    const TX_BATCH: u64 = 64; // frames a port takes off a queue at a time
+    let frames = TX_BATCH + 8;
+    for n in 0..frames {
+        let mut frame = good_frame(n, 60);
+        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
+        let data = TX_DATA + n * 2048;
+        memory
+            .write_slice(&frame, GuestAddress(data))
+            .expect("test setup");
+        let head = tx.take(1);
+        tx.desc(head, data, frame.len() as u32, 0, 0);
+        tx.offer(head);
+    }
+    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+        .expect("transmit");
+    assert_eq!(
+        tx.used_idx(),
+        TX_BATCH as u16,
+        "one batch, then the queue was disabled"
+    );
+    let flags: u16 = memory.read_obj(GuestAddress(A_TX.2)).expect("used flags");
+    assert_eq!(
+        flags & 1,
+        0,
+        "NO_NOTIFY left set: the driver would not kick"
+    );
+    // Enabled again and kicked: the rest is taken.
+    a_vrings[1].set_enabled(true);
+    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+        .expect("transmit");
+    assert_eq!(tx.used_idx(), frames as u16);
 }
