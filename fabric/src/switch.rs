@@ -1042,7 +1042,8 @@ async fn set_link(
     body: Result<Json<SetLink>, JsonRejection>,
 ) -> Result<impl IntoResponse, ApiError> {
     let Json(request) = body?;
-    if !current(&state.cluster).await?.0.ports.contains_key(&name) {
+    let (metadata, me) = current(&state.cluster).await?;
+    if !metadata.ports.contains_key(&name) {
         return Err(port_not_found(&name));
     }
     let metadata = commit(
@@ -1054,7 +1055,6 @@ async fn set_link(
     )
     .await?;
     refresh_now(&state).await;
-    let me = current(&state.cluster).await?.1;
     let meta = metadata
         .ports
         .get(&name)

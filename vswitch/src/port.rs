@@ -585,12 +585,12 @@ impl Receiver {
             // the event index is never moved, and the driver kicks at most
             // once per wrap of its index).
             let _ = queue.disable_notification(memory);
-            let view = RingView::new(memory, queue, true);
-            if let Some(view) = &view {
-                view.prefetch_first(PREFETCH_AHEAD, PREFETCH_BYTES);
-            }
-            // Frames of the run this ring took so far: about the buffers
-            // it used (a hint for the view only).
+            // The ring's view, made where its available index is read: at
+            // the pair's first frame, and again when what it offered is
+            // used up.
+            let mut view: Option<RingView> = None;
+            // Frames this ring took since the view was made: about the
+            // buffers it used (a hint for prefetching only).
             let mut served = 0;
             // A driver cannot have more chains out than its ring holds; one
             // that moves its index on regardless gets no more in this run.
@@ -634,7 +634,12 @@ impl Receiver {
                     let mut chain = offered.as_mut().and_then(Iterator::next);
                     if chain.is_none() {
                         // Not read yet, or what it offered is used up:
-                        // read it (again).
+                        // read it (again), and look ahead from there.
+                        view = RingView::new(memory, queue, true);
+                        if let Some(view) = &view {
+                            view.prefetch_first(PREFETCH_AHEAD, PREFETCH_BYTES);
+                        }
+                        served = 1;
                         offered = queue.iter(memory).ok();
                         chain = offered.as_mut().and_then(Iterator::next);
                     }

@@ -271,14 +271,19 @@ impl<'a> RingView<'a> {
     /// Its buffer is not checked here.
     #[inline]
     pub fn lone(&self, head: u16) -> Option<Descriptor> {
+        self.descriptor(head)
+            .filter(|d| !d.has_next() && !d.refers_to_indirect_table())
+    }
+
+    /// The descriptor at `head`; `None` for a head out of the table.
+    #[inline]
+    fn descriptor(&self, head: u16) -> Option<Descriptor> {
         if head >= self.size {
             return None;
         }
-        let descriptor = self
-            .table
+        self.table
             .read_obj::<Descriptor>(usize::from(head) * DESCRIPTOR_BYTES)
-            .ok()?;
-        (!descriptor.has_next() && !descriptor.refers_to_indirect_table()).then_some(descriptor)
+            .ok()
     }
 
     /// Asks for the first `bytes` of the buffer of the chain `ahead`
@@ -297,14 +302,7 @@ impl<'a> RingView<'a> {
         else {
             return;
         };
-        let head = u16::from_le(head);
-        if head >= self.size {
-            return;
-        }
-        let Ok(descriptor) = self
-            .table
-            .read_obj::<Descriptor>(usize::from(head) * DESCRIPTOR_BYTES)
-        else {
+        let Some(descriptor) = self.descriptor(u16::from_le(head)) else {
             return;
         };
         let len = bytes.min(descriptor.len() as usize);

@@ -714,12 +714,11 @@ impl Switch {
                     self.count_drop(from, DropReason::Hairpin);
                     return Err(DropReason::Hairpin);
                 }
-                if let Some(egress) = port.and_then(|port| port.egress(segment, vlan)) {
-                    if port.is_some_and(|port| port.config.link_up) {
-                        out.push((to, egress));
-                    } else {
-                        self.count_drop(to, DropReason::LinkDown);
-                    }
+                let egress = port.and_then(|port| Some((port.egress(segment, vlan)?, port)));
+                match egress {
+                    Some((egress, port)) if port.config.link_up => out.push((to, egress)),
+                    Some(_) => self.count_drop(to, DropReason::LinkDown),
+                    None => {}
                 }
             }
             None => {

@@ -97,6 +97,19 @@ impl Driver<'_> {
             .expect("test setup");
     }
 
+    /// Offers broadcast frame `n` (60 bytes) in one buffer.
+    fn offer_broadcast(&mut self, n: u64) {
+        let mut frame = good_frame(n, 60);
+        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
+        let data = TX_DATA + n * 2048;
+        self.memory
+            .write_slice(&frame, GuestAddress(data))
+            .expect("test setup");
+        let head = self.take(1);
+        self.desc(head, data, frame.len() as u32, 0, 0);
+        self.offer(head);
+    }
+
     fn used_idx(&self) -> u16 {
         self.memory
             .read_obj(GuestAddress(self.at.2 + 2))
@@ -422,6 +435,15 @@ fn hostile_chains_are_dropped_and_counted_and_good_frames_arrive() {
     }
 }
 
+/// Adds `tunnel` to the switch as port 3, carrying segment 1 (A's and
+/// B's).
+fn add_tunnel<T: vswitch::port::Tunnel + 'static>(fabric: &Arc<Fabric>, tunnel: Arc<T>) {
+    fabric.add_tunnel(3, tunnel).expect("test setup");
+    fabric
+        .set_tunnel_segments(3, [1].into_iter().collect())
+        .expect("test setup");
+}
+
 /// Ports A and B on one switch, B's receive ring holding 8 good buffers,
 /// and a tunnel `make_tunnel` builds (given B's receive ring and device)
 /// on the same segment: a broadcast from A goes to B and the tunnel.
@@ -445,10 +467,7 @@ impl Rig {
             b_vrings,
         } = two_ports();
         let tunnel = make_tunnel(b_vrings[0].clone(), b);
-        fabric.add_tunnel(3, tunnel.clone()).expect("test setup");
-        fabric
-            .set_tunnel_segments(3, [1].into_iter().collect())
-            .expect("test setup");
+        add_tunnel(&fabric, tunnel.clone());
         let mut rx = Driver {
             memory: &memory,
             at: B_RX,
@@ -474,15 +493,7 @@ impl Rig {
             next_desc: self.tx_avail % QUEUE,
         };
         for n in frames {
-            let mut frame = good_frame(n, 60);
-            frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
-            let data = TX_DATA + n * 2048;
-            self.memory
-                .write_slice(&frame, GuestAddress(data))
-                .expect("test setup");
-            let head = tx.take(1);
-            tx.desc(head, data, frame.len() as u32, 0, 0);
-            tx.offer(head);
+            tx.offer_broadcast(n);
         }
         self.tx_avail = tx.avail_idx;
         self.a
@@ -776,11 +787,10 @@ fn a_transmit_queue_disabled_while_served_is_left_to_kick_again() {
         b_vrings: _b_vrings,
     } = two_ports();
     let tx_ring = a_vrings[1].clone();
-    let tunnel = first_frame_tunnel(move || tx_ring.set_enabled(false));
-    fabric.add_tunnel(3, tunnel).expect("test setup");
-    fabric
-        .set_tunnel_segments(3, [1].into_iter().collect())
-        .expect("test setup");
+    add_tunnel(
+        &fabric,
+        first_frame_tunnel(move || tx_ring.set_enabled(false)),
+    );
     let mut tx = Driver {
         memory: &memory,
         at: A_TX,
@@ -792,15 +802,7 @@ fn a_transmit_queue_disabled_while_served_is_left_to_kick_again() {
     const TX_BATCH: u64 = 64; // frames a port takes off a queue at a time
     let frames = TX_BATCH + 8;
     for n in 0..frames {
-        let mut frame = good_frame(n, 60);
-        frame[NET_HEADER_BYTES..NET_HEADER_BYTES + 6].fill(0xff);
-        let data = TX_DATA + n * 2048;
-        memory
-            .write_slice(&frame, GuestAddress(data))
-            .expect("test setup");
-        let head = tx.take(1);
-        tx.desc(head, data, frame.len() as u32, 0, 0);
-        tx.offer(head);
+        tx.offer_broadcast(n);
     }
     a.handle_event(1, EventSet::IN, &a_vrings, 0)
         .expect("transmit");
