@@ -61,7 +61,17 @@ struct Driver<'a> {
     next_desc: u16,
 }
 
-impl Driver<'_> {
+impl<'a> Driver<'a> {
+    /// A driver that has offered nothing yet.
+    fn new(memory: &'a Memory, at: (u64, u64, u64)) -> Driver<'a> {
+        Driver {
+            memory,
+            at,
+            avail_idx: 0,
+            next_desc: 0,
+        }
+    }
+
     fn desc(&self, index: u16, addr: u64, len: u32, flags: u16, next: u16) {
         let base = self.at.0 + u64::from(index) * 16;
         self.write_desc(base, addr, len, flags, next);
@@ -330,18 +340,8 @@ fn run_seed(seed: u64) -> PortCounters {
         b_vrings: _b_vrings,
     } = two_ports();
 
-    let mut tx = Driver {
-        memory: &memory,
-        at: A_TX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
-    let mut rx = Driver {
-        memory: &memory,
-        at: B_RX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
+    let mut tx = Driver::new(&memory, A_TX);
+    let mut rx = Driver::new(&memory, B_RX);
     let mut posted = 0u64;
     let mut delivered_total = 0u64;
     let mut rx_seen = 0u16;
@@ -468,12 +468,7 @@ impl Rig {
         } = two_ports();
         let tunnel = make_tunnel(b_vrings[0].clone(), b);
         add_tunnel(&fabric, tunnel.clone());
-        let mut rx = Driver {
-            memory: &memory,
-            at: B_RX,
-            avail_idx: 0,
-            next_desc: 0,
-        };
+        let mut rx = Driver::new(&memory, B_RX);
         post_rx(&mut Rng(1), &mut rx, 8, false);
         let rig = Rig {
             memory,
@@ -649,18 +644,8 @@ fn send_to_b(ports: &Ports, tx: &mut Driver<'_>, n: u64, len: usize) -> Vec<u8> 
 fn a_frame_longer_than_the_buffers_offered_gives_them_back_then_spans_more() {
     let ports = two_ports();
     let memory = &ports.memory;
-    let mut rx = Driver {
-        memory,
-        at: B_RX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
-    let mut tx = Driver {
-        memory,
-        at: A_TX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
+    let mut rx = Driver::new(memory, B_RX);
+    let mut tx = Driver::new(memory, A_TX);
     // Three buffers of 256 bytes: a 1,000-byte frame and its header need
     // four.
     offer_rx(&mut rx, 3, 256);
@@ -728,12 +713,7 @@ fn transmit_returns(ports: &Ports, what: &str) {
 #[test]
 fn a_transmit_queue_that_cannot_be_taken_from_is_not_polled() {
     let ports = two_ports();
-    let mut tx = Driver {
-        memory: &ports.memory,
-        at: A_TX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
+    let mut tx = Driver::new(&ports.memory, A_TX);
     let mut rng = Rng(7);
     post_chain(&mut rng, &mut tx, 0, TX_DATA);
     // Served once, then disabled while a chain is offered: nothing is
@@ -778,25 +758,14 @@ fn a_transmit_queue_that_cannot_be_taken_from_is_not_polled() {
 /// again, is served at the driver's next kick.
 #[test]
 fn a_transmit_queue_disabled_while_served_is_left_to_kick_again() {
-    let Ports {
-        memory,
-        fabric,
-        a,
-        b: _b,
-        a_vrings,
-        b_vrings: _b_vrings,
-    } = two_ports();
+    let ports = two_ports();
+    let (memory, a, a_vrings) = (&ports.memory, &ports.a, &ports.a_vrings);
     let tx_ring = a_vrings[1].clone();
     add_tunnel(
-        &fabric,
+        &ports.fabric,
         first_frame_tunnel(move || tx_ring.set_enabled(false)),
     );
-    let mut tx = Driver {
-        memory: &memory,
-        at: A_TX,
-        avail_idx: 0,
-        next_desc: 0,
-    };
+    let mut tx = Driver::new(memory, A_TX);
     // More broadcasts than a batch: the first batch reaches the tunnel,
     // which disables the queue before the second.
     const TX_BATCH: u64 = 64; // frames a port takes off a queue at a time
@@ -804,7 +773,7 @@ fn a_transmit_queue_disabled_while_served_is_left_to_kick_again() {
     for n in 0..frames {
         tx.offer_broadcast(n);
     }
-    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+    a.handle_event(1, EventSet::IN, a_vrings, 0)
         .expect("transmit");
     assert_eq!(
         tx.used_idx(),
@@ -819,7 +788,7 @@ fn a_transmit_queue_disabled_while_served_is_left_to_kick_again() {
     );
     // Enabled again and kicked: the rest is taken.
     a_vrings[1].set_enabled(true);
-    a.handle_event(1, EventSet::IN, &a_vrings, 0)
+    a.handle_event(1, EventSet::IN, a_vrings, 0)
         .expect("transmit");
     assert_eq!(tx.used_idx(), frames as u16);
 }
